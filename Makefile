@@ -1,0 +1,37 @@
+# Two commands do everything on a fresh machine:  make demo  and  make test.
+# Both create .venv if missing, install the pinned dependencies, fetch Fashion-MNIST and build the demo shards;
+# every step is skipped when its output is already there (idempotent).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.bigltr-installed
+DATA   := data/fmnist_lt
+DEMO_OUT ?= runs/demo
+PYTEST_ARGS ?=
+
+.PHONY: demo test venv data clean-runs
+
+venv: $(STAMP)
+
+# torch/torchvision are pinned in setup.cfg (an unpinned torch pulls a ~3 GB CUDA build).
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+data: $(DATA)/_info.json
+
+$(DATA)/_info.json: $(STAMP) tools/make_shards.py
+	src=$$(PY=$(PY) bash tools/fetch_fashion_mnist.sh) && \
+	$(PY) tools/make_shards.py idx --src "$$src" --out $(DATA) --dataset fashion-mnist \
+	    --imbalance 100 --n-max 5000 --val-per-class 200 --seed 0 --overwrite
+
+demo: venv data
+	$(PY) -m bigltr.train recipe=fmnist_lt out=$(DEMO_OUT)
+
+test: venv data
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+clean-runs:
+	rm -rf runs

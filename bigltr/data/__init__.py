@@ -1,0 +1,25 @@
+"""Data: the shard format (``_info.json`` + WebDataset tars), long-tail splits, writers and the streaming reader.
+
+``ShardLoader`` / ``build_transform`` import torch; they are loaded lazily so that converters
+(``tools/make_shards.py``) start without paying for ``import torch``.
+"""
+from .info import INFO_NAME, read_info, validate_info, write_info
+from .longtail import holdout_and_longtail, longtail_counts
+from .writer import encode_image, prepare_output_dir, shard_name, write_dataset, write_split
+
+__all__ = [
+    "INFO_NAME", "read_info", "validate_info", "write_info",
+    "longtail_counts", "holdout_and_longtail",
+    "write_split", "write_dataset", "prepare_output_dir", "encode_image", "shard_name",
+    "ShardLoader", "build_transform",
+]
+
+_LAZY = {"ShardLoader": "loader", "build_transform": "loader"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,158 @@
+"""Pieces both stages share: optimiser and schedule, the training epoch, evaluation, per-epoch logging.
+
+The training loop keeps the hot path free of host synchronisation: loss and accuracy are accumulated on the
+device and read only every `log_every` steps and at epoch end.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+log = logging.getLogger("bigltr")
+
+
+# ---------------------------------------------------------------------------------------------- device / precision
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda requested but no CUDA device is available (use device=cpu or auto)")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, amp: str):
+    if amp == "none":
+        return contextlib.nullcontext()
+    if amp == "fp16" and device.type != "cuda":
+        raise RuntimeError("amp=fp16 needs a CUDA device; use amp=bf16 on CPU")
+    dtype = torch.bfloat16 if amp == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------- optimiser / schedule
+def param_groups(model: nn.Module, weight_decay: float, scope: str) -> list[dict]:
+    """scope 'all': decay every trainable parameter (official code); 'no_norm_bias': skip 1-D params (timm)."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if scope == "all" or weight_decay == 0:
+        return [{"params": [p for _, p in params], "weight_decay": weight_decay}]
+    if scope != "no_norm_bias":
+        raise ValueError(f"unknown weight-decay scope '{scope}' (all, no_norm_bias)")
+    decay = [p for _, p in params if p.ndim > 1]
+    no_decay = [p for _, p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_sgd(groups: list[dict], lr: float, momentum: float) -> torch.optim.SGD:
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step cosine from the base LR to 0, after an optional linear warm-up (stepped after every update)."""
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------------------------- loops
+def _progress(iterable, total: int, desc: str):
+    # A bar on a terminal; in logs (CI, Slurm) the per-epoch lines say enough.
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
+
+
+def train_epoch(*, forward: Callable, loader, loss_fn: nn.Module, optimizer, scheduler, device: torch.device,
+                amp: str, after_step: Callable[[], None] | None = None, log_every: int = 50,
+                desc: str = "train", scaler=None) -> dict:
+    """One pass over `loader`. `forward(x)` returns logits (stage 2 passes a frozen-backbone forward)."""
+    loss_sum = torch.zeros((), device=device)
+    correct = torch.zeros((), device=device, dtype=torch.long)
+    seen, steps, start = 0, 0, time.perf_counter()
+    bar = _progress(loader, len(loader), desc)
+    for images, labels, _keys in bar:
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            logits = forward(images)
+            loss = loss_fn(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        scheduler.step()
+        if after_step is not None:
+            after_step()
+        loss_sum += loss.detach() * labels.shape[0]
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.shape[0]
+        steps += 1
+        if steps % log_every == 0 and not bar.disable:
+            bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")  # the only read inside the loop
+    elapsed = time.perf_counter() - start
+    if seen == 0:
+        raise RuntimeError(f"{desc}: the training loader yielded no batch (check batch_size against the split size)")
+    return {"train_loss": float(loss_sum) / seen, "train_acc": 100.0 * float(correct) / seen, "steps": steps,
+            "samples": seen, "epoch_time_s": elapsed, "img_per_s": seen / max(elapsed, 1e-9)}
+
+
+@torch.no_grad()
+def evaluate(*, backbone: nn.Module, classifiers: dict[str, nn.Module], loader, num_classes: int,
+             device: torch.device, amp: str = "none", tta_flip: bool = False, desc: str = "eval") -> dict:
+    """Per-class (correct, total) for each named classifier on one backbone pass over `loader`."""
+    correct = {k: torch.zeros(num_classes, dtype=torch.long, device=device) for k in classifiers}
+    total = torch.zeros(num_classes, dtype=torch.long, device=device)
+    for images, labels, _keys in _progress(loader, len(loader), desc):
+        images = images.to(device, non_blocking=True)
+        labels = labels.to(device, non_blocking=True)
+        with autocast(device, amp):
+            feats = backbone(images)
+            feats_flip = backbone(torch.flip(images, dims=[3])) if tta_flip else None
+        total += torch.bincount(labels, minlength=num_classes)
+        for name, clf in classifiers.items():
+            logits = clf(feats.float())
+            if feats_flip is not None:
+                logits = (logits + clf(feats_flip.float())) / 2  # flip-TTA averages logits (official code)
+            hit = logits.argmax(1) == labels
+            correct[name] += torch.bincount(labels[hit], minlength=num_classes)
+    return {k: (correct[k].cpu(), total.cpu()) for k in classifiers}
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+class CsvLog:
+    """summary.csv, one row per epoch; the header is fixed by the first row (timm's summary.csv convention)."""
+
+    def __init__(self, path: str | os.PathLike, resume: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+
+    def write(self, row: dict) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
+def freeze(module: nn.Module) -> None:
+    for p in module.parameters():
+        p.requires_grad_(False)

@@ -1,0 +1,68 @@
+"""Stage 1: learn features. Whole network, plain cross-entropy, SGD + cosine LR, a tuned weight decay.
+
+The best epoch is chosen on the balanced VALIDATION accuracy (never on test); best.pt and last.pt are kept.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn as nn
+
+from bigltr.checkpoint import load_checkpoint, save_checkpoint
+from bigltr.config import to_dict
+from bigltr.engine.common import (CsvLog, autocast, build_sgd, cosine_schedule, evaluate, param_groups,
+                                  train_epoch)
+from bigltr.engine.context import RunContext, write_json
+from bigltr.models import build_model
+from bigltr.objective.maxnorm import row_norms
+
+log = logging.getLogger("bigltr")
+
+
+def run_stage1(ctx: RunContext) -> dict:
+    cfg, s1, device = ctx.cfg, ctx.cfg.stage1, ctx.device
+    out = ctx.out / "stage1"
+    model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans,
+                        pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate).to(device)
+    train_loader = ctx.loader("train", train=True, batch_size=s1.batch_size)
+    val_loader = ctx.loader("val", train=False, batch_size=s1.batch_size)
+    steps = len(train_loader)
+    optimizer = build_sgd(param_groups(model, s1.weight_decay, s1.wd_scope), s1.lr, s1.momentum)
+    scheduler = cosine_schedule(optimizer, s1.epochs * steps, s1.warmup_epochs * steps)
+    scaler = torch.amp.GradScaler(device.type) if s1.amp == "fp16" else None
+    loss_fn = nn.CrossEntropyLoss()
+    summary = CsvLog(out / "summary.csv")
+    norms_per_epoch, best = [], None
+    log.info(f"stage 1: {cfg.model.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
+             f"{train_loader.num_samples} train images, {steps} steps/epoch, wd={s1.weight_decay} ({s1.wd_scope})")
+    for epoch in range(s1.epochs):
+        train_loader.set_epoch(epoch)
+        model.train()
+        tr = train_epoch(forward=model, loader=train_loader, loss_fn=loss_fn, optimizer=optimizer,
+                         scheduler=scheduler, device=device, amp=s1.amp, log_every=cfg.log_every,
+                         desc=f"stage1 {epoch + 1}/{s1.epochs}", scaler=scaler)
+        model.eval()
+        val = ctx.metrics(*evaluate(backbone=model.backbone, classifiers={"m": model.classifier}, loader=val_loader,
+                                    num_classes=ctx.num_classes, device=device, amp=s1.amp, desc="val")["m"])
+        norms = row_norms(model.classifier.weight)
+        norms_per_epoch.append([round(float(n), 6) for n in norms])
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
+               "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
+               "wnorm_min": float(norms.min()), "wnorm_max": float(norms.max())}
+        summary.write(row)
+        state = {"stage": 1, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "scheduler": scheduler.state_dict(), "val_all": val["all"], "config": to_dict(cfg)}
+        save_checkpoint(state, out / "last.pt")
+        is_best = best is None or val["all"] > best[1]
+        if is_best:
+            best = (epoch + 1, val["all"])
+            save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, out / "best.pt")
+        log.info(f"stage1 epoch {epoch + 1}/{s1.epochs} loss {tr['train_loss']:.4f} train_acc {tr['train_acc']:.2f} "
+                 f"val_all {val['all']:.2f} ({tr['img_per_s']:.0f} img/s){' *best' if is_best else ''}")
+    write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": norms_per_epoch})
+    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    result = ctx.final_eval(model, s1.batch_size, s1.amp)
+    result["best_epoch"] = best[0]
+    result["weight_norms"] = [round(float(n), 6) for n in row_norms(model.classifier.weight)]
+    return result

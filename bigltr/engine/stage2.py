@@ -1,0 +1,102 @@
+"""Stage 2: learn the classifier. Backbone frozen; class-balanced loss, weight decay and MaxNorm.
+
+Loads stage 1's best checkpoint. Only `model.classifier` (weight and bias) is trained. The backbone runs under
+no_grad; its BatchNorm layers are in eval mode (frozen statistics, default) or train mode (official code: the
+running statistics keep moving). MaxNorm projects every class row into the ball of radius delta after every
+optimiser step (paper) or once per epoch (official code); per epoch the radius, the rows it clipped and the
+spread of row norms are logged so a user can see whether the constraint binds.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from bigltr.checkpoint import load_checkpoint, save_checkpoint
+from bigltr.config import to_dict
+from bigltr.engine.common import CsvLog, build_sgd, cosine_schedule, evaluate, freeze, train_epoch
+from bigltr.engine.context import RunContext, write_json
+from bigltr.models import build_model
+from bigltr.objective.losses import build_loss
+from bigltr.objective.maxnorm import MaxNorm, resolve_radius, row_norms
+
+log = logging.getLogger("bigltr")
+
+
+def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
+    cfg, s2, device = ctx.cfg, ctx.cfg.stage2, ctx.device
+    out = ctx.out / "stage2"
+    model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans, pretrained=False)
+    ckpt = load_checkpoint(stage1_checkpoint)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise RuntimeError(f"stage-1 checkpoint {stage1_checkpoint} does not match model.name={cfg.model.name} "
+                           f"with {ctx.num_classes} classes: {str(e).splitlines()[0]}") from None
+    model.to(device)
+    stage1_weight = model.classifier.weight.detach().clone()
+    if s2.classifier_init == "reinit":
+        model.classifier.reset_parameters()
+    freeze(model.backbone)
+
+    mn = s2.maxnorm
+    radius = resolve_radius(stage1_weight, mn.radius_mode, mn.radius)
+    maxnorm = MaxNorm(radius, tau=mn.tau, when=mn.when)
+    loss_fn = build_loss(s2.loss, ctx.class_counts, s2.cb_beta).to(device)
+
+    train_loader = ctx.loader("train", train=True, batch_size=s2.batch_size)
+    val_loader = ctx.loader("val", train=False, batch_size=s2.batch_size)
+    steps = len(train_loader)
+    # Weight decay on the classifier's weight and bias (both trainable params), as the official code.
+    optimizer = build_sgd([{"params": list(model.classifier.parameters()), "weight_decay": s2.weight_decay}],
+                          s2.lr, s2.momentum)
+    scheduler = cosine_schedule(optimizer, s2.epochs * steps)
+    scaler = torch.amp.GradScaler(device.type) if s2.amp == "fp16" else None
+
+    def forward(images):
+        with torch.no_grad():
+            feats = model.backbone(images)
+        return model.classifier(feats.float())
+
+    summary = CsvLog(out / "summary.csv")
+    norms_per_epoch, best = [], None
+    log.info(f"stage 2: loss {s2.loss}, wd {s2.weight_decay}, MaxNorm {mn.when} radius {radius:.4f} "
+             f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}")
+    for epoch in range(s2.epochs):
+        train_loader.set_epoch(epoch)
+        model.eval()
+        if s2.bn_mode == "train":
+            model.backbone.train()
+        model.classifier.train()
+        tr = train_epoch(forward=forward, loader=train_loader, loss_fn=loss_fn, optimizer=optimizer,
+                         scheduler=scheduler, device=device, amp=s2.amp, log_every=cfg.log_every, scaler=scaler,
+                         after_step=lambda: maxnorm.after_step(model.classifier.weight),
+                         desc=f"stage2 {epoch + 1}/{s2.epochs}")
+        maxnorm.after_epoch(model.classifier.weight)
+        mstats = maxnorm.stats(model.classifier.weight)
+        model.eval()
+        val = ctx.metrics(*evaluate(backbone=model.backbone, classifiers={"m": model.classifier}, loader=val_loader,
+                                    num_classes=ctx.num_classes, device=device, amp=s2.amp, desc="val")["m"])
+        norms_per_epoch.append([round(float(n), 6) for n in row_norms(model.classifier.weight)])
+        summary.write({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
+                       "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
+                       "maxnorm_radius": mstats.radius, "maxnorm_clipped_rows": mstats.clipped_rows,
+                       "maxnorm_applications": mstats.applications, "wnorm_min": mstats.norm_min,
+                       "wnorm_mean": mstats.norm_mean, "wnorm_max": mstats.norm_max})
+        state = {"stage": 2, "epoch": epoch + 1, "model": model.state_dict(), "val_all": val["all"],
+                 "maxnorm_radius": radius, "config": to_dict(cfg)}
+        save_checkpoint(state, out / "last.pt")
+        is_best = best is None or val["all"] > best[1]
+        if is_best:
+            best = (epoch + 1, val["all"])
+            save_checkpoint(state, out / "best.pt")
+        log.info(f"stage2 epoch {epoch + 1}/{s2.epochs} loss {tr['train_loss']:.4f} val_all {val['all']:.2f} "
+                 f"| MaxNorm radius {radius:.4f} clipped {mstats.clipped_rows} rows in {mstats.applications} "
+                 f"projections, norms {mstats.norm_min:.4f}..{mstats.norm_max:.4f}{' *best' if is_best else ''}")
+    write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": norms_per_epoch,
+                                           "radius": radius})
+    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    result = ctx.final_eval(model, s2.batch_size, s2.amp)
+    result.update(best_epoch=best[0], maxnorm_radius=radius,
+                  weight_norms=[round(float(n), 6) for n in row_norms(model.classifier.weight)])
+    return result

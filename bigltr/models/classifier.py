@@ -1,0 +1,34 @@
+"""The model trained by both stages: `backbone` (any timm model, pooled features) + `classifier` (nn.Linear).
+
+Stage 2 and MaxNorm address the classifier by this one attribute, never by guessing layer names.
+"""
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn as nn
+
+from bigltr.models import cifar_resnet  # noqa: F401  (registry side effect)
+
+
+class LTModel(nn.Module):
+    def __init__(self, backbone: nn.Module, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.classifier = nn.Linear(backbone.num_features, num_classes, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.backbone(x))
+
+
+def build_model(name: str, num_classes: int, *, in_chans: int = 3, pretrained: bool = False,
+                drop_rate: float = 0.0) -> LTModel:
+    if name not in timm.list_models() and name not in timm.list_models(pretrained=False):
+        import difflib
+
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        raise ValueError(f"model.name '{name}' is not a timm model; closest: {close}")
+    # num_classes=0: timm returns pooled features; the classifier is ours so every backbone looks the same.
+    backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans,
+                                 drop_rate=drop_rate)
+    return LTModel(backbone, num_classes)

@@ -1,0 +1,1 @@
+"""Objective: losses (bigltr.objective.losses), the MaxNorm constraint (.maxnorm), post-hoc normalisation (.posthoc)."""

@@ -1,0 +1,76 @@
+"""The MaxNorm constraint on the classifier's class rows (projected gradient descent, paper eq. 5).
+
+This module decides WHAT the constraint is (radius, when it applies) and reports whether it binds; the
+in-place projection itself is the fused op `bigltr.ops.maxnorm_` (Triton on GPU, vectorised torch on CPU).
+The bias is never constrained (as in the official code).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bigltr.ops import maxnorm_
+
+
+def row_norms(weight: torch.Tensor) -> torch.Tensor:
+    return weight.detach().float().norm(dim=1)
+
+
+def resolve_radius(stage1_weight: torch.Tensor, mode: str, value: float) -> float:
+    """absolute: delta = value; relative: delta = min + value * (max - min) of the stage-1 row norms."""
+    if mode == "absolute":
+        return float(value)
+    if mode == "relative":
+        n = row_norms(stage1_weight)
+        return float(n.min() + value * (n.max() - n.min()))
+    raise ValueError(f"unknown MaxNorm radius mode '{mode}' (relative, absolute)")
+
+
+@dataclass
+class MaxNormStats:
+    radius: float
+    clipped_rows: int  # rows projected since the last reset (summed over applications)
+    applications: int
+    norm_min: float
+    norm_mean: float
+    norm_max: float
+
+
+class MaxNorm:
+    """Projects every class row with ||w_c||^tau > radius back to the ball; counts how often it binds.
+
+    Clip counting reads one scalar per application (a host sync): it is accumulated on device and read only in
+    `stats()`, which the engine calls at epoch end.
+    """
+
+    def __init__(self, radius: float, tau: float = 1.0, when: str = "step"):
+        if when not in ("step", "epoch", "off"):
+            raise ValueError(f"MaxNorm when must be step, epoch or off, got '{when}'")
+        self.radius, self.tau, self.when = float(radius), float(tau), when
+        self._clipped = None
+        self._applications = 0
+
+    @torch.no_grad()
+    def apply(self, weight: torch.Tensor) -> None:
+        w = weight.data
+        over = (row_norms(w).pow(self.tau) > self.radius).sum()
+        self._clipped = over if self._clipped is None else self._clipped + over
+        self._applications += 1
+        maxnorm_(w, self.radius, tau=self.tau)
+
+    def after_step(self, weight: torch.Tensor) -> None:
+        if self.when == "step":
+            self.apply(weight)
+
+    def after_epoch(self, weight: torch.Tensor) -> None:
+        if self.when == "epoch":
+            self.apply(weight)
+
+    def stats(self, weight: torch.Tensor, reset: bool = True) -> MaxNormStats:
+        n = row_norms(weight)
+        s = MaxNormStats(self.radius, int(self._clipped) if self._clipped is not None else 0, self._applications,
+                         float(n.min()), float(n.mean()), float(n.max()))
+        if reset:
+            self._clipped, self._applications = None, 0
+        return s

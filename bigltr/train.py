@@ -1,0 +1,36 @@
+"""Entry point: `python -m bigltr.train recipe=NAME key=value ...` or `accelerate launch bigltr/train.py ...`."""
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (accelerate launch bigltr/train.py): make `bigltr` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bigltr.config import ConfigError, build_config  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__ + "\nKeys: see recipes/*.yaml and bigltr/config.py")
+        return 0
+    try:
+        cfg = build_config(argv)  # validated before torch or data are touched
+    except ConfigError as e:
+        print(f"bigltr: config error: {e}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    from bigltr.engine.run import run  # heavy imports only after the config is known to be good
+
+    try:
+        run(cfg)
+    except FileNotFoundError as e:
+        print(f"bigltr: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

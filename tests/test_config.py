@@ -1,0 +1,77 @@
+"""Config: recipes parse, overrides are typed, unknown keys and wrong types fail with the closest valid key."""
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from bigltr.config import RECIPE_DIR, ConfigError, build_config, save_config, valid_keys
+
+
+def test_every_recipe_parses():
+    names = [p.stem for p in RECIPE_DIR.glob("*.yaml")]
+    assert "fmnist_lt" in names
+    for name in names:
+        cfg = build_config([f"recipe={name}"])
+        assert cfg.recipe == name
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = build_config(["recipe=fmnist_lt", "stage=1", "stage1.weight_decay=0", "stage1.epochs=3",
+                        "stage2.maxnorm.when=epoch", "stage2.maxnorm.radius=0.5", "model.name=resnet18",
+                        "stage2.loss=cb_official_bce", "seed=7", "out=/tmp/x"])
+    assert cfg.stage == "1" and cfg.seed == 7 and cfg.out == "/tmp/x"
+    assert cfg.stage1.weight_decay == 0.0 and isinstance(cfg.stage1.weight_decay, float)
+    assert cfg.stage1.epochs == 3 and cfg.model.name == "resnet18"
+    assert cfg.stage2.maxnorm.when == "epoch" and cfg.stage2.maxnorm.radius == 0.5
+    # base recipe inheritance: tiny_test starts from fmnist_lt and overrides a few keys
+    tiny = build_config(["recipe=tiny_test"])
+    assert tiny.stage1.epochs == 2 and tiny.stage1.weight_decay == 5e-3 and tiny.data.in_chans == 1
+
+
+@pytest.mark.parametrize("arg, expect", [
+    ("stage1.weight_decy=1", "did you mean 'stage1.weight_decay'"),
+    ("stage2.maxnorm.wen=step", "did you mean 'stage2.maxnorm.when'"),
+    ("stage1.epochs=ten", "'stage1.epochs' expects an integer"),
+    ("stage1.epochs=2.5", "'stage1.epochs' expects an integer"),
+    ("stage2.loss=focal", "'stage2.loss': 'focal' is not one of"),
+    ("stage=3", "'stage'"),
+    ("stage1.lr=-1", "'stage1.lr': must be > 0"),
+    ("recipe=fmnist_ltt", "did you mean 'fmnist_lt'"),
+    ("stage1", "not of the form key=value"),
+])
+def test_bad_input_names_the_key(arg, expect):
+    argv = [arg] if arg.startswith("recipe=") else ["recipe=fmnist_lt", arg]
+    with pytest.raises(ConfigError, match=expect.replace("(", r"\(").replace("[", r"\[")):
+        build_config(argv)
+
+
+def test_unknown_key_in_recipe_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("base: fmnist_lt\nstage2:\n  maxnorm:\n    radus: 0.2\n")
+    with pytest.raises(ConfigError, match=r"stage2\.maxnorm\.radus.*did you mean 'stage2\.maxnorm\.radius'"):
+        build_config([f"recipe={bad}"])
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = build_config(["recipe=fmnist_lt", "stage2.weight_decay=0.05"])
+    save_config(cfg, tmp_path / "config.yaml")
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    assert saved["stage2"]["weight_decay"] == 0.05 and saved["recipe"] == "fmnist_lt"
+    again = build_config([f"recipe={tmp_path / 'config.yaml'}"])
+    assert again.stage2.weight_decay == 0.05
+    # the keys the Slurm scripts and sweeps build on exist under these names
+    for key in ["stage", "out", "seed", "stage1.epochs", "stage1.weight_decay", "stage1.lr", "stage1.batch_size",
+                "stage2.epochs", "stage2.weight_decay", "stage2.loss", "stage2.maxnorm.when",
+                "stage2.maxnorm.radius", "model.name"]:
+        assert key in valid_keys()
+
+
+def test_cli_exits_nonzero_before_heavy_work():
+    r = subprocess.run([sys.executable, "-m", "bigltr.train", "recipe=fmnist_lt", "stage1.weight_decy=0"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2
+    assert "stage1.weight_decay" in r.stderr and "Traceback" not in r.stderr
+    r = subprocess.run([sys.executable, "-m", "bigltr.train", "recipe=fmnist_lt", "data.root=/nonexistent/x"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "make_shards.py" in r.stderr and "Traceback" not in r.stderr

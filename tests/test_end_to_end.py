@@ -1,0 +1,109 @@
+"""Both stages end to end on tiny generated idx data, through the real converter, loader and entry point."""
+import gzip
+import json
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def _write_idx(path: Path, arr: np.ndarray) -> None:
+    magic = 0x0803 if arr.ndim == 3 else 0x0801
+    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.astype(np.uint8).tobytes())
+
+
+def make_fake_idx(folder: Path, per_class_train: int = 60, per_class_test: int = 8, seed: int = 0) -> None:
+    """10 classes of 28x28 images, each class a bright block at its own place plus noise (learnable)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    for split, n in (("train", per_class_train), ("t10k", per_class_test)):
+        labels = np.repeat(np.arange(10), n)
+        rng.shuffle(labels)
+        images = rng.integers(0, 60, size=(len(labels), 28, 28))
+        for i, c in enumerate(labels):
+            r, k = divmod(int(c), 5)
+            images[i, 4 + r * 12: 12 + r * 12, 1 + k * 5: 6 + k * 5] += 180
+        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
+        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
+
+
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory):
+    import make_shards
+
+    base = tmp_path_factory.mktemp("e2e")
+    make_fake_idx(base / "idx")
+    out = base / "shards"
+    make_shards.main(["idx", "--src", str(base / "idx"), "--out", str(out), "--imbalance", "10", "--n-max", "40",
+                      "--val-per-class", "6", "--maxcount", "64", "--seed", "0"])
+    return out
+
+
+def test_two_stages_end_to_end(tiny_shards, tmp_path):
+    from bigltr.train import main
+
+    out = tmp_path / "run"
+    rc = main(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "eval.posthoc=tau_norm",
+               "eval.posthoc_tau=0.5", "stage2.maxnorm.radius=0.0"])  # t=0: radius = min norm, so it must bind
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    counts = res["class_counts"]
+    assert counts == [int(40 * 10 ** (-c / 9)) for c in range(10)]
+    for stage in ("stage1", "stage2"):
+        for split in ("val", "test"):
+            m = res[stage][split]
+            assert set(["all", "many", "medium", "few", "per_class"]) <= set(m)
+            assert len(m["per_class"]) == 10 and 0 <= m["all"] <= 100
+            assert m["all"] == pytest.approx(sum(m["per_class"]) / 10, abs=1e-3)
+        assert res[stage]["test"]["num_samples"] == 80 and res[stage]["val"]["num_samples"] == 60
+        assert (out / stage / "best.pt").is_file() and (out / stage / "last.pt").is_file()
+        rows = (out / stage / "summary.csv").read_text().strip().splitlines()
+        assert len(rows) == 1 + 2  # header + one row per epoch
+    assert "posthoc" in res["stage1"] and res["stage1"]["posthoc"]["tau"] == 0.5
+    for f in ("config.yaml", "table.md", "weight_norms.png", "per_class_accuracy.png",
+              "stage1_norm_evolution.png", "stage2_norm_evolution.png"):
+        assert (out / f).stat().st_size > 0, f
+
+    # Every stage-2 class row lies in the ball; the radius is the relative one from the stage-1 rows.
+    s1 = torch.load(out / "stage1" / "best.pt", weights_only=True)["model"]
+    s2 = torch.load(out / "stage2" / "best.pt", weights_only=True)["model"]
+    w1 = s1["classifier.weight"].norm(dim=1)
+    radius = res["stage2"]["maxnorm_radius"]
+    assert radius == pytest.approx(float(w1.min()), rel=1e-5)
+    assert float(s2["classifier.weight"].norm(dim=1).max()) <= radius + 1e-5
+    summary = (out / "stage2" / "summary.csv").read_text()
+    assert "maxnorm_clipped_rows" in summary
+    # The backbone is frozen, BatchNorm statistics included (bn_mode=eval).
+    for k, v in s1.items():
+        if not k.startswith("classifier."):
+            assert torch.equal(v, s2[k]), k
+
+    # stage=2 alone, official behaviours: per-epoch MaxNorm, BCE-on-softmax, BN in train mode.
+    rc = main(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage=2", "stage2.maxnorm.when=epoch",
+               "stage2.loss=cb_official_bce", "stage2.bn_mode=train", "stage2.maxnorm.radius_mode=absolute",
+               "stage2.maxnorm.radius=0.05"])
+    assert rc == 0
+    s2b = torch.load(out / "stage2" / "last.pt", weights_only=True)["model"]
+    assert float(s2b["classifier.weight"].norm(dim=1).max()) <= 0.05 + 1e-5
+    moved = [k for k in s1 if "running_mean" in k and not torch.equal(s1[k], s2b[k])]
+    assert moved, "bn_mode=train must update BatchNorm running statistics"
+    conv = [k for k in s1 if k.endswith("conv1.weight")]
+    assert all(torch.equal(s1[k], s2b[k]) for k in conv)  # weights still frozen
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["stage1"] == res["stage1"] and res2["stage2"]["maxnorm_radius"] == 0.05
+
+
+def test_stage2_without_stage1_says_what_to_do(tiny_shards, tmp_path, capsys):
+    from bigltr.train import main
+
+    rc = main(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={tmp_path / 'none'}", "stage=2"])
+    assert rc == 2
+    assert "run stage=1" in capsys.readouterr().err

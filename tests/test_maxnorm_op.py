@@ -1,0 +1,265 @@
+"""Tests for bigltr.ops.maxnorm_ (both backends; Triton runs in its interpreter, TRITON_INTERPRET=1 from conftest).
+
+Inputs are fresh random data on every run. Each test prints its seed (pytest shows it for a failing test) and
+puts it in assertion messages; rerun a failure with MAXNORM_TEST_SEED=<seed>.
+The reference is an independent float64 row loop in numpy.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from bigltr.ops import maxnorm_
+
+BACKENDS = ["torch", "triton"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# allowed error, in units in the last place of the exact (float64) result. bf16/fp16: the op rounds once, to
+# nearest, from an fp32 value a few fp32 ulps off, so half an ulp plus ~0.001 (this catches truncation, which
+# Triton's interpreter does by default for fp32 -> bf16). fp32: the summed squares, sqrt, power, division and
+# product each add error, the power multiplying the norm's by tau (measured: <= 3.2 ulp at tau=1, 6.3 at tau=2).
+MAX_ULPS = {torch.float32: 8, torch.bfloat16: 0.51, torch.float16: 0.51}
+
+
+def max_ulps(dtype: torch.dtype, tau: float) -> float:
+    return MAX_ULPS[dtype] * max(1.0, tau) if dtype == torch.float32 else MAX_ULPS[dtype]
+INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
+
+@pytest.fixture
+def gen():
+    seed = int(os.environ.get("MAXNORM_TEST_SEED", time.time_ns() % 2**31))
+    print(f"MAXNORM_TEST_SEED={seed}")
+    return torch.Generator().manual_seed(seed)
+
+
+def _seed(gen: torch.Generator) -> str:
+    return f"(seed {gen.initial_seed()}; rerun with MAXNORM_TEST_SEED={gen.initial_seed()})"
+
+
+def reference(w: torch.Tensor, radius: float, tau: float) -> tuple[np.ndarray, np.ndarray]:
+    """float64 row loop, independent of the op: returns (expected values, clipped-row mask)."""
+    out = w.double().numpy().copy()
+    clipped = np.zeros(out.shape[0], dtype=bool)
+    for i in range(out.shape[0]):
+        norm = math.sqrt(float(np.dot(out[i], out[i])))
+        if norm**tau > radius:
+            out[i] *= radius / norm**tau
+            clipped[i] = True
+    return out, clipped
+
+
+def ulp(x: np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """One unit in the last place of `dtype` at |x| (subnormal spacing near zero)."""
+    fi = torch.finfo(dtype)
+    mant = round(-math.log2(fi.eps))
+    _, e = np.frexp(np.abs(x))  # |x| = m * 2**e, m in [0.5, 1)
+    return np.maximum(np.ldexp(1.0, e - 1 - mant), fi.tiny * fi.eps)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(INT_VIEW[t.dtype])
+
+
+def make_case(gen, m: int, n: int, dtype: torch.dtype, tau: float):
+    """A weight whose rows are a random mix of: clipped, inside the ball, zero, and (tau in {1, 2}) exactly at
+    the radius. Norm ratios keep a >= 2.5% margin from the radius so fp32 and float64 always agree on which
+    rows are clipped; rows at the radius are built from +-0.5 entries so their norm is exact in every dtype."""
+    k = max(kk for kk in (1, 4, 9, 16) if kk <= max(n, 1))
+    edge = 0.5 * math.sqrt(k)  # exact norm of an at-the-radius row
+    radius = float(np.float32(edge**tau))  # exact for tau in {1, 2}
+    kind = torch.randint(0, 4, (m,), generator=gen)  # 0 clipped, 1 inside, 2 zero, 3 at the radius
+    if tau not in (1.0, 2.0):
+        kind[kind == 3] = 1
+    w = torch.randn(m, n, generator=gen, dtype=torch.float64)
+    w /= w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    u = torch.rand(m, generator=gen, dtype=torch.float64)
+    ratio = torch.where(kind == 0, 1.1 + 3.0 * u, 0.05 + 0.9 * u)  # ||w|| / edge
+    w *= (edge * ratio).unsqueeze(1)
+    w[kind == 2] = 0.0
+    for i in torch.nonzero(kind == 3).flatten().tolist():
+        w[i] = 0.0
+        cols = torch.randperm(n, generator=gen)[:k]
+        w[i, cols] = 0.5 * (torch.randint(0, 2, (k,), generator=gen, dtype=torch.float64) * 2 - 1)
+    return w.to(dtype), radius, kind
+
+
+def check(out: torch.Tensor, w_in: torch.Tensor, radius: float, tau: float, gen, what: str = ""):
+    """Compare `out` (the op's result) with the float64 reference computed from `w_in` (a copy of the input)."""
+    ref, clipped = reference(w_in, radius, tau)
+    got = out.double().numpy()
+    err_ulps = np.abs(got - ref) / ulp(ref, out.dtype)
+    worst = float(err_ulps.max()) if err_ulps.size else 0.0
+    limit = max_ulps(out.dtype, tau)
+    assert worst <= limit, f"{what}: max error {worst:.2f} ulp > {limit} {_seed(gen)}"
+    keep = torch.from_numpy(~clipped)
+    assert torch.equal(bits(out[keep]), bits(w_in[keep])), f"{what}: an unclipped row changed {_seed(gen)}"
+    assert not torch.isnan(out).any(), f"{what}: NaN in output {_seed(gen)}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("shape", [(37, 129), (1, 1), (5, 3000), (300, 200)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_matches_float64_reference(gen, backend, dtype, shape):
+    w, radius, kind = make_case(gen, *shape, dtype, 1.0)
+    out = w.clone()
+    ret = maxnorm_(out, radius, backend=backend)
+    assert ret is out
+    check(out, w, radius, 1.0, gen, f"{backend} {dtype} {shape}")
+    # the projection lands on the sphere: clipped rows have norm == radius up to rounding of the dtype
+    norms = out.double().norm(dim=1)
+    tol = 4 * torch.finfo(dtype).eps * radius
+    assert bool((norms <= radius + tol).all()), f"a row is still outside the ball {_seed(gen)}"
+    assert bool((norms[kind == 2] == 0).all()), f"a zero row changed {_seed(gen)}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("tau", [2.0, 0.5])
+def test_tau(gen, backend, dtype, tau):
+    w, radius, _ = make_case(gen, 61, 77, dtype, tau)
+    out = w.clone()
+    maxnorm_(out, radius, tau=tau, backend=backend)
+    check(out, w, radius, tau, gen, f"{backend} tau={tau}")
+
+
+def _strided(kind: str, m: int, n: int, dtype):
+    """Return (base storage filled with a sentinel, 2-D view of shape (m, n) into it)."""
+    if kind == "colslice":
+        base = torch.full((m, n + 60), -777.0, dtype=dtype)
+        return base, base[:, 3 : 3 + n]
+    if kind == "transposed":
+        base = torch.full((n, m), -777.0, dtype=dtype)
+        return base, base.t()
+    if kind == "rowstep_colstep":
+        base = torch.full((3 * m, 2 * n + 5), -777.0, dtype=dtype)
+        return base, base[1::3, 5::2]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+@pytest.mark.parametrize("kind", ["colslice", "transposed", "rowstep_colstep"])
+def test_strided_views_edit_in_place(gen, backend, dtype, kind):
+    m, n = 43, 47
+    w, radius, _ = make_case(gen, m, n, dtype, 1.0)
+    base, view = _strided(kind, m, n, dtype)
+    view.copy_(w)
+    mask_base, mask_view = _strided(kind, m, n, torch.float32)  # the same slicing, applied to a mask
+    mask_base.zero_()
+    mask_view.fill_(1.0)
+    inside = mask_base.bool()
+    before = bits(base).clone()
+
+    maxnorm_(view, radius, backend=backend)
+
+    assert torch.equal(bits(base)[~inside], before[~inside]), f"{kind}: an element outside the view changed"
+    check(view.clone(), w, radius, 1.0, gen, f"{backend} {kind}")  # the result sits in the original storage
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_radius_as_tensor_and_edge_radii(gen, backend):
+    w, radius, kind = make_case(gen, 50, 33, torch.float32, 1.0)
+    by_float = maxnorm_(w.clone(), radius, backend=backend)
+    for r in (torch.tensor(radius), torch.tensor(radius, dtype=torch.float64), torch.tensor([radius])):
+        by_tensor = maxnorm_(w.clone(), r, backend=backend)
+        assert torch.equal(by_tensor, by_float), f"tensor radius {r.dtype} {tuple(r.shape)} differs {_seed(gen)}"
+    # radius 0 zeroes every row; zero rows stay zero (no 0/0 NaN)
+    zeroed = maxnorm_(w.clone(), 0.0, backend=backend)
+    assert torch.equal(zeroed, torch.zeros_like(w))
+    # an infinite radius changes nothing
+    assert torch.equal(bits(maxnorm_(w.clone(), math.inf, backend=backend)), bits(w))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(0, 7), (0, 0), (4, 0)])
+def test_empty_shards(backend, shape):
+    w = torch.empty(shape)
+    assert maxnorm_(w, 1.0, backend=backend) is w
+    assert maxnorm_(w, torch.tensor(1.0), backend=backend) is w
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns about NaN arithmetic inside the interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_triton_does_not_write_unclipped_rows(gen, dtype):
+    """Poison: unclipped rows hold a signaling-NaN payload, which any arithmetic write (x * 1.0) would turn into
+    a quiet NaN. The Triton kernel must leave those rows' bits alone (the torch path, which multiplies every row
+    by its scale, does not promise this for NaN rows)."""
+    w, radius, kind = make_case(gen, 40, 70, dtype, 1.0)
+    snan = {torch.float32: 0x7F800001, torch.bfloat16: 0x7F81}[dtype]
+    poisoned = torch.full((w.shape[1],), snan, dtype=INT_VIEW[dtype]).view(dtype)
+    rows = torch.arange(0, w.shape[0], 3)
+    w[rows] = poisoned
+    out = w.clone()
+    maxnorm_(out, radius, backend="triton")
+    assert torch.equal(bits(out[rows]), bits(w[rows])), f"the kernel wrote to an unclipped (NaN) row {_seed(gen)}"
+    rest = torch.ones(w.shape[0], dtype=torch.bool)
+    rest[rows] = False
+    check(out[rest], w[rest], radius, 1.0, gen, "poisoned")
+
+
+def test_parameter_requiring_grad():
+    p = torch.nn.Parameter(torch.full((6, 4), 2.0))  # every row has norm 4
+    assert maxnorm_(p, 1.0) is p
+    assert p.grad_fn is None and p.requires_grad
+    torch.testing.assert_close(p.detach().norm(dim=1), torch.ones(6))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_errors(backend):
+    w = torch.randn(4, 5)
+    with pytest.raises(ValueError, match="2-D"):
+        maxnorm_(torch.randn(2, 3, 4), 1.0, backend=backend)
+    with pytest.raises(ValueError, match="2-D"):
+        maxnorm_(torch.randn(5), 1.0, backend=backend)
+    with pytest.raises(ValueError, match="radius must be >= 0"):
+        maxnorm_(w, -1.0, backend=backend)
+    with pytest.raises(ValueError, match="radius must be >= 0"):
+        maxnorm_(w, float("nan"), backend=backend)
+    with pytest.raises(ValueError, match="radius must be >= 0"):
+        maxnorm_(w, torch.tensor(-0.5), backend=backend)
+    with pytest.raises(ValueError, match="one element"):
+        maxnorm_(w, torch.ones(2), backend=backend)
+    with pytest.raises(TypeError, match="radius"):
+        maxnorm_(w, "1.0", backend=backend)
+    with pytest.raises(TypeError, match="floating"):
+        maxnorm_(torch.ones(4, 5, dtype=torch.int32), 1.0, backend=backend)
+    with pytest.raises(ValueError, match="tau"):
+        maxnorm_(w, 1.0, tau=0.0, backend=backend)
+    with pytest.raises(ValueError, match="zero stride"):
+        maxnorm_(torch.randn(1, 5).expand(4, 5), 1.0, backend=backend)
+    with pytest.raises(ValueError, match="unknown backend"):
+        maxnorm_(w, 1.0, backend="cuda")
+
+
+def test_triton_errors(monkeypatch):
+    with pytest.raises(TypeError, match="triton backend supports"):
+        maxnorm_(torch.randn(3, 4, dtype=torch.float64), 1.0, backend="triton")
+    # the torch path also takes fp64 (accumulating in fp64)
+    w64 = torch.randn(3, 4, dtype=torch.float64) * 10
+    maxnorm_(w64, 1.0, backend="torch")
+    torch.testing.assert_close(w64.norm(dim=1), torch.ones(3, dtype=torch.float64))
+    from bigltr.ops import maxnorm_triton
+
+    monkeypatch.setattr(maxnorm_triton, "INTERPRETED", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        maxnorm_(torch.randn(3, 4), 1.0, backend="triton")
+
+
+def test_import_and_torch_path_without_triton(monkeypatch):
+    """`import bigltr.ops` must not import triton; auto on CPU takes the torch path; forcing triton explains."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # makes `import triton` raise ImportError
+    for name in ("bigltr.ops", "bigltr.ops.maxnorm", "bigltr.ops.maxnorm_triton"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    ops = importlib.import_module("bigltr.ops")
+    w = torch.full((3, 4), 1.0)
+    ops.maxnorm_(w, 1.0)
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(3))
+    with pytest.raises(RuntimeError, match="needs the triton package"):
+        ops.maxnorm_(w, 1.0, backend="triton")

@@ -1,0 +1,234 @@
+#!/usr/bin/env python
+"""Benchmark bigltr.ops.maxnorm_ against torch.renorm_ and the official code's boolean-indexing MaxNorm.
+
+Not a test. Examples:
+    python tools/bench_maxnorm.py                                  # GPU if there is one, else CPU (torch path)
+    python tools/bench_maxnorm.py --device cuda --markdown --json maxnorm_gpu.json
+    python tools/bench_maxnorm.py --device cpu --sizes 1000x2048 --dtype float32
+    TRITON_INTERPRET=1 python tools/bench_maxnorm.py --device cpu --backends torch,triton --sizes 1000x2048
+
+Per size, dtype and case ("mix": radius = median row norm, about half the rows clipped; "all": every row
+clipped) it times, as the median of --repeats runs after warm-up, each run starting from the same unprojected
+weight (restored outside the timed region; on GPU the L2 cache is flushed too):
+    ours[torch], ours[triton]   bigltr.ops.maxnorm_ with that backend
+    renorm_                     weight.renorm_(2, 0, radius) (same semantics for tau=1, but scales by r/(norm+1e-7))
+    official                    the official code's MaxNorm_via_PGD step (boolean indexing, tau=1)
+    copy                        dst.copy_(src) of the same number of bytes: the device's copy bandwidth
+Columns: eff GB/s = (read the whole weight + write the clipped rows) / time, the op's minimal traffic;
+2x GB/s = (read + write the whole weight) / time; %copy = eff GB/s / copy GB/s; x renorm and x official =
+their time / ours (> 1: ours is faster); maxdiff = max |result - fp32 renorm_ result, cast to the dtype|
+(renorm_ divides by norm + 1e-7, so ~1e-7 relative differences are expected in fp32; one ulp in bf16/fp16).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
+from bigltr.ops import maxnorm_  # noqa: E402
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INTERP_MAX_ELEMS = 4_000_000  # Triton's interpreter on CPU: only small sizes (it takes seconds per call)
+
+
+def official_pgd(weight: torch.Tensor, thresh: float) -> None:
+    """The official repo's MaxNorm_via_PGD step for tau=1, reduced to its tensor operations."""
+    norms = torch.norm(weight, dim=1)
+    idx = norms > thresh
+    weight[idx] = weight[idx] / norms[idx].unsqueeze(1) * thresh
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--backends", default=None, help="comma list of torch,triton (default: cuda both; cpu torch, "
+                   "plus triton when TRITON_INTERPRET=1)")
+    p.add_argument("--sizes", default="1000x2048,8142x2048,100000x2048", help="comma list of ROWSxCOLS")
+    p.add_argument("--dtype", default="float32,bfloat16", help="comma list of " + ",".join(DTYPES))
+    p.add_argument("--cases", default="mix,all", help="mix (about half the rows clipped) and/or all (every row)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default cuda 25, cpu 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default cuda 5, cpu 1)")
+    p.add_argument("--no-baselines", action="store_true", help="skip renorm_ and official (quicker)")
+    p.add_argument("--markdown", action="store_true", help="print a Markdown table")
+    p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+class Timer:
+    """Median time of fn() over repeats, each run after restore() (untimed); on CUDA the L2 is flushed first."""
+
+    def __init__(self, device: str, repeats: int, warmup: int):
+        self.device, self.repeats, self.warmup = device, repeats, warmup
+        self.cuda = device == "cuda"
+        # 256 MB of writes evicts any GPU L2 (50-60 MB on H100/H200), so small weights are not timed hot
+        self.flush_buf = torch.empty(64 * 2**20, dtype=torch.float32, device=device) if self.cuda else None
+
+    def __call__(self, fn, restore=None) -> float:
+        times = []
+        for i in range(self.warmup + self.repeats):
+            if restore is not None:
+                restore()
+            if self.cuda:
+                self.flush_buf.zero_()
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                t = start.elapsed_time(end) / 1e3
+            else:
+                t0 = time.perf_counter()
+                fn()
+                t = time.perf_counter() - t0
+            if i >= self.warmup:
+                times.append(t)
+        return statistics.median(times)
+
+
+def make_weight(m: int, n: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
+    """Gaussian rows with norms spread over about [0.5, 1.5] x sqrt(n): a realistic mix of long and short rows."""
+    w = torch.randn(m, n, device=device, generator=gen)
+    w *= torch.empty(m, 1, device=device).uniform_(0.5, 1.5, generator=gen)
+    return w.to(dtype)
+
+
+def bench_one(m, n, dtype, case, backends, timer, args, gen):
+    device = args.device
+    pristine = make_weight(m, n, dtype, device, gen)
+    norms = torch.linalg.vector_norm(pristine, dim=1, dtype=torch.float32)
+    # the setup may sync: a Python float radius is what the trainer passes too
+    radius = float(norms.median()) if case == "mix" else 0.5 * float(norms.min())
+    n_clip = int((norms > radius).sum())
+    esize = pristine.element_size()
+    bytes_min = m * n * esize + n_clip * n * esize  # read all + write clipped rows
+    bytes_2x = 2 * m * n * esize
+    work = torch.empty_like(pristine)
+    restore = lambda: work.copy_(pristine)  # noqa: E731
+
+    # correctness reference: torch.renorm_ in fp32 (for bf16/fp16 a renorm in the dtype itself rounds twice)
+    expected = pristine.float().renorm_(2, 0, radius).to(dtype)
+    dst = torch.empty_like(pristine)
+    t_copy = timer(lambda: dst.copy_(pristine))
+    copy_gbs = bytes_2x / t_copy / 1e9
+
+    impls = {}
+    for b in backends:
+        if b == "triton" and device == "cpu" and m * n > INTERP_MAX_ELEMS:
+            print(f"  (skip ours[triton] at {m}x{n} on CPU: the interpreter is too slow for it)", file=sys.stderr)
+            continue
+        impls[f"ours[{b}]"] = (lambda b=b: maxnorm_(work, radius, backend=b))
+    if not args.no_baselines:
+        impls["renorm_"] = lambda: work.renorm_(2, 0, radius)
+        impls["official"] = lambda: official_pgd(work, radius)
+
+    results = {}
+    for name, fn in impls.items():
+        t = timer(fn, restore)
+        maxdiff = float((work.float() - expected.float()).abs().max())  # work holds the last run's result
+        results[name] = {"time_s": t, "maxdiff": maxdiff}
+
+    rows = []
+    for name, r in results.items():
+        t = r["time_s"]
+        rows.append({
+            "size": f"{m}x{n}", "dtype": str(dtype).removeprefix("torch."), "case": case,
+            "clipped_pct": 100.0 * n_clip / m, "impl": name, "ms": t * 1e3,
+            "eff_gbs": bytes_min / t / 1e9, "gbs_2x": bytes_2x / t / 1e9,
+            "pct_copy": 100.0 * (bytes_min / t / 1e9) / copy_gbs,
+            "x_renorm": results["renorm_"]["time_s"] / t if "renorm_" in results else None,
+            "x_official": results["official"]["time_s"] / t if "official" in results else None,
+            "maxdiff": r["maxdiff"],
+        })
+    rows.append({"size": f"{m}x{n}", "dtype": str(dtype).removeprefix("torch."), "case": case,
+                 "clipped_pct": 100.0 * n_clip / m, "impl": "copy", "ms": t_copy * 1e3, "eff_gbs": copy_gbs,
+                 "gbs_2x": copy_gbs, "pct_copy": 100.0, "x_renorm": None, "x_official": None, "maxdiff": None})
+    del pristine, work, dst, expected
+    return rows
+
+
+COLUMNS = [("size", "size", "{}"), ("dtype", "dtype", "{}"), ("case", "case", "{}"),
+           ("clipped_pct", "clipped %", "{:.0f}"), ("impl", "impl", "{}"), ("ms", "ms", "{:.3f}"),
+           ("eff_gbs", "eff GB/s", "{:.1f}"), ("gbs_2x", "2x GB/s", "{:.1f}"), ("pct_copy", "%copy", "{:.0f}"),
+           ("x_renorm", "x renorm", "{:.2f}"), ("x_official", "x official", "{:.2f}"), ("maxdiff", "maxdiff", "{:.2e}")]
+
+
+def fmt(row, key, spec):
+    v = row[key]
+    return "-" if v is None else spec.format(v)
+
+
+def print_table(rows, markdown: bool):
+    cells = [[fmt(r, k, s) for k, _, s in COLUMNS] for r in rows]
+    heads = [h for _, h, _ in COLUMNS]
+    if markdown:
+        print("| " + " | ".join(heads) + " |")
+        print("|" + "|".join("---" if i < 5 else "---:" for i in range(len(heads))) + "|")
+        for c in cells:
+            print("| " + " | ".join(c) + " |")
+        return
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(heads)]
+    print("  ".join(h.rjust(w) for h, w in zip(heads, widths)))
+    for c in cells:
+        print("  ".join(x.rjust(w) for x, w in zip(c, widths)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("--device cuda: no CUDA device visible")
+    interp = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+    if args.backends is None:
+        backends = ["torch", "triton"] if device == "cuda" or interp else ["torch"]
+    else:
+        backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if device == "cpu" and "triton" in backends and not interp:
+        sys.exit("triton on CPU needs TRITON_INTERPRET=1 in the environment (set before Python starts)")
+    repeats = args.repeats or (25 if device == "cuda" else 3)
+    warmup = args.warmup if args.warmup is not None else (5 if device == "cuda" else 1)
+    sizes = [tuple(int(x) for x in s.lower().split("x")) for s in args.sizes.split(",") if s.strip()]
+    dtypes = [DTYPES[d.strip()] for d in args.dtype.split(",") if d.strip()]
+    cases = [c.strip() for c in args.cases.split(",") if c.strip()]
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "not installed"
+    if device == "cuda":
+        dev_name = torch.cuda.get_device_name()
+    else:
+        dev_name = f"CPU {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads"
+    print(f"torch {torch.__version__}, triton {triton_version}, device: {dev_name}, "
+          f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}")
+    print(f"backends {backends}, repeats {repeats} (median) after {warmup} warm-up, seed {args.seed}")
+    sys.stdout.flush()
+
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    timer = Timer(device, repeats, warmup)
+    rows = []
+    t_start = time.perf_counter()
+    for m, n in sizes:
+        for dtype in dtypes:
+            for case in cases:
+                rows += bench_one(m, n, dtype, case, backends, timer, args, gen)
+    print_table(rows, args.markdown)
+    print(f"total bench time {time.perf_counter() - t_start:.1f} s")
+    if args.json:
+        meta = {"torch": torch.__version__, "triton": triton_version, "device": dev_name, "repeats": repeats,
+                "warmup": warmup, "backends": backends, "argv": sys.argv}
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
