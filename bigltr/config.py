@@ -74,6 +74,17 @@ class MaxNormConfig:
 
 
 @dataclass
+class FeatureCacheConfig:
+    # Views computed once per training image by the frozen backbone: "center" (the eval transform),
+    # "center_flip" (it and its horizontal flip), "augment" (num_aug draws of the training transform).
+    views: Literal["center", "center_flip", "augment"] = "center_flip"
+    num_aug: int = 4
+    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    location: Literal["memory", "disk"] = "memory"
+    dir: str = ""  # for location=disk; default <out>/stage2/feature_cache
+
+
+@dataclass
 class Stage2Config:
     epochs: int = 10
     batch_size: int = 64
@@ -85,6 +96,10 @@ class Stage2Config:
     bn_mode: Literal["eval", "train"] = "eval"  # train: BatchNorm statistics keep moving (official code)
     classifier_init: Literal["keep", "reinit"] = "keep"
     amp: Literal["none", "bf16", "fp16"] = "none"
+    # online: run the frozen backbone on every batch of every epoch (reference code); cached: compute backbone
+    # features once (stage2.cache), then train the classifier on them.
+    features: Literal["online", "cached"] = "online"
+    cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
     maxnorm: MaxNormConfig = field(default_factory=MaxNormConfig)
 
 
@@ -289,6 +304,10 @@ def validate(cfg: Config) -> None:
     mn = cfg.stage2.maxnorm
     need(mn.radius >= 0, "stage2.maxnorm.radius", "must be >= 0")
     need(mn.tau > 0, "stage2.maxnorm.tau", "must be > 0")
+    need(cfg.stage2.cache.num_aug >= 1, "stage2.cache.num_aug", "must be >= 1")
+    need(not (cfg.stage2.features == "cached" and cfg.stage2.bn_mode == "train"), "stage2.features",
+         "cached features need a fixed backbone: use stage2.bn_mode=eval (bn_mode=train changes BatchNorm "
+         "statistics every step, so features cannot be computed once)")
     need(cfg.data.few_thr <= cfg.data.many_thr, "data.few_thr", "must be <= data.many_thr")
     need(len(cfg.data.mean) == cfg.data.in_chans, "data.mean", f"needs {cfg.data.in_chans} values (data.in_chans)")
     need(len(cfg.data.std) == cfg.data.in_chans, "data.std", f"needs {cfg.data.in_chans} values (data.in_chans)")

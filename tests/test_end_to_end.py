@@ -107,3 +107,37 @@ def test_stage2_without_stage1_says_what_to_do(tiny_shards, tmp_path, capsys):
     rc = main(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={tmp_path / 'none'}", "stage=2"])
     assert rc == 2
     assert "run stage=1" in capsys.readouterr().err
+
+
+def test_feature_cache_matches_online_stage2(tiny_shards, tmp_path):
+    """Full-batch stage 2 (order-independent) on cached fp32 centre features == online stage 2, same seed."""
+    from bigltr.data.info import read_info
+    from bigltr.train import main
+
+    n = read_info(tiny_shards)["splits"]["train"]["num_samples"]
+    common = ["recipe=tiny_test", f"data.root={tiny_shards}", "data.train_aug=none", "stage1.epochs=1"]
+    assert main(common + [f"out={tmp_path / 's1'}", "stage=1"]) == 0
+    ckpt = str(tmp_path / "s1" / "stage1" / "best.pt")
+    s2 = common + ["stage=2", f"stage1_checkpoint={ckpt}", f"stage2.batch_size={n}", "stage2.epochs=3",
+                   "stage2.lr=0.5", "stage2.maxnorm.radius=0.2"]
+    assert main(s2 + [f"out={tmp_path / 'online'}"]) == 0
+    assert main(s2 + [f"out={tmp_path / 'cached'}", "stage2.features=cached", "stage2.cache.views=center",
+                      "stage2.cache.dtype=fp32"]) == 0
+    w_on = torch.load(tmp_path / "online" / "stage2" / "last.pt", weights_only=True)["model"]
+    w_ca = torch.load(tmp_path / "cached" / "stage2" / "last.pt", weights_only=True)["model"]
+    w_s1 = torch.load(ckpt, weights_only=True)["model"]
+    assert not torch.allclose(w_on["classifier.weight"], w_s1["classifier.weight"])  # stage 2 did move it
+    for k in ("classifier.weight", "classifier.bias"):
+        torch.testing.assert_close(w_ca[k], w_on[k], rtol=1e-5, atol=1e-6)
+    res = json.loads((tmp_path / "cached" / "results.json").read_text())["stage2"]
+    assert res["features"] == "cached" and res["wall_time_s"]["feature_cache_build"] > 0
+
+    # Disk cache in bf16 with augmented views runs and stays in the ball; bn_mode=train is refused with a reason.
+    assert main(common + ["stage=2", f"stage1_checkpoint={ckpt}", f"out={tmp_path / 'disk'}",
+                          "stage2.features=cached", "stage2.cache.views=augment", "stage2.cache.num_aug=2",
+                          "stage2.cache.location=disk", "data.train_aug=cifar"]) == 0
+    assert (tmp_path / "disk" / "stage2" / "feature_cache" / "features.bin").stat().st_size > 0
+    from bigltr.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match="bn_mode=eval"):
+        build_config(common + ["stage2.features=cached", "stage2.bn_mode=train"])

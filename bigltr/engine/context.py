@@ -40,10 +40,12 @@ class RunContext:
                                         f"val (model selection) and test")
         return cls(cfg=cfg, device=device, info=info, out=Path(cfg.out))
 
-    def loader(self, split: str, *, train: bool, batch_size: int) -> ShardLoader:
+    def loader(self, split: str, *, train: bool, batch_size: int, augment: bool | None = None) -> ShardLoader:
+        """train: shuffled, drop_last; augment (default = train): the training transform."""
         d = self.cfg.data
+        augment = train if augment is None else augment
         tf = build_transform(img_size=d.img_size, in_chans=d.in_chans, mean=tuple(d.mean), std=tuple(d.std),
-                             train=train, aug=d.train_aug if train else "none")
+                             train=augment, aug=d.train_aug if augment else "none")
         return ShardLoader(d.root, split, batch_size=batch_size, transform=tf, train=train, seed=self.cfg.seed,
                            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer)
 

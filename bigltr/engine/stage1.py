@@ -5,13 +5,14 @@ The best epoch is chosen on the balanced VALIDATION accuracy (never on test); be
 from __future__ import annotations
 
 import logging
+import time
 
 import torch
 import torch.nn as nn
 
 from bigltr.checkpoint import load_checkpoint, save_checkpoint
 from bigltr.config import to_dict
-from bigltr.engine.common import (CsvLog, autocast, build_sgd, cosine_schedule, evaluate, param_groups,
+from bigltr.engine.common import (CsvLog, build_sgd, cosine_schedule, evaluate, param_groups,
                                   train_epoch)
 from bigltr.engine.context import RunContext, write_json
 from bigltr.models import build_model
@@ -36,6 +37,7 @@ def run_stage1(ctx: RunContext) -> dict:
     norms_per_epoch, best = [], None
     log.info(f"stage 1: {cfg.model.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
              f"{train_loader.num_samples} train images, {steps} steps/epoch, wd={s1.weight_decay} ({s1.wd_scope})")
+    t_start = time.perf_counter()
     for epoch in range(s1.epochs):
         train_loader.set_epoch(epoch)
         model.train()
@@ -61,8 +63,10 @@ def run_stage1(ctx: RunContext) -> dict:
         log.info(f"stage1 epoch {epoch + 1}/{s1.epochs} loss {tr['train_loss']:.4f} train_acc {tr['train_acc']:.2f} "
                  f"val_all {val['all']:.2f} ({tr['img_per_s']:.0f} img/s){' *best' if is_best else ''}")
     write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": norms_per_epoch})
+    train_s = time.perf_counter() - t_start
     model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
     result = ctx.final_eval(model, s1.batch_size, s1.amp)
     result["best_epoch"] = best[0]
+    result["wall_time_s"] = {"train_incl_val": round(train_s, 2)}
     result["weight_norms"] = [round(float(n), 6) for n in row_norms(model.classifier.weight)]
     return result

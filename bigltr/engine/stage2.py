@@ -9,13 +9,16 @@ spread of row norms are logged so a user can see whether the constraint binds.
 from __future__ import annotations
 
 import logging
+import time
+from pathlib import Path
 
 import torch
 
 from bigltr.checkpoint import load_checkpoint, save_checkpoint
 from bigltr.config import to_dict
-from bigltr.engine.common import CsvLog, build_sgd, cosine_schedule, evaluate, freeze, train_epoch
+from bigltr.engine.common import CsvLog, autocast, build_sgd, cosine_schedule, evaluate, freeze, train_epoch
 from bigltr.engine.context import RunContext, write_json
+from bigltr.engine.feature_cache import FeatureCache
 from bigltr.models import build_model
 from bigltr.objective.losses import build_loss
 from bigltr.objective.maxnorm import MaxNorm, resolve_radius, row_norms
@@ -44,7 +47,28 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     maxnorm = MaxNorm(radius, tau=mn.tau, when=mn.when)
     loss_fn = build_loss(s2.loss, ctx.class_counts, s2.cb_beta).to(device)
 
-    train_loader = ctx.loader("train", train=True, batch_size=s2.batch_size)
+    t_start = time.perf_counter()
+    cache_s = 0.0
+    if s2.features == "cached":
+        c = s2.cache
+        train_loader = FeatureCache.build(
+            model.backbone, lambda augment: ctx.loader("train", train=False, batch_size=s2.batch_size, augment=augment),
+            views=c.views, num_aug=c.num_aug, dtype=c.dtype, location=c.location,
+            directory=Path(c.dir) if c.dir else out / "feature_cache", device=device, batch_size=s2.batch_size,
+            seed=cfg.seed, amp_ctx=lambda: autocast(device, s2.amp))
+        if device.type == "cuda" and c.location == "memory":
+            train_loader.to(device)  # features then never cross the host link again
+        cache_s = time.perf_counter() - t_start
+
+        def forward(feats):
+            return model.classifier(feats.float())
+    else:
+        train_loader = ctx.loader("train", train=True, batch_size=s2.batch_size)
+
+        def forward(images):
+            with torch.no_grad():
+                feats = model.backbone(images)
+            return model.classifier(feats.float())
     val_loader = ctx.loader("val", train=False, batch_size=s2.batch_size)
     steps = len(train_loader)
     # Weight decay on the classifier's weight and bias (both trainable params), as the official code.
@@ -52,11 +76,6 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
                           s2.lr, s2.momentum)
     scheduler = cosine_schedule(optimizer, s2.epochs * steps)
     scaler = torch.amp.GradScaler(device.type) if s2.amp == "fp16" else None
-
-    def forward(images):
-        with torch.no_grad():
-            feats = model.backbone(images)
-        return model.classifier(feats.float())
 
     summary = CsvLog(out / "summary.csv")
     norms_per_epoch, best = [], None
@@ -95,8 +114,10 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
                  f"projections, norms {mstats.norm_min:.4f}..{mstats.norm_max:.4f}{' *best' if is_best else ''}")
     write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": norms_per_epoch,
                                            "radius": radius})
+    train_s = time.perf_counter() - t_start
     model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
     result = ctx.final_eval(model, s2.batch_size, s2.amp)
-    result.update(best_epoch=best[0], maxnorm_radius=radius,
+    result.update(best_epoch=best[0], maxnorm_radius=radius, features=s2.features,
+                  wall_time_s={"train_incl_val": round(train_s, 2), "feature_cache_build": round(cache_s, 2)},
                   weight_norms=[round(float(n), 6) for n in row_norms(model.classifier.weight)])
     return result
