@@ -40,6 +40,7 @@ class DataConfig:
     train_aug: Literal["none", "cifar", "imagenet"] = "cifar"
     num_workers: int = 2
     shuffle_buffer: int = 2000
+    pin_memory: bool = True  # only takes effect on CUDA
     # Class groups for reporting: Many > many_thr training images, Few < few_thr, Medium in between (paper: 100/20).
     many_thr: int = 100
     few_thr: int = 20
@@ -62,6 +63,9 @@ class Stage1Config:
     wd_scope: Literal["all", "no_norm_bias"] = "all"  # all: official code; no_norm_bias: timm convention
     warmup_epochs: int = 0
     amp: Literal["none", "bf16", "fp16"] = "none"
+    accum_steps: int = 1  # gradient accumulation: one optimiser step every accum_steps batches
+    channels_last: bool = False
+    compile: bool = False  # torch.compile the model (needs a working compiler toolchain for inductor)
 
 
 @dataclass
@@ -299,6 +303,7 @@ def validate(cfg: Config) -> None:
         need(sc.lr > 0, f"{s}.lr", "must be > 0")
         need(sc.weight_decay >= 0, f"{s}.weight_decay", "must be >= 0")
         need(0 <= sc.momentum < 1, f"{s}.momentum", "must be in [0, 1)")
+    need(cfg.stage1.accum_steps >= 1, "stage1.accum_steps", "must be >= 1")
     need(0 <= cfg.stage1.warmup_epochs < cfg.stage1.epochs, "stage1.warmup_epochs", "must be in [0, stage1.epochs)")
     need(0 < cfg.stage2.cb_beta < 1, "stage2.cb_beta", "must be in (0, 1)")
     mn = cfg.stage2.maxnorm

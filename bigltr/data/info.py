@@ -10,11 +10,13 @@ Format (a superset of what timm's ``wds`` reader reads; timm ignores the extra k
       "splits": {
         "train": {"name": "train", "num_samples": 12406,
                   "filenames": ["train-000000.tar", ...], "shard_lengths": [5000, ...],
-                  "class_hist": [[...per-class counts of shard 0...], ...]},   # optional
+                  "class_hist": [[...per-class counts of shard 0...], ...],    # optional
+                  "checksums": ["<hex sha256 of train-000000.tar>", ...]},     # optional
         "val":   {...},
         "test":  {...}
       },
-      "source": {...}                               # free-form provenance: converter, args, seed, ...
+      "source": {...},                              # free-form provenance: converter, args, seed, ...
+      "category_ids": [...]                         # optional (iNat): contiguous label -> original id
     }
 
 Shard file names are relative to the folder holding ``_info.json``.
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from typing import Any
 
@@ -34,6 +37,9 @@ _HOW_TO_MAKE = (
     "make shards with `python tools/make_shards.py idx --src DIR_WITH_IDX_FILES --out {root}` "
     "(see `python tools/make_shards.py --help` for other source formats)"
 )
+
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
 def _is_int(x: Any) -> bool:
@@ -97,6 +103,10 @@ def validate_info(info: Any, *, where: str = INFO_NAME) -> None:
                     f"{where}: key '{k}.class_hist' must hold, per shard, {num_classes} counts summing to "
                     f"that shard's length"
                 )
+        sums = entry.get("checksums")
+        if sums is not None and (not isinstance(sums, list) or len(sums) != len(files) or not all(
+                isinstance(h, str) and _SHA256_RE.match(h) for h in sums)):
+            raise ValueError(f"{where}: key '{k}.checksums' must hold one hex sha256 string per file")
 
 
 def read_info(root: str | os.PathLike) -> dict:

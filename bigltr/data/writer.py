@@ -7,17 +7,37 @@ under a final name. Tar headers use a fixed mtime/owner, so the same input gives
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import numpy as np
 from PIL import Image
 
-__all__ = ["write_split", "write_dataset", "prepare_output_dir", "encode_image", "shard_name"]
+__all__ = ["write_split", "write_dataset", "prepare_output_dir", "encode_image", "shard_name", "EncodedImage",
+           "sha256_file", "REPORT_NAME"]
 
 _FORMATS = {"png": "PNG", "jpg": "JPEG"}
+_STORED_EXTS = ("png", "jpg", "webp")  # extensions an already-encoded image may be stored under
+REPORT_NAME = "conversion_report.json"  # written by bigltr.data.convert beside the shards
+
+
+class EncodedImage(NamedTuple):
+    """An image already encoded (e.g. an original JPEG file's bytes): written as is, as ``<key>.<ext>``."""
+
+    data: bytes
+    ext: str  # "png", "jpg" or "webp"
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
 _FIXED_MTIME = 0  # fixed tar timestamps: reruns give byte-identical shards
 
@@ -72,6 +92,7 @@ class _ShardSink:
         self.filenames: list[str] = []
         self.lengths: list[int] = []
         self.hists: list[dict[int, int]] = []
+        self.checksums: list[str] = []
 
     def open(self) -> None:
         import webdataset as wds  # imported here: webdataset imports torch (seconds), only needed to write
@@ -98,8 +119,10 @@ class _ShardSink:
         os.fsync(self.stream.fileno())
         self.stream.close()
         final = shard_name(self.split, self.index)
+        digest = sha256_file(self.tmp_path)  # from the page cache: cheap next to encoding
         os.replace(self.tmp_path, os.path.join(self.out_dir, final))
         self.filenames.append(final)
+        self.checksums.append(digest)
         self.lengths.append(self.count)
         self.hists.append(self.hist)
         self.writer = self.stream = self.tmp_path = None
@@ -134,15 +157,16 @@ def write_split(
 ) -> dict:
     """Write ``samples`` (an iterable of ``(key, image, label)``) as tar shards ``{split}-{i:06d}.tar``.
 
-    ``image`` is a PIL image or a uint8 HxW / HxWxC array; ``label`` an int in [0, num_classes) when
+    ``image`` is a PIL image or a uint8 HxW / HxWxC array (encoded as ``image_format``), or an
+    :class:`EncodedImage` (stored as is under its own extension); ``label`` an int in [0, num_classes) when
     ``num_classes`` is given. Keys must be unique within the split and use only ``[A-Za-z0-9_-/]`` (a dot
     would split the WebDataset sample). A new shard starts after ``maxcount`` samples or once the current
     shard holds ``maxsize`` bytes of payload. Shards are written in the order given (shuffle before calling
     if shards should mix classes).
 
     Returns the split entry for ``_info.json``: ``{"name", "num_samples", "filenames", "shard_lengths",
-    "class_hist"}``, ``class_hist`` holding per-shard per-class counts (length ``num_classes``, or
-    max label + 1 when not given).
+    "class_hist", "checksums"}``, ``class_hist`` holding per-shard per-class counts (length ``num_classes``,
+    or max label + 1 when not given), ``checksums`` the hex sha256 of each shard file.
     """
     if not isinstance(split, str) or not re.match(r"^[A-Za-z0-9_]+$", split):
         raise ValueError(f"split name must be alphanumeric/underscore, got {split!r}")
@@ -179,7 +203,13 @@ def write_split(
                 sink.count >= maxcount or (maxsize is not None and sink.size >= maxsize)
             ):
                 sink.close_shard()
-            sink.write(key, encode_image(image, image_format, jpeg_quality=jpeg_quality), image_format, label)
+            if isinstance(image, EncodedImage):
+                if image.ext not in _STORED_EXTS:
+                    raise ValueError(f"sample {key!r}: encoded image extension must be one of {_STORED_EXTS}, "
+                                     f"got {image.ext!r}")
+                sink.write(key, bytes(image.data), image.ext, label)
+            else:
+                sink.write(key, encode_image(image, image_format, jpeg_quality=jpeg_quality), image_format, label)
         sink.close_shard()
     except BaseException:
         sink.abort()
@@ -198,10 +228,14 @@ def write_split(
         "filenames": list(sink.filenames),
         "shard_lengths": list(sink.lengths),
         "class_hist": class_hist,
+        "checksums": list(sink.checksums),
     }
 
 
-_OUR_FILE_RE = re.compile(r"^(?:[A-Za-z0-9_]+-\d{6}\.tar|\.[A-Za-z0-9_]+-\d{6}\.tar\.tmp|_info\.json|\._info\.json\..*\.tmp)$")
+_OUR_FILE_RE = re.compile(
+    r"^(?:[A-Za-z0-9_]+-\d{6}\.tar|\.[A-Za-z0-9_]+-\d{6}\.tar\.tmp|_info\.json|\._info\.json\..*\.tmp"
+    r"|conversion_report\.json|\.conversion_report\.json\..*\.tmp)$"
+)
 
 
 def prepare_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -> str:
@@ -209,7 +243,8 @@ def prepare_output_dir(out_dir: str | os.PathLike, *, overwrite: bool = False) -
 
     A non-empty folder is refused (FileExistsError) unless ``overwrite``; with ``overwrite`` the old
     ``_info.json`` is removed first (so the folder never looks complete half-way), then every shard file
-    (``<split>-NNNNNN.tar``) and leftover temporary file. Other files are left alone.
+    (``<split>-NNNNNN.tar``), old ``conversion_report.json`` and leftover temporary file. Other files are
+    left alone.
     """
     out_dir = os.fspath(out_dir)
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -244,13 +279,18 @@ def write_dataset(
     image_format: str = "png",
     overwrite: bool = False,
     progress: bool = True,
+    jpeg_quality: int = 95,
+    extra: Optional[dict] = None,
+    before_info: Optional[Callable[[dict], None]] = None,
 ) -> dict:
     """Convert a whole dataset: prepare ``out_dir``, write each split, then ``_info.json`` last.
 
     ``splits`` maps split name -> ``(samples, total)`` with samples as in :func:`write_split` (``total``
     only sizes the progress bar). ``class_counts`` in the info is the per-class histogram of
-    ``train_split``. Because ``_info.json`` is written last (atomically), a folder without it is an
-    unfinished conversion. Returns the info dict written.
+    ``train_split``. ``extra`` adds top-level keys to the info (e.g. ``category_ids``);
+    ``before_info(info)`` runs after the last shard and before ``_info.json`` is written (it may raise to
+    leave the folder unfinished). Because ``_info.json`` is written last (atomically), a folder without it
+    is an unfinished conversion. Returns the info dict written.
     """
     from .info import write_info  # local import: keeps writer importable on its own
 
@@ -260,7 +300,7 @@ def write_dataset(
     for split, (samples, total) in splits.items():
         entries[split] = write_split(out_dir, split, samples, maxcount=maxcount, maxsize=maxsize,
                                      image_format=image_format, num_classes=num_classes, total=total,
-                                     progress=progress)
+                                     progress=progress, jpeg_quality=jpeg_quality)
     if train_split in entries:
         hist = entries[train_split]["class_hist"]
         class_counts = [int(sum(h[c] for h in hist)) for c in range(num_classes)]
@@ -274,5 +314,11 @@ def write_dataset(
         "splits": entries,
         "source": source,
     }
+    for k, v in (extra or {}).items():
+        if k in info:
+            raise ValueError(f"write_dataset: extra key {k!r} would replace a standard _info.json key")
+        info[k] = v
+    if before_info is not None:
+        before_info(info)
     write_info(out_dir, info)
     return info

@@ -76,40 +76,66 @@ def _progress(iterable, total: int, desc: str):
 
 def train_epoch(*, forward: Callable, loader, loss_fn: nn.Module, optimizer, scheduler, device: torch.device,
                 amp: str, after_step: Callable[[], None] | None = None, log_every: int = 50,
-                desc: str = "train", scaler=None) -> dict:
-    """One pass over `loader`. `forward(x)` returns logits (stage 2 passes a frozen-backbone forward)."""
+                desc: str = "train", scaler=None, accum_steps: int = 1, channels_last: bool = False) -> dict:
+    """One pass over `loader`. `forward(x)` returns logits (stage 2 passes a frozen-backbone forward).
+
+    With accum_steps = k, gradients of k consecutive batches are summed (each loss scaled by 1/k) before one
+    optimiser step; a trailing group of fewer than k batches still steps. `after_step` runs after each step.
+    """
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
-    seen, steps, start = 0, 0, time.perf_counter()
-    bar = _progress(loader, len(loader), desc)
+    seen, batches, steps, start = 0, 0, 0, time.perf_counter()
+    total = len(loader)
+    bar = _progress(loader, total, desc)
+    optimizer.zero_grad(set_to_none=True)
     for images, labels, _keys in bar:
         images = images.to(device, non_blocking=True)
+        if channels_last and images.ndim == 4:
+            images = images.contiguous(memory_format=torch.channels_last)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, amp):
             logits = forward(images)
             loss = loss_fn(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
+        scaled = loss / accum_steps if accum_steps > 1 else loss
         if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+            scaler.scale(scaled).backward()
         else:
-            loss.backward()
-            optimizer.step()
-        scheduler.step()
-        if after_step is not None:
-            after_step()
+            scaled.backward()
+        batches += 1
+        if batches % accum_steps == 0 or batches == total:
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            scheduler.step()
+            steps += 1
+            if after_step is not None:
+                after_step()
         loss_sum += loss.detach() * labels.shape[0]
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.shape[0]
-        steps += 1
-        if steps % log_every == 0 and not bar.disable:
+        if batches % log_every == 0 and not bar.disable:
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")  # the only read inside the loop
     elapsed = time.perf_counter() - start
     if seen == 0:
         raise RuntimeError(f"{desc}: the training loader yielded no batch (check batch_size against the split size)")
     return {"train_loss": float(loss_sum) / seen, "train_acc": 100.0 * float(correct) / seen, "steps": steps,
             "samples": seen, "epoch_time_s": elapsed, "img_per_s": seen / max(elapsed, 1e-9)}
+
+
+def optimizer_steps(batches: int, accum_steps: int) -> int:
+    return math.ceil(batches / accum_steps)
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak RSS of this process on CPU; peak allocated device memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 @torch.no_grad()

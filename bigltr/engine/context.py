@@ -47,7 +47,8 @@ class RunContext:
         tf = build_transform(img_size=d.img_size, in_chans=d.in_chans, mean=tuple(d.mean), std=tuple(d.std),
                              train=augment, aug=d.train_aug if augment else "none")
         return ShardLoader(d.root, split, batch_size=batch_size, transform=tf, train=train, seed=self.cfg.seed,
-                           num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer)
+                           num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
+                           pin_memory=d.pin_memory and self.device.type == "cuda")
 
     def metrics(self, correct: torch.Tensor, total: torch.Tensor) -> dict:
         return summarize(correct, total, self.class_counts, self.cfg.data.many_thr, self.cfg.data.few_thr)

@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from bigltr.checkpoint import load_checkpoint, save_checkpoint
 from bigltr.config import to_dict
-from bigltr.engine.common import (CsvLog, build_sgd, cosine_schedule, evaluate, param_groups,
-                                  train_epoch)
+from bigltr.engine.common import (CsvLog, build_sgd, cosine_schedule, evaluate, optimizer_steps, param_groups,
+                                  peak_memory_mib, train_epoch)
 from bigltr.engine.context import RunContext, write_json
 from bigltr.models import build_model
 from bigltr.objective.maxnorm import row_norms
@@ -26,9 +26,12 @@ def run_stage1(ctx: RunContext) -> dict:
     out = ctx.out / "stage1"
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans,
                         pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate).to(device)
+    if s1.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    forward = torch.compile(model) if s1.compile else model
     train_loader = ctx.loader("train", train=True, batch_size=s1.batch_size)
     val_loader = ctx.loader("val", train=False, batch_size=s1.batch_size)
-    steps = len(train_loader)
+    steps = optimizer_steps(len(train_loader), s1.accum_steps)
     optimizer = build_sgd(param_groups(model, s1.weight_decay, s1.wd_scope), s1.lr, s1.momentum)
     scheduler = cosine_schedule(optimizer, s1.epochs * steps, s1.warmup_epochs * steps)
     scaler = torch.amp.GradScaler(device.type) if s1.amp == "fp16" else None
@@ -41,9 +44,10 @@ def run_stage1(ctx: RunContext) -> dict:
     for epoch in range(s1.epochs):
         train_loader.set_epoch(epoch)
         model.train()
-        tr = train_epoch(forward=model, loader=train_loader, loss_fn=loss_fn, optimizer=optimizer,
+        tr = train_epoch(forward=forward, loader=train_loader, loss_fn=loss_fn, optimizer=optimizer,
                          scheduler=scheduler, device=device, amp=s1.amp, log_every=cfg.log_every,
-                         desc=f"stage1 {epoch + 1}/{s1.epochs}", scaler=scaler)
+                         desc=f"stage1 {epoch + 1}/{s1.epochs}", scaler=scaler, accum_steps=s1.accum_steps,
+                         channels_last=s1.channels_last)
         model.eval()
         val = ctx.metrics(*evaluate(backbone=model.backbone, classifiers={"m": model.classifier}, loader=val_loader,
                                     num_classes=ctx.num_classes, device=device, amp=s1.amp, desc="val")["m"])
@@ -68,5 +72,6 @@ def run_stage1(ctx: RunContext) -> dict:
     result = ctx.final_eval(model, s1.batch_size, s1.amp)
     result["best_epoch"] = best[0]
     result["wall_time_s"] = {"train_incl_val": round(train_s, 2)}
+    result["peak_memory_mib"] = round(peak_memory_mib(device), 1)
     result["weight_norms"] = [round(float(n), 6) for n in row_norms(model.classifier.weight)]
     return result

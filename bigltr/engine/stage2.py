@@ -16,7 +16,8 @@ import torch
 
 from bigltr.checkpoint import load_checkpoint, save_checkpoint
 from bigltr.config import to_dict
-from bigltr.engine.common import CsvLog, autocast, build_sgd, cosine_schedule, evaluate, freeze, train_epoch
+from bigltr.engine.common import (CsvLog, autocast, build_sgd, cosine_schedule, evaluate, freeze, peak_memory_mib,
+                                  train_epoch)
 from bigltr.engine.context import RunContext, write_json
 from bigltr.engine.feature_cache import FeatureCache
 from bigltr.models import build_model
@@ -118,6 +119,7 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
     result = ctx.final_eval(model, s2.batch_size, s2.amp)
     result.update(best_epoch=best[0], maxnorm_radius=radius, features=s2.features,
+                  peak_memory_mib=round(peak_memory_mib(device), 1),
                   wall_time_s={"train_incl_val": round(train_s, 2), "feature_cache_build": round(cache_s, 2)},
                   weight_norms=[round(float(n), 6) for n in row_norms(model.classifier.weight)])
     return result
