@@ -1,11 +1,8 @@
 """Both stages end to end on tiny generated idx data, through the real converter, loader and entry point."""
-import gzip
 import json
-import struct
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -13,31 +10,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 
-def _write_idx(path: Path, arr: np.ndarray) -> None:
-    magic = 0x0803 if arr.ndim == 3 else 0x0801
-    header = struct.pack(">I", magic) + b"".join(struct.pack(">I", d) for d in arr.shape)
-    with gzip.open(path, "wb") as f:
-        f.write(header + arr.astype(np.uint8).tobytes())
-
-
-def make_fake_idx(folder: Path, per_class_train: int = 60, per_class_test: int = 8, seed: int = 0) -> None:
-    """10 classes of 28x28 images, each class a bright block at its own place plus noise (learnable)."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    for split, n in (("train", per_class_train), ("t10k", per_class_test)):
-        labels = np.repeat(np.arange(10), n)
-        rng.shuffle(labels)
-        images = rng.integers(0, 60, size=(len(labels), 28, 28))
-        for i, c in enumerate(labels):
-            r, k = divmod(int(c), 5)
-            images[i, 4 + r * 12: 12 + r * 12, 1 + k * 5: 6 + k * 5] += 180
-        _write_idx(folder / f"{split}-images-idx3-ubyte.gz", images)
-        _write_idx(folder / f"{split}-labels-idx1-ubyte.gz", labels)
-
-
 @pytest.fixture(scope="module")
 def tiny_shards(tmp_path_factory):
     import make_shards
+
+    from bigltr.data.synthetic import make_fake_idx
 
     base = tmp_path_factory.mktemp("e2e")
     make_fake_idx(base / "idx")
@@ -136,7 +113,17 @@ def test_feature_cache_matches_online_stage2(tiny_shards, tmp_path):
     assert main(common + ["stage=2", f"stage1_checkpoint={ckpt}", f"out={tmp_path / 'disk'}",
                           "stage2.features=cached", "stage2.cache.views=augment", "stage2.cache.num_aug=2",
                           "stage2.cache.location=disk", "data.train_aug=cifar"]) == 0
-    assert (tmp_path / "disk" / "stage2" / "feature_cache" / "features.bin").stat().st_size > 0
+    cache_dir = tmp_path / "disk" / "stage2" / "feature_cache"
+    assert (cache_dir / "features.bin").stat().st_size > 0 and (cache_dir / "meta.json").is_file()
+    first = json.loads((tmp_path / "disk" / "results.json").read_text())["stage2"]
+    # a second run with the same checkpoint/data/views reuses the disk cache (no backbone pass) -> same model
+    before = (cache_dir / "features.bin").stat().st_mtime_ns
+    assert main(common + ["stage=2", f"stage1_checkpoint={ckpt}", f"out={tmp_path / 'disk'}",
+                          "stage2.features=cached", "stage2.cache.views=augment", "stage2.cache.num_aug=2",
+                          "stage2.cache.location=disk", "data.train_aug=cifar"]) == 0
+    second = json.loads((tmp_path / "disk" / "results.json").read_text())["stage2"]
+    assert (cache_dir / "features.bin").stat().st_mtime_ns == before
+    assert second["weight_norms"] == first["weight_norms"]
     from bigltr.config import ConfigError, build_config
 
     with pytest.raises(ConfigError, match="bn_mode=eval"):

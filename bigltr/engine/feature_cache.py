@@ -15,6 +15,7 @@ after a size check against available memory or free disk space that fails with a
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -53,15 +54,16 @@ def check_space(nbytes: int, location: str, directory: Path | None) -> None:
                           f"disk, or stage2.features=online")
 
 
-def _storage(shape: tuple, dtype: torch.dtype, location: str, directory: Path | None) -> torch.Tensor:
+def _storage(shape: tuple, dtype: torch.dtype, location: str, directory: Path | None):
+    """(tensor, memmap or None)."""
     if location == "memory":
-        return torch.empty(shape, dtype=dtype)
+        return torch.empty(shape, dtype=dtype), None
     # numpy has no bfloat16: a 16-bit integer memmap viewed as bf16 holds the same bytes.
     np_dtype = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}[dtype]
     path = directory / "features.bin"
     mm = np.lib.format.open_memmap(path, mode="w+", dtype=np_dtype, shape=shape)
     t = torch.from_numpy(mm)
-    return t.view(torch.bfloat16) if dtype == torch.bfloat16 else t
+    return (t.view(torch.bfloat16) if dtype == torch.bfloat16 else t), mm
 
 
 class FeatureCache:
@@ -98,11 +100,35 @@ class FeatureCache:
             yield self.features[views[idx], idx], self.labels[idx], None
 
     @classmethod
+    def load(cls, directory: Path, key: dict, *, batch_size: int, seed: int) -> "FeatureCache | None":
+        """A disk cache written earlier for the same key (checkpoint, data, views, dtype), else None."""
+        meta = directory / "meta.json"
+        if not meta.is_file() or json.loads(meta.read_text()).get("key") != key:
+            return None
+        arr = np.load(directory / "features.bin", mmap_mode="r+", allow_pickle=False)
+        feats = torch.from_numpy(arr)
+        if key["dtype"] == "bf16":
+            feats = feats.view(torch.bfloat16)
+        labels = torch.from_numpy(np.load(directory / "labels.npy"))
+        log.info(f"feature cache: reusing {directory} ({tuple(feats.shape)})")
+        return cls(feats, labels, batch_size=batch_size, seed=seed)
+
+    @classmethod
     @torch.no_grad()
     def build(cls, backbone: torch.nn.Module, make_loader, *, views: str, num_aug: int, dtype: str,
               location: str, directory: Path | None, device: torch.device, batch_size: int, seed: int,
-              amp_ctx) -> "FeatureCache":
-        """`make_loader(augment: bool)` returns an unshuffled ShardLoader over the training split."""
+              amp_ctx, key: dict | None = None) -> "FeatureCache":
+        """`make_loader(augment: bool)` returns an unshuffled ShardLoader over the training split.
+
+        On disk, a cache whose meta.json holds the same `key` is reused instead of recomputed (stage-2 sweeps
+        over weight decay or the MaxNorm radius share one cache); meta.json is written last, so a cache cut off
+        while being built is never reused.
+        """
+        if location == "disk" and key is not None:
+            cached = cls.load(directory, key, batch_size=batch_size, seed=seed)
+            if cached is not None:
+                return cached
+            (directory / "meta.json").unlink(missing_ok=True)
         backbone.eval()
         passes = ["center"] if views == "center" else ["center"] if views == "center_flip" else ["augment"] * num_aug
         flip = views == "center_flip"
@@ -112,7 +138,7 @@ class FeatureCache:
         torch_dtype = _DTYPES[dtype]
         nbytes = num_views * n * feat_dim * torch.finfo(torch_dtype).bits // 8
         check_space(nbytes, location, directory)
-        store = _storage((num_views, n, feat_dim), torch_dtype, location, directory)
+        store, mm = _storage((num_views, n, feat_dim), torch_dtype, location, directory)
         labels = torch.empty(n, dtype=torch.long)
         keys0 = None
         for p, kind in enumerate(passes):
@@ -138,6 +164,13 @@ class FeatureCache:
                 keys0 = keys
             elif keys != keys0:
                 raise RuntimeError("feature cache: training samples came in a different order on a later pass")
+        if location == "disk":
+            mm.flush()
+            np.save(directory / "labels.npy", labels.numpy())
+            if key is not None:
+                tmp = directory / "meta.json.tmp"
+                tmp.write_text(json.dumps({"key": key, "shape": list(store.shape)}))
+                os.replace(tmp, directory / "meta.json")
         log.info(f"feature cache: {num_views} view(s) x {n} images x {feat_dim} dims in {dtype} "
                  f"({nbytes / 2**20:.1f} MiB, {location})")
         return cls(store, labels, batch_size=batch_size, seed=seed)

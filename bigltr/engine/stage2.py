@@ -9,6 +9,7 @@ spread of row norms are logged so a user can see whether the constraint binds.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -25,6 +26,16 @@ from bigltr.objective.losses import build_loss
 from bigltr.objective.maxnorm import MaxNorm, resolve_radius, row_norms
 
 log = logging.getLogger("bigltr")
+
+
+def cache_key(cfg, stage1_checkpoint: str) -> dict:
+    """What the cached features depend on: the stage-1 weights, the data and transform, the views."""
+    st = os.stat(stage1_checkpoint)
+    c = cfg.stage2.cache
+    return {"checkpoint": os.path.abspath(stage1_checkpoint), "checkpoint_mtime_ns": st.st_mtime_ns,
+            "checkpoint_size": st.st_size, "data": {**vars(cfg.data), "root": os.path.abspath(cfg.data.root)},
+            "model": cfg.model.name, "views": c.views, "num_aug": c.num_aug, "dtype": c.dtype, "seed": cfg.seed,
+            "amp": cfg.stage2.amp}
 
 
 def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
@@ -56,7 +67,7 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
             model.backbone, lambda augment: ctx.loader("train", train=False, batch_size=s2.batch_size, augment=augment),
             views=c.views, num_aug=c.num_aug, dtype=c.dtype, location=c.location,
             directory=Path(c.dir) if c.dir else out / "feature_cache", device=device, batch_size=s2.batch_size,
-            seed=cfg.seed, amp_ctx=lambda: autocast(device, s2.amp))
+            seed=cfg.seed, amp_ctx=lambda: autocast(device, s2.amp), key=cache_key(cfg, stage1_checkpoint))
         if device.type == "cuda" and c.location == "memory":
             train_loader.to(device)  # features then never cross the host link again
         cache_s = time.perf_counter() - t_start
