@@ -37,7 +37,9 @@ __all__ = ["Item", "EncodeOptions", "load_image", "SkipLimitExceeded", "Conversi
 
 # torchvision's ImageFolder extensions (compared case-insensitively)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-_KEEP_FORMATS = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}  # PIL format -> stored extension
+# PIL format -> stored extension. MPO: multi-picture JPEG from cameras/phones; a valid JPEG (first frame).
+_KEEP_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}
+_JPEG_FORMATS = ("JPEG", "MPO")
 DEFAULT_JPEG_QUALITY = 95
 
 
@@ -102,20 +104,22 @@ def load_image(src: Any, opts: EncodeOptions) -> EncodedImage:
             img.load()  # full decode: a truncated or corrupt file raises here
             return EncodedImage(data, _KEEP_FORMATS[fmt])
         target = _shrink_size(*img.size, int(opts.resize)) if opts.resize else None
-        if target is not None and fmt == "JPEG":
+        if target is not None and fmt in _JPEG_FORMATS:
             img.draft(img.mode, target)  # DCT-domain downscale to >= target: much faster for big JPEGs
         img.load()
     else:
         img = src if isinstance(src, Image.Image) else Image.fromarray(np.ascontiguousarray(src))
         fmt = None
         target = _shrink_size(*img.size, int(opts.resize)) if opts.resize else None
-    if img.mode not in ("L", "RGB", "RGBA", "LA"):
+    if img.mode == "1":
+        img = img.convert("L")
+    elif img.mode not in ("L", "RGB", "RGBA", "LA"):
         img = img.convert("RGBA" if ("A" in img.getbands() or "transparency" in img.info) else "RGB")
     if target is not None:
         target = _shrink_size(*img.size, int(opts.resize)) or img.size  # after draft
         img = img.resize(target, Image.Resampling.BICUBIC)
     if opts.image_format == "keep":
-        ext = "jpg" if fmt == "JPEG" else "png"
+        ext = "jpg" if fmt in _JPEG_FORMATS else "png"
     else:
         ext = opts.image_format
     quality = int(opts.jpeg_quality) if opts.jpeg_quality is not None else DEFAULT_JPEG_QUALITY
@@ -273,7 +277,12 @@ def train_shuffle(n: int, seed: int) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------- conversion
-def _check_files(items: Sequence[Item]) -> None:
+def _check_files(items: Sequence[Item], split: str, progress: bool) -> None:
+    paths = sum(1 for it in items if isinstance(it.src, (str, os.PathLike)))
+    if progress and paths >= 10000:  # large lists on a network file system: show that something happens
+        from tqdm import tqdm
+
+        items = tqdm(items, desc=f"{split}: check files", unit="file", mininterval=1.0)
     for it in items:
         if isinstance(it.src, (str, os.PathLike)) and not os.path.isfile(it.src):
             raise FileNotFoundError(f"{it.origin}: image file {os.fspath(it.src)} does not exist")
@@ -319,7 +328,7 @@ def convert(
         for it in items:
             if not 0 <= int(it.label) < num_classes:  # the readers check first, with better messages
                 raise ValueError(f"{it.origin}: label {it.label} outside [0, {num_classes})")
-        _check_files(items)
+        _check_files(items, split, progress)
     report = ConversionReport(max_skip_fraction)
     source = {**source, "encode": asdict(opts), "max_skip_fraction": float(max_skip_fraction)}
     if chunksize is None:

@@ -1,0 +1,415 @@
+"""tools/make_shards.py imagefolder / list / inat / cifar on tiny data written in each real on-disk format.
+
+Everything runs in-process (``make_shards.main([...])``); images are real JPEG/PNG files written with PIL, CIFAR
+files are pickles with the real files' keys. One conversion per fixture where possible (the file runs in seconds).
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import pickle
+import tarfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from bigltr.data import longtail_counts, read_info
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _load_cli():
+    spec = importlib.util.spec_from_file_location("make_shards_conv", REPO / "tools" / "make_shards.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+make_shards = _load_cli()
+CLASSES = ["cat", "dog", "eel"]
+TRAIN_COUNTS, VAL_COUNTS, TEST_COUNTS = [9, 5, 2], [2, 2, 2], [3, 3, 3]
+
+
+def _img(rng, i):
+    h, w = 18 + i % 5, 24 + i % 7  # varied sizes, so --resize has work to do
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def _save(rng, path: Path, i: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = _img(rng, i)
+    if path.suffix == ".png":
+        img.save(path)
+    else:
+        img.save(path, quality=90)
+
+
+def _digest(root) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(root).iterdir())}
+
+
+def _read_split(root, info, split) -> dict:
+    """key -> (label, extension, bytes) read with tarfile, independent of webdataset."""
+    out = {}
+    for fname, n in zip(info["splits"][split]["filenames"], info["splits"][split]["shard_lengths"]):
+        with tarfile.open(os.path.join(root, fname)) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        keys = sorted({name.rsplit(".", 1)[0] for name in members})
+        assert len(keys) == n
+        for k in keys:
+            ext = next(e for e in ("jpg", "png", "webp") if f"{k}.{e}" in members)
+            out[k] = (int(members[f"{k}.cls"]), ext, members[f"{k}.{ext}"])
+    return out
+
+
+def _split_counts(root, info, split, C=3):
+    c = Counter(lab for lab, _, _ in _read_split(root, info, split).values())
+    return [c[i] for i in range(C)]
+
+
+def _run(*argv):
+    return make_shards.main([*map(str, argv), "--no-progress"])
+
+
+# ----------------------------------------------------------------------------------------------- ImageFolder
+@pytest.fixture(scope="module")
+def folder_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("folder") / "src"
+    rng = np.random.default_rng(0)
+    for split, counts in (("train", TRAIN_COUNTS), ("val", VAL_COUNTS), ("test", TEST_COUNTS)):
+        for c, n in zip(CLASSES, counts):
+            for i in range(n):
+                name = f"{'sub/' if i == 1 else ''}img{i:02d}.{'png' if i % 3 == 2 else 'jpg'}"
+                _save(rng, root / split / c / name, i)
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")  # ignored, like torchvision
+    return root
+
+
+@pytest.fixture(scope="module")
+def folder_out(folder_src, tmp_path_factory):
+    out = tmp_path_factory.mktemp("folder_out") / "lt"
+    _run("imagefolder", "--src", folder_src, "--out", out, "--workers", 1, "--maxcount", 4)
+    return out
+
+
+def test_imagefolder_content(folder_src, folder_out):
+    info = read_info(folder_out)
+    assert info["classes"] == CLASSES and info["class_counts"] == TRAIN_COUNTS
+    for split, counts in (("train", TRAIN_COUNTS), ("val", VAL_COUNTS), ("test", TEST_COUNTS)):
+        assert _split_counts(folder_out, info, split) == counts
+        e = info["splits"][split]
+        assert [sum(h) for h in e["class_hist"]] == e["shard_lengths"] and max(e["shard_lengths"]) <= 4
+        assert e["checksums"] == [hashlib.sha256((folder_out / f).read_bytes()).hexdigest() for f in e["filenames"]]
+    # --format keep: the original files' bytes, under their own extension (png stays png)
+    train = _read_split(folder_out, info, "train")
+    src_files = sorted(p for p in (folder_src / "train").rglob("*") if p.suffix in (".jpg", ".png"))
+    assert sorted(b for _, _, b in train.values()) == sorted(p.read_bytes() for p in src_files)
+    assert Counter(ext for _, ext, _ in train.values()) == Counter(p.suffix[1:] for p in src_files)
+    report = json.loads((folder_out / "conversion_report.json").read_text())
+    assert report["status"] == "ok" and report["skipped"] == []
+    assert report["splits"]["train"] == {"listed": 16, "written": 16, "skipped": 0}
+    assert info["source"]["ignored_non_image_files"] == 1
+
+
+def test_imagefolder_errors(folder_src, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(folder_src, src)
+    _save(np.random.default_rng(1), src / "test" / "fox" / "a.jpg", 0)
+    with pytest.raises(SystemExit, match=r"test/fox: class folder 'fox' of split 'test' is not a class of the train"):
+        _run("imagefolder", "--src", src, "--out", tmp_path / "o1", "--workers", 1)
+    with pytest.raises(SystemExit, match="no train/ folder"):
+        _run("imagefolder", "--src", src / "test", "--out", tmp_path / "o2", "--workers", 1)
+    assert not (tmp_path / "o1" / "_info.json").exists()
+
+
+def test_bad_images_skipped_reported_and_limited(folder_src, tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(folder_src, src)
+    (src / "train" / "dog" / "zz_garbage.jpg").write_bytes(b"\xff\xd8\xff not really a jpeg")
+    good = (src / "train" / "cat" / "img00.jpg").read_bytes()
+    (src / "train" / "cat" / "zz_truncated.jpg").write_bytes(good[: len(good) // 2])
+    out = tmp_path / "out"
+    # 2 of 18 training images are bad: over the default limit (1%) -> fails, report lists them, no _info.json
+    with pytest.raises(SystemExit,
+                       match=r"split 'train': 1 of 18 images could not be decoded.*--max-skip-fraction 0.01") as e:
+        _run("imagefolder", "--src", src, "--out", out, "--workers", 1)
+    assert e.value.code != 0
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["status"] == "failed" and "max-skip-fraction" in report["message"]
+    assert not (out / "_info.json").exists() and not [p for p in os.listdir(out) if p.endswith(".tmp")]
+    # within the limit: skipped, counted, listed with their error; conversion completes
+    info = _run("imagefolder", "--src", src, "--out", out, "--workers", 2, "--max-skip-fraction", 0.2, "--overwrite")
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["status"] == "ok" and report["splits"]["train"] == {"listed": 18, "written": 16, "skipped": 2}
+    assert sorted(Path(s["file"]).name for s in report["skipped"]) == ["zz_garbage.jpg", "zz_truncated.jpg"]
+    assert all(s["origin"].startswith("train/") and s["error"] for s in report["skipped"])
+    assert any("truncated" in s["error"].lower() for s in report["skipped"])
+    assert info["class_counts"] == TRAIN_COUNTS and info["source"]["skipped"]["train"] == 2
+
+
+def test_deterministic_across_workers_and_reruns(folder_src, tmp_path):
+    args = ["imagefolder", "--src", folder_src, "--maxcount", 100, "--maxsize", 3000, "--resize", 12,
+            "--format", "jpg", "--jpeg-quality", 80, "--name", "det", "--seed", 5]
+    _run(*args, "--out", tmp_path / "w1", "--workers", 1)
+    _run(*args, "--out", tmp_path / "w2", "--workers", 2)
+    d1 = _digest(tmp_path / "w1")
+    assert d1 == _digest(tmp_path / "w2")  # byte-identical shards, _info.json and report
+    with pytest.raises(SystemExit, match="not empty.*--overwrite"):
+        _run(*args, "--out", tmp_path / "w1", "--workers", 1)
+    (tmp_path / "w1" / "train-000077.tar").write_bytes(b"stale")
+    _run(*args, "--out", tmp_path / "w1", "--workers", 1, "--overwrite")
+    assert _digest(tmp_path / "w1") == d1
+    info = read_info(tmp_path / "w1")
+    tr = info["splits"]["train"]
+    assert len(tr["filenames"]) > 2 and max(tr["shard_lengths"]) < 16  # --maxsize cut the shards
+    for lab, ext, data in _read_split(tmp_path / "w1", info, "train").values():
+        img = Image.open(io.BytesIO(data))
+        assert ext == "jpg" and img.format == "JPEG" and min(img.size) == 12  # shorter side resized to 12
+
+
+# ----------------------------------------------------------------------------------------------- OLTR lists
+@pytest.fixture(scope="module")
+def list_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lists")
+    rng = np.random.default_rng(2)
+    lines = {}
+    for split, counts in (("train", [8, 4, 0, 2]), ("val", [1, 1, 1, 1]), ("test", [2, 2, 2, 2])):
+        lines[split] = []
+        for c, n in enumerate(counts):
+            for i in range(n):
+                rel = f"{split}/n0{c}/n0{c}_{i}.JPEG"
+                _save(rng, root / "images" / rel, i)
+                lead = "/" if (split, c, i) == ("train", 0, 0) else ""  # some redistributed lists start with /
+                lines[split].append(f"{lead}{rel} {c}")
+        rng.shuffle(lines[split])
+        (root / f"LT_{split}.txt").write_text("\n".join(lines[split]) + "\n")
+    (root / "classes.txt").write_text("tench\ngoldfish\nshark\nhen\n")
+    return root
+
+
+def test_list_content_and_holdout(list_src, tmp_path):
+    # --num-classes 4: class 2 has no training image (warned, kept); test list given, no val list -> hold-out
+    info = _run("list", "--src", list_src / "images", "--train-list", list_src / "LT_train.txt",
+                "--test-list", list_src / "LT_test.txt", "--classes-file", list_src / "classes.txt",
+                "--val-per-class", 2, "--out", tmp_path / "a", "--workers", 1)
+    assert info["classes"] == ["tench", "goldfish", "shark", "hen"]
+    # held out min(2, n // 2) per class: 2, 2, 0, 1
+    assert info["class_counts"] == [6, 2, 0, 1]
+    assert _split_counts(tmp_path / "a", info, "val", 4) == [2, 2, 0, 1]
+    assert info["source"]["source_train_class_counts"] == [8, 4, 0, 2]
+    assert _split_counts(tmp_path / "a", info, "test", 4) == [2, 2, 2, 2]
+    val = _read_split(tmp_path / "a", info, "val")
+    assert all(k.startswith("train_") for k in val)  # held-out images keep their train_<line> key
+    assert not set(val) & set(_read_split(tmp_path / "a", info, "train"))
+    # with a val list and default class names: C = max train label + 1
+    info = _run("list", "--src", list_src / "images", "--train-list", list_src / "LT_train.txt",
+                "--val-list", list_src / "LT_val.txt", "--test-list", list_src / "LT_test.txt",
+                "--out", tmp_path / "b", "--workers", 1)
+    assert info["classes"] == ["0", "1", "2", "3"] and info["class_counts"] == [8, 4, 0, 2]
+    assert sorted(info["splits"]) == ["test", "train", "val"] and info["splits"]["val"]["num_samples"] == 4
+    line = (list_src / "LT_train.txt").read_text().splitlines().index(
+        next(ln for ln in (list_src / "LT_train.txt").read_text().splitlines() if ln.endswith(" 3"))) + 1
+    assert _read_split(tmp_path / "b", info, "train")[f"train_{line:07d}"][0] == 3
+
+
+@pytest.mark.parametrize("bad_line, split, message", [
+    ("train/n00/n00_0.JPEG", "train", r"LT_train\.txt line 3: expected '<relative/path> <integer label>'"),
+    ("train/n00/n00_0.JPEG zero", "train", r"LT_train\.txt line 3: expected"),
+    ("val/n00/n00_0.JPEG 7", "val", r"LT_val\.txt line 3: label 7 outside \[0, 4\)"),
+    ("val/n00/n00_0.JPEG -1", "val", r"LT_val\.txt line 3: label -1 is negative"),
+    ("val/n00/missing.JPEG 0", "val", r"LT_val\.txt line 3: image file .*missing\.JPEG does not exist"),
+])
+def test_list_errors_name_file_and_line(list_src, tmp_path, bad_line, split, message):
+    lists = {}
+    for s in ("train", "val"):
+        lines = (list_src / f"LT_{s}.txt").read_text().splitlines()
+        if s == split:
+            lines.insert(2, bad_line)
+        lists[s] = tmp_path / f"LT_{s}.txt"
+        lists[s].write_text("\n".join(lines) + "\n")
+    with pytest.raises(SystemExit, match=message):
+        _run("list", "--src", list_src / "images", "--train-list", lists["train"], "--val-list", lists["val"],
+             "--out", tmp_path / "out", "--workers", 1)
+    assert not (tmp_path / "out" / "_info.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------- iNat JSON
+INAT_CATS = [42, 3, 7]  # non-contiguous, unsorted: labels follow sorted ids 3 -> 0, 7 -> 1, 42 -> 2
+INAT_TRAIN = {3: 6, 7: 3, 42: 1}
+
+
+@pytest.fixture(scope="module")
+def inat_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inat")
+    rng = np.random.default_rng(3)
+
+    def coco(name, per_cat, start_id):
+        images, anns, i = [], [], start_id
+        for cid in INAT_CATS:
+            for j in range(per_cat[cid]):
+                rel = f"{name}/Plantae/{cid}/{i:04x}.jpg"
+                _save(rng, root / "images" / rel, j)
+                images.append({"id": i, "file_name": rel, "width": 1, "height": 1})
+                anns.append({"id": 1000 + i, "image_id": i, "category_id": cid})
+                i += 1
+        return {"info": {}, "images": images, "annotations": anns,
+                "categories": [{"id": c, "name": f"species_{c}", "supercategory": "Plantae"} for c in INAT_CATS]}
+
+    (root / "train2018.json").write_text(json.dumps(coco("train_val2018", INAT_TRAIN, 1)))
+    (root / "val2018.json").write_text(json.dumps(coco("train_val2018", {3: 2, 7: 2, 42: 2}, 500)))
+    return root
+
+
+def test_inat_content(inat_src, tmp_path):
+    info = _run("inat", "--src", inat_src / "images", "--train-json", inat_src / "train2018.json",
+                "--val-json", inat_src / "val2018.json", "--val-per-class", 1, "--out", tmp_path / "o", "--workers", 1)
+    assert info["category_ids"] == [3, 7, 42] and info["classes"] == ["species_3", "species_7", "species_42"]
+    # iNat convention: val2018 -> test; val held out of train (min(1, n // 2): 1, 1, 0)
+    assert info["class_counts"] == [5, 2, 1]
+    assert info["source"]["source_train_class_counts"] == [6, 3, 1]
+    assert _split_counts(tmp_path / "o", info, "test") == [2, 2, 2]
+    assert _split_counts(tmp_path / "o", info, "val") == [1, 1, 0]
+    test = _read_split(tmp_path / "o", info, "test")
+    assert sorted(test) == [f"test_{i:07d}" for i in range(6)]
+
+
+def test_inat_errors(inat_src, tmp_path):
+    val = json.loads((inat_src / "val2018.json").read_text())
+    val["annotations"][4]["category_id"] = 99
+    (tmp_path / "v1.json").write_text(json.dumps(val))
+    with pytest.raises(SystemExit, match=r"v1\.json: annotations\[4\] \(image_id 504\): unknown category_id 99"):
+        _run("inat", "--src", inat_src / "images", "--train-json", inat_src / "train2018.json",
+             "--val-json", tmp_path / "v1.json", "--out", tmp_path / "o1", "--workers", 1)
+    val = json.loads((inat_src / "val2018.json").read_text())
+    val["images"][3]["file_name"] = "train_val2018/Plantae/7/nothere.jpg"
+    (tmp_path / "v2.json").write_text(json.dumps(val))
+    with pytest.raises(SystemExit, match=r"v2\.json images\[3\] \(id 503\): image file .*nothere\.jpg does not exist"):
+        _run("inat", "--src", inat_src / "images", "--train-json", inat_src / "train2018.json",
+             "--val-json", tmp_path / "v2.json", "--out", tmp_path / "o2", "--workers", 1)
+    (tmp_path / "v3.json").write_text('{"images": [')
+    with pytest.raises(SystemExit, match=r"v3\.json: not valid JSON"):
+        _run("inat", "--src", inat_src / "images", "--train-json", inat_src / "train2018.json",
+             "--val-json", tmp_path / "v3.json", "--out", tmp_path / "o3", "--workers", 1)
+
+
+# ----------------------------------------------------------------------------------------------- CIFAR pickles
+C10, PER_CLASS, PER_TEST, N_MAX, IF = 10, 50, 5, 40, 10
+
+
+def _pickle(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)  # the real files are Python-2 pickles (bytes keys)
+
+
+@pytest.fixture(scope="module")
+def cifar10_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar") / "cifar-10-batches-py"
+    root.mkdir()
+    rng = np.random.default_rng(4)
+    labels = rng.permutation(np.repeat(np.arange(C10), PER_CLASS))
+    data = rng.integers(0, 256, (labels.size, 3072), dtype=np.uint8)
+    for b in range(5):
+        sl = slice(b * 100, (b + 1) * 100)
+        _pickle(root / f"data_batch_{b + 1}", {b"batch_label": f"training batch {b + 1} of 5".encode(),
+                                                b"labels": labels[sl].tolist(), b"data": data[sl],
+                                                b"filenames": [b"x.png"] * 100})
+    tl = np.repeat(np.arange(C10), PER_TEST)
+    _pickle(root / "test_batch", {b"batch_label": b"testing batch 1 of 1", b"labels": tl.tolist(),
+                                  b"data": rng.integers(0, 256, (tl.size, 3072), dtype=np.uint8)})
+    _pickle(root / "batches.meta", {b"label_names": [f"c{i}".encode() for i in range(C10)],
+                                    b"num_cases_per_batch": 100, b"num_vis": 3072})
+    return root, labels, data
+
+
+def test_cifar_conventions(cifar10_src, tmp_path):
+    root, labels, data = cifar10_src
+    counts = longtail_counts(N_MAX, IF, C10)
+    picked = {}
+    for conv in ("ldam", "official"):
+        out = tmp_path / conv
+        info = _run("cifar", "--src", root, "--out", out, "--n-max", N_MAX, "--imbalance", IF, "--convention", conv,
+                    "--val-per-class", 3, "--workers", 1, "--maxcount", 64)
+        assert info["class_counts"] == counts and info["classes"][0] == "c0"
+        train = _read_split(out, info, "train")
+        picked[conv] = {int(k.split("_")[1]) for k in train}
+        for k, (lab, ext, png) in train.items():  # pixels and labels match the source row
+            i = int(k.split("_")[1])
+            assert lab == labels[i] and ext == "png"
+            pixels = np.asarray(Image.open(io.BytesIO(png)))
+            assert np.array_equal(pixels, data[i].reshape(3, 32, 32).transpose(1, 2, 0))
+        val = _read_split(out, info, "val")
+        # val from the unused training images: class 0 has 50 - 40 = 10 left, every class gets 3
+        assert _split_counts(out, info, "val", C10) == [3] * C10 and not {int(k[6:]) for k in val} & picked[conv]
+        assert _split_counts(out, info, "test", C10) == [PER_TEST] * C10
+    expected_official = {int(i) for c in range(C10) for i in np.flatnonzero(labels == c)[:counts[c]]}
+    np.random.seed(0)  # LDAM-DRW's own code path, for reference
+    expected_ldam = set()
+    for c in np.unique(labels):
+        idx = np.where(labels == c)[0]
+        np.random.shuffle(idx)
+        expected_ldam |= {int(i) for i in idx[:counts[c]]}
+    assert picked["official"] == expected_official and picked["ldam"] == expected_ldam
+    assert picked["ldam"] != picked["official"] and len(picked["ldam"]) == sum(counts)
+
+
+def test_cifar100_format_and_errors(tmp_path):
+    root = tmp_path / "cifar-100-python"
+    root.mkdir()
+    rng = np.random.default_rng(5)
+    labels = np.repeat(np.arange(4), 12)
+    _pickle(root / "train", {b"filenames": [], b"batch_label": b"training batch 1 of 1",
+                             b"fine_labels": labels.tolist(),
+                             b"coarse_labels": [0] * labels.size,
+                             b"data": rng.integers(0, 256, (labels.size, 3072), dtype=np.uint8)})
+    _pickle(root / "test", {b"fine_labels": [0, 1, 2, 3], b"coarse_labels": [0] * 4,
+                            b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8)})
+    _pickle(root / "meta", {b"fine_label_names": [b"apple", b"bear", b"cup", b"dog"], b"coarse_label_names": [b"x"]})
+    info = _run("cifar", "--src", root, "--out", tmp_path / "o", "--n-max", 10, "--imbalance", 5, "--workers", 2)
+    assert info["class_counts"] == longtail_counts(10, 5, 4) and info["classes"][1] == "bear"
+    unused = [12 - n for n in longtail_counts(10, 5, 4)]  # default 20/class, capped by the unused images
+    assert _split_counts(tmp_path / "o", info, "val", 4) == unused == [2, 7, 9, 10]
+    _pickle(root / "test", {b"fine_labels": [0, 1, 4, 3], b"data": np.zeros((4, 3072), np.uint8)})
+    with pytest.raises(SystemExit, match=r"cifar-100-python/test: fine_labels\[2\] = 4 outside \[0, 4\)"):
+        _run("cifar", "--src", root, "--out", tmp_path / "o2", "--n-max", 10, "--workers", 1)
+
+
+# ----------------------------------------------------------------------------------------------- timm reads all
+def test_timm_reads_every_converter(folder_out, list_src, inat_src, cifar10_src, tmp_path):
+    import timm.data
+
+    outs = {"folder": folder_out}
+    _run("list", "--src", list_src / "images", "--train-list", list_src / "LT_train.txt",
+         "--val-list", list_src / "LT_val.txt", "--test-list", list_src / "LT_test.txt", "--out", tmp_path / "list",
+         "--workers", 1)
+    _run("inat", "--src", inat_src / "images", "--train-json", inat_src / "train2018.json",
+         "--val-json", inat_src / "val2018.json", "--out", tmp_path / "inat", "--workers", 1)
+    _run("cifar", "--src", cifar10_src[0], "--out", tmp_path / "cifar", "--n-max", N_MAX, "--imbalance", IF,
+         "--workers", 1, "--maxcount", 50)
+    outs.update(list=tmp_path / "list", inat=tmp_path / "inat", cifar=tmp_path / "cifar")
+    for name, out in outs.items():
+        info = read_info(out)
+        for split in ("train", "test"):
+            ds = timm.data.create_dataset(f"wds/{info['name']}", root=str(out), split=split)
+            assert len(ds) == info["splits"][split]["num_samples"], name
+            got = Counter(int(t) for _, t in ds)
+            want = [sum(h[c] for h in info["splits"][split]["class_hist"]) for c in range(info["num_classes"])]
+            assert [got[c] for c in range(info["num_classes"])] == want, (name, split)
+
+
+def test_shardloader_reads_mixed_jpg_png_shards(folder_out):
+    from bigltr.data import ShardLoader, build_transform
+
+    tf = build_transform(img_size=16, in_chans=3, mean=(0.5,) * 3, std=(0.5,) * 3, train=True, aug="cifar")
+    ld = ShardLoader(folder_out, "train", batch_size=4, transform=tf, train=True, num_workers=0, drop_last=False)
+    labels = [y for _, ys, _ in ld for y in ys.tolist()]
+    assert Counter(labels) == Counter({c: n for c, n in enumerate(TRAIN_COUNTS)}) and ld.skipped == 0
