@@ -158,7 +158,9 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in choices:
+        if isinstance(value, bool) and "off" in choices:
+            value = "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in choices:
             value = str(value)  # `stage=1` arrives as the int 1
         if value not in choices:
             raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")

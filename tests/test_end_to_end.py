@@ -1,28 +1,8 @@
 """Both stages end to end on tiny generated idx data, through the real converter, loader and entry point."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-
-
-@pytest.fixture(scope="module")
-def tiny_shards(tmp_path_factory):
-    import make_shards
-
-    from bigltr.data.synthetic import make_fake_idx
-
-    base = tmp_path_factory.mktemp("e2e")
-    make_fake_idx(base / "idx")
-    out = base / "shards"
-    make_shards.main(["idx", "--src", str(base / "idx"), "--out", str(out), "--imbalance", "10", "--n-max", "40",
-                      "--val-per-class", "6", "--maxcount", "64", "--seed", "0"])
-    return out
-
 
 def test_two_stages_end_to_end(tiny_shards, tmp_path):
     from bigltr.train import main

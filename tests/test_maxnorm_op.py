@@ -7,6 +7,7 @@ The reference is an independent float64 row loop in numpy.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
 import os
 import sys
@@ -18,7 +19,9 @@ import torch
 
 from bigltr.ops import maxnorm_
 
-BACKENDS = ["torch", "triton"]
+HAVE_TRITON = importlib.util.find_spec("triton") is not None
+needs_triton = pytest.mark.skipif(not HAVE_TRITON, reason="triton is not installed")
+BACKENDS = ["torch", pytest.param("triton", marks=needs_triton)]
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # allowed error, in units in the last place of the exact (float64) result. bf16/fp16: the op rounds once, to
 # nearest, from an fp32 value a few fp32 ulps off, so half an ulp plus ~0.001 (this catches truncation, which
@@ -185,6 +188,7 @@ def test_empty_shards(backend, shape):
     assert maxnorm_(w, torch.tensor(1.0), backend=backend) is w
 
 
+@needs_triton
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy warns about NaN arithmetic inside the interpreter
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_triton_does_not_write_unclipped_rows(gen, dtype):
@@ -204,11 +208,36 @@ def test_triton_does_not_write_unclipped_rows(gen, dtype):
     check(out[rest], w[rest], radius, 1.0, gen, "poisoned")
 
 
-def test_parameter_requiring_grad():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_parameter_requiring_grad(backend):
     p = torch.nn.Parameter(torch.full((6, 4), 2.0))  # every row has norm 4
-    assert maxnorm_(p, 1.0) is p
+    version = p._version
+    assert maxnorm_(p, 1.0, backend=backend) is p
     assert p.grad_fn is None and p.requires_grad
+    assert p._version > version, "autograd's version counter must see the in-place edit"
     torch.testing.assert_close(p.detach().norm(dim=1), torch.ones(6))
+
+
+def test_fsdp2_style_dtensor(tmp_path):
+    """A DTensor with whole rows per rank (FSDP2's Shard(0)) is projected through its local shard; a DTensor
+    that splits rows across ranks is refused. One-process gloo group, so it runs anywhere."""
+    import torch.distributed as dist
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        full = torch.full((6, 4), 2.0)
+        rows = distribute_tensor(full.clone(), mesh, [Shard(0)])
+        assert maxnorm_(rows, 1.0) is rows
+        torch.testing.assert_close(rows.full_tensor().norm(dim=1), torch.ones(6))
+        cols = distribute_tensor(full.clone(), mesh, [Shard(1)])
+        with pytest.raises(ValueError, match="rows must be whole"):
+            maxnorm_(cols, 1.0)
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -238,6 +267,7 @@ def test_errors(backend):
         maxnorm_(w, 1.0, backend="cuda")
 
 
+@needs_triton
 def test_triton_errors(monkeypatch):
     with pytest.raises(TypeError, match="triton backend supports"):
         maxnorm_(torch.randn(3, 4, dtype=torch.float64), 1.0, backend="triton")
@@ -263,3 +293,73 @@ def test_import_and_torch_path_without_triton(monkeypatch):
     torch.testing.assert_close(w.norm(dim=1), torch.ones(3))
     with pytest.raises(RuntimeError, match="needs the triton package"):
         ops.maxnorm_(w, 1.0, backend="triton")
+
+
+# ---- sgd_maxnorm_: one SGD step then the projection, fused on the Triton path ----
+
+SGD_CONFIGS = {
+    "momentum_wd": dict(momentum=0.9, weight_decay=5e-4),
+    "dampening": dict(momentum=0.9, dampening=0.1),
+    "nesterov_wd": dict(momentum=0.9, weight_decay=1e-3, nesterov=True),
+    "plain_wd": dict(weight_decay=5e-4),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("config", list(SGD_CONFIGS))
+@pytest.mark.parametrize("shape", [(37, 129), (5, 1100)], ids=lambda s: f"{s[0]}x{s[1]}")  # 1100: two-pass kernel
+def test_sgd_maxnorm_matches_torch_sgd_then_maxnorm(gen, backend, config, shape):
+    from bigltr.ops import sgd_maxnorm_
+
+    hyper = SGD_CONFIGS[config]
+    w0 = torch.randn(*shape, generator=gen)
+    radius = float(w0.norm(dim=1).median())
+    p = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([p], lr=0.1, **hyper)
+    w, buf = w0.clone(), torch.full_like(w0, float("nan"))  # the first step must ignore the buffer's content
+    for step in range(3):
+        g = torch.randn(*shape, generator=gen)
+        p.grad = g.clone()
+        opt.step()
+        maxnorm_(p.data, radius, backend="torch")
+        sgd_maxnorm_(w, g, buf if hyper.get("momentum") else None, lr=0.1, radius=radius, first_step=step == 0,
+                     backend=backend, **hyper)
+        msg = f"{backend} {config} step {step} {_seed(gen)}"
+        torch.testing.assert_close(w, p.detach(), rtol=1e-5, atol=1e-6, msg=msg)
+        if hyper.get("momentum"):
+            torch.testing.assert_close(buf, opt.state[p]["momentum_buffer"], rtol=1e-5, atol=1e-6, msg=msg)
+    assert bool((w.norm(dim=1) <= radius * (1 + 1e-5)).all())
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", [(40, 70), (6, 1100)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_sgd_maxnorm_bf16_backends_agree(gen, shape):
+    """bf16 weight and buffer: both backends compute in fp32 and round once, so they agree to within one ulp."""
+    from bigltr.ops import sgd_maxnorm_
+
+    w0 = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    g = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    b0 = torch.randn(*shape, generator=gen).to(torch.bfloat16)
+    radius = float(w0.float().norm(dim=1).median())
+    out = {}
+    for backend in ("torch", "triton"):
+        w, b = w0.clone(), b0.clone()
+        sgd_maxnorm_(w, g, b, lr=0.5, radius=radius, momentum=0.9, weight_decay=1e-2, backend=backend)
+        out[backend] = (w, b)
+    for i in range(2):
+        diff = (bits(out["torch"][i]).int() - bits(out["triton"][i]).int()).abs().max().item()
+        assert diff <= 1, f"{'weight' if i == 0 else 'buffer'} differs by {diff} ulp between backends {_seed(gen)}"
+
+
+def test_sgd_maxnorm_errors():
+    from bigltr.ops import sgd_maxnorm_
+
+    w, g = torch.randn(4, 5), torch.randn(4, 5)
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        sgd_maxnorm_(w, g, lr=0.1, radius=1.0, momentum=0.9)
+    with pytest.raises(ValueError, match="nesterov"):
+        sgd_maxnorm_(w, g, torch.zeros(4, 5), lr=0.1, radius=1.0, momentum=0.9, dampening=0.1, nesterov=True)
+    with pytest.raises(ValueError, match="grad must be a tensor of the weight's shape"):
+        sgd_maxnorm_(w, torch.randn(5, 4), lr=0.1, radius=1.0)
+    with pytest.raises(ValueError, match="radius must be >= 0"):
+        sgd_maxnorm_(w, g, lr=0.1, radius=-1.0)

@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from bigltr.ops import maxnorm_  # noqa: E402
+from bigltr.ops import maxnorm_, sgd_maxnorm_  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INTERP_MAX_ELEMS = 4_000_000  # Triton's interpreter on CPU: only small sizes (it takes seconds per call)
@@ -43,6 +43,128 @@ def official_pgd(weight: torch.Tensor, thresh: float) -> None:
     norms = torch.norm(weight, dim=1)
     idx = norms > thresh
     weight[idx] = weight[idx] / norms[idx].unsqueeze(1) * thresh
+
+
+def _ref_f64(w: torch.Tensor, radius: float, tau: float):
+    """float64 reference: (expected values, clipped-row mask)."""
+    w64 = w.double()
+    n = torch.linalg.vector_norm(w64, dim=1) ** tau
+    clip = n > radius
+    scale = torch.where(clip, radius / torch.where(clip, n, torch.ones_like(n)), torch.ones_like(n))
+    return w64 * scale.unsqueeze(1), clip
+
+
+def _ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    fi = torch.finfo(dtype)
+    _, e = torch.frexp(x.abs())  # |x| = m * 2**e, m in [0.5, 1)
+    mant = round(-torch.log2(torch.tensor(fi.eps)).item())
+    return torch.ldexp(torch.ones_like(x), e - 1 - mant).clamp_min(fi.tiny * fi.eps)
+
+
+def selfcheck(device: str, backends) -> bool:
+    """Correctness sweep of maxnorm_ on this device (odd shapes, long rows, strided views, dtypes, tau, tensor
+    radius, empty shard) against a float64 reference; also checks that a tensor radius causes no host sync."""
+    gen = torch.Generator(device=device).manual_seed(1234)
+    ok = True
+    n_cases = 0
+    shapes = [(37, 129), (1, 1), (5, 3000), (300, 200), (1000, 2048), (64, 5000), (3, 70000)]
+    if device == "cpu":
+        shapes = shapes[:4]  # the interpreter is slow
+    for backend in backends:
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for m, n in shapes:
+                for view in ("contig", "colslice", "transposed", "rowstep_colstep"):
+                    for tau in ((1.0, 2.0, 0.5) if view == "contig" else (1.0,)):
+                        if view == "contig":
+                            base = torch.randn(m, n, device=device, generator=gen).to(dtype)
+                            w = base
+                        elif view == "colslice":
+                            base = torch.randn(m, n + 9, device=device, generator=gen).to(dtype)
+                            w = base[:, 4 : 4 + n]
+                        elif view == "transposed":
+                            base = torch.randn(n, m, device=device, generator=gen).to(dtype)
+                            w = base.t()
+                        else:
+                            base = torch.randn(2 * m, 2 * n + 3, device=device, generator=gen).to(dtype)
+                            w = base[1::2, 3::2]
+                        w.mul_(torch.rand(m, 1, device=device, generator=gen).to(dtype) + 0.5)
+                        before = base.clone()
+                        inside = torch.zeros(base.shape, dtype=torch.bool, device=device)
+                        if view == "contig":
+                            inside[:] = True
+                        elif view == "colslice":
+                            inside[:, 4 : 4 + n] = True
+                        elif view == "transposed":
+                            inside[:] = True
+                        else:
+                            inside[1::2, 3::2] = True
+                        # radius halfway between two row norms near the median (about half the rows clipped),
+                        # and rows within 1e-5 of it are not judged: fp32 and fp64 may classify them differently
+                        norms = torch.linalg.vector_norm(w.double(), dim=1).sort().values
+                        k = max(m // 2 - 1, 0)
+                        mid = (norms[k] + norms[k + 1]) / 2 if m > 1 else norms[0] / 2
+                        radius = float(mid**tau)
+                        expected, clip = _ref_f64(w, radius, tau)
+                        n_tau = torch.linalg.vector_norm(w.double(), dim=1) ** tau
+                        judged = ((n_tau - radius).abs() > 1e-5 * radius).unsqueeze(1)
+                        w_in = w.clone()
+                        r_arg = torch.tensor(radius, device=device) if (m + n) % 2 else radius
+                        maxnorm_(w, r_arg, tau=tau, backend=backend)
+                        lim = 8 * max(1.0, tau) if dtype == torch.float32 else 0.51
+                        if dtype == torch.float32 and backend == "torch" and view != "contig":
+                            # torch reduces a strided row sequentially: error grows like sqrt(n)
+                            lim = max(8.0, 0.5 * n**0.5) * max(1.0, tau)
+                        err_ulp = (w.double() - expected).abs() / _ulp(expected, dtype)
+                        err = (err_ulp * judged).max().item()
+                        keep = ~clip & judged.squeeze(1)
+                        same_unclipped = torch.equal(w[keep], w_in[keep])
+                        outside_ok = torch.equal(base[~inside], before[~inside])
+                        n_cases += 1
+                        if not (err <= lim and same_unclipped and outside_ok):
+                            ok = False
+                            print(f"SELFCHECK FAIL {backend} {dtype} {m}x{n} {view} tau={tau}: err {err:.2f} ulp "
+                                  f"(limit {lim}), unclipped rows same {same_unclipped}, outside same {outside_ok}")
+        empty = torch.empty(0, 2048, device=device)
+        maxnorm_(empty, 1.0, backend=backend)
+        if device == "cuda":
+            # a 0-d device radius must not synchronise with the host
+            w = torch.randn(300, 2048, device=device)
+            r = torch.tensor(40.0, device=device)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                maxnorm_(w, r, backend=backend)
+            except RuntimeError as exc:
+                ok = False
+                print(f"SELFCHECK FAIL {backend}: host sync with a tensor radius: {exc}")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    # fused SGD + MaxNorm against torch.optim.SGD then maxnorm_ (fp32, 3 steps, momentum and weight decay)
+    sgd_shapes = [(37, 129), (1000, 2048), (64, 5000)] if device == "cuda" else [(37, 129), (5, 1100)]
+    for backend in backends:
+        for m, n in sgd_shapes:
+            w0 = torch.randn(m, n, device=device, generator=gen)
+            radius = float(torch.linalg.vector_norm(w0, dim=1).median())
+            p = torch.nn.Parameter(w0.clone())
+            opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4)
+            w, buf = w0.clone(), torch.zeros_like(w0)
+            for step in range(3):
+                g = torch.randn(m, n, device=device, generator=gen)
+                p.grad = g.clone()
+                opt.step()
+                maxnorm_(p.data, radius, backend="torch")
+                sgd_maxnorm_(w, g, buf, lr=0.1, radius=radius, momentum=0.9, weight_decay=5e-4,
+                             first_step=step == 0, backend=backend)
+            n_cases += 1
+            err_w = ((w - p.detach()).abs() / (1e-6 + p.detach().abs())).max().item()
+            err_b = ((buf - opt.state[p]["momentum_buffer"]).abs()).max().item()
+            if not (torch.allclose(w, p.detach(), rtol=1e-5, atol=1e-6)
+                    and torch.allclose(buf, opt.state[p]["momentum_buffer"], rtol=1e-5, atol=1e-6)):
+                ok = False
+                print(f"SELFCHECK FAIL sgd_maxnorm_ {backend} {m}x{n}: weight rel err {err_w:.2e}, "
+                      f"buffer err {err_b:.2e}")
+    print(f"selfcheck on {device}, backends {list(backends)}: {n_cases} cases, {'PASS' if ok else 'FAIL'}")
+    return ok
 
 
 def parse_args(argv=None):
@@ -56,9 +178,16 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default cuda 25, cpu 3)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default cuda 5, cpu 1)")
     p.add_argument("--no-baselines", action="store_true", help="skip renorm_ and official (quicker)")
+    p.add_argument("--sgd", action="store_true", help="also time the fused sgd_maxnorm_ against torch.optim.SGD "
+                   "followed by maxnorm_ (mix case)")
     p.add_argument("--markdown", action="store_true", help="print a Markdown table")
     p.add_argument("--json", default=None, help="also write the results to this JSON file")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU); on a shared, loaded "
+                   "machine --threads 1 avoids stalls of several ms per op in OpenMP barriers")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--selfcheck", action="store_true", help="first run a correctness sweep on the device "
+                   "(exit status 1 if it fails)")
+    p.add_argument("--selfcheck-only", action="store_true", help="run the correctness sweep and no timings")
     return p.parse_args(argv)
 
 
@@ -154,6 +283,50 @@ def bench_one(m, n, dtype, case, backends, timer, args, gen):
     return rows
 
 
+def bench_sgd(m, n, dtype, backends, timer, args, gen):
+    """Fused sgd_maxnorm_ vs torch.optim.SGD(momentum=0.9, weight_decay=5e-4).step() then maxnorm_.
+    Minimal traffic of one step: read weight, grad, buffer; write weight, buffer (5 tensors)."""
+    device = args.device
+    pristine = make_weight(m, n, dtype, device, gen)
+    radius = float(torch.linalg.vector_norm(pristine, dim=1, dtype=torch.float32).median())
+    grad = (0.01 * torch.randn(m, n, device=device, generator=gen)).to(dtype)
+    bytes_min = 5 * pristine.numel() * pristine.element_size()
+    work = torch.empty_like(pristine)
+    restore = lambda: work.copy_(pristine)  # noqa: E731
+    times = {}
+    param = torch.nn.Parameter(work)  # shares work's storage
+    param.grad = grad
+    opt = torch.optim.SGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for b in backends:
+        if b == "triton" and device == "cpu" and m * n > INTERP_MAX_ELEMS:
+            continue
+
+        def unfused(b=b):
+            opt.step()
+            maxnorm_(work, radius, backend=b)
+
+        times[f"SGD.step + ours[{b}]"] = timer(unfused, restore)
+    buf = torch.zeros_like(pristine)
+    for b in backends:
+        if b == "triton" and device == "cpu" and m * n > INTERP_MAX_ELEMS:
+            continue
+        times[f"sgd_maxnorm_[{b}]"] = timer(
+            lambda b=b: sgd_maxnorm_(work, grad, buf, lr=0.1, radius=radius, momentum=0.9, weight_decay=5e-4,
+                                     backend=b), restore)
+    rows = []
+    for name, t in times.items():
+        # fused rows: speed-up over the unfused pair with the same backend
+        b = name[name.index("[") + 1 : -1]
+        base = times.get(f"SGD.step + ours[{b}]")
+        rows.append({"size": f"{m}x{n}", "dtype": str(dtype).removeprefix("torch."), "impl": name, "ms": t * 1e3,
+                     "eff_gbs": bytes_min / t / 1e9, "x_unfused": base / t if base else None})
+    return rows
+
+
+SGD_COLUMNS = [("size", "size", "{}"), ("dtype", "dtype", "{}"), ("impl", "impl", "{}"), ("ms", "ms", "{:.3f}"),
+               ("eff_gbs", "eff GB/s (5 tensors)", "{:.1f}"), ("x_unfused", "x unfused", "{:.2f}")]
+
+
 COLUMNS = [("size", "size", "{}"), ("dtype", "dtype", "{}"), ("case", "case", "{}"),
            ("clipped_pct", "clipped %", "{:.0f}"), ("impl", "impl", "{}"), ("ms", "ms", "{:.3f}"),
            ("eff_gbs", "eff GB/s", "{:.1f}"), ("gbs_2x", "2x GB/s", "{:.1f}"), ("pct_copy", "%copy", "{:.0f}"),
@@ -165,12 +338,12 @@ def fmt(row, key, spec):
     return "-" if v is None else spec.format(v)
 
 
-def print_table(rows, markdown: bool):
-    cells = [[fmt(r, k, s) for k, _, s in COLUMNS] for r in rows]
-    heads = [h for _, h, _ in COLUMNS]
+def print_table(rows, markdown: bool, columns=COLUMNS, n_text_cols=5):
+    cells = [[fmt(r, k, s) for k, _, s in columns] for r in rows]
+    heads = [h for _, h, _ in columns]
     if markdown:
         print("| " + " | ".join(heads) + " |")
-        print("|" + "|".join("---" if i < 5 else "---:" for i in range(len(heads))) + "|")
+        print("|" + "|".join("---" if i < n_text_cols else "---:" for i in range(len(heads))) + "|")
         for c in cells:
             print("| " + " | ".join(c) + " |")
         return
@@ -192,6 +365,8 @@ def main(argv=None):
         backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if device == "cpu" and "triton" in backends and not interp:
         sys.exit("triton on CPU needs TRITON_INTERPRET=1 in the environment (set before Python starts)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     repeats = args.repeats or (25 if device == "cuda" else 3)
     warmup = args.warmup if args.warmup is not None else (5 if device == "cuda" else 1)
     sizes = [tuple(int(x) for x in s.lower().split("x")) for s in args.sizes.split(",") if s.strip()]
@@ -213,6 +388,16 @@ def main(argv=None):
     print(f"backends {backends}, repeats {repeats} (median) after {warmup} warm-up, seed {args.seed}")
     sys.stdout.flush()
 
+    if args.selfcheck or args.selfcheck_only:
+        t0 = time.perf_counter()
+        passed = selfcheck(device, backends)
+        print(f"selfcheck took {time.perf_counter() - t0:.1f} s")
+        sys.stdout.flush()
+        if args.selfcheck_only:
+            sys.exit(0 if passed else 1)
+    else:
+        passed = True
+
     gen = torch.Generator(device=device).manual_seed(args.seed)
     timer = Timer(device, repeats, warmup)
     rows = []
@@ -222,12 +407,21 @@ def main(argv=None):
             for case in cases:
                 rows += bench_one(m, n, dtype, case, backends, timer, args, gen)
     print_table(rows, args.markdown)
+    sgd_rows = []
+    if args.sgd:
+        for m, n in sizes:
+            for dtype in dtypes:
+                sgd_rows += bench_sgd(m, n, dtype, backends, timer, args, gen)
+        print()
+        print_table(sgd_rows, args.markdown, SGD_COLUMNS, 3)
     print(f"total bench time {time.perf_counter() - t_start:.1f} s")
     if args.json:
         meta = {"torch": torch.__version__, "triton": triton_version, "device": dev_name, "repeats": repeats,
                 "warmup": warmup, "backends": backends, "argv": sys.argv}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=1)
+            json.dump({"meta": meta, "selfcheck_passed": passed, "rows": rows, "sgd_rows": sgd_rows}, f, indent=1)
+    if not passed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":

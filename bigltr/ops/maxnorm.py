@@ -9,15 +9,20 @@ With tau = 1 this is the paper's projected-gradient step onto {w : ||w_c||_2 <= 
 for how this relates to the official code for tau != 1.
 
 Two implementations, with the same semantics:
-* "torch": vectorised torch ops (fp32 row norms, per-row scale, one in-place multiply); any device.
+* "torch": vectorised torch ops (fp32 row norms, per-row scale, one multiply; bf16/fp16 go through one fp32
+  copy and are rounded once); any device.
 * "triton": one kernel that reads the weight once and writes only the clipped rows (bigltr/ops/maxnorm_triton.py).
   It runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (for tests).
 triton is imported only when the Triton path is taken, so this module works without triton installed.
+
+`sgd_maxnorm_` fuses one torch.optim.SGD step with the projection (one kernel on the Triton path).
+An FSDP2 DTensor whose rows are whole on each rank (Shard(0), Replicate) is edited through its local shard.
 """
 from __future__ import annotations
 
 import math
 import numbers
+import sys
 
 import torch
 
@@ -39,15 +44,33 @@ def maxnorm_(weight: torch.Tensor, radius, *, tau: float = 1.0, backend: str = "
     Returns:
         `weight`, edited in place.
     """
+    out = weight
+    weight = _local_rows(weight, "weight")
     backend = _check_args(weight, radius, tau, backend)
     with torch.no_grad():  # a trainable parameter is edited in place, outside autograd
         if weight.numel() == 0:
-            return weight
+            return out
         if backend == "auto":
             backend = "triton" if _auto_wants_triton(weight) else "torch"
         if backend == "triton":
-            return _maxnorm_via_triton(weight, radius, tau)
-        return _maxnorm_torch_(weight, radius, tau)
+            _maxnorm_via_triton(weight, radius, tau)
+        else:
+            _maxnorm_torch_(weight, radius, tau)
+    return out
+
+
+def _local_rows(t, name: str):
+    """A DTensor (FSDP2) whose rows are whole on each rank (Shard(0) or Replicate) is edited through its local
+    shard, which FSDP2 keeps in sync with the parameter; rows split across ranks cannot be projected locally.
+    The DTensor module is only looked up if already imported, so plain tensors pay nothing."""
+    dt_mod = sys.modules.get("torch.distributed.tensor")
+    if dt_mod is None or not isinstance(t, dt_mod.DTensor):
+        return t
+    for p in t.placements:
+        if not (p.is_replicate() or p.is_shard(0)):
+            raise ValueError(f"maxnorm_: {name} is a DTensor with placements {t.placements}; rows must be whole on "
+                             "each rank (Shard(0) or Replicate): a row norm would need a collective")
+    return t.to_local()
 
 
 def _check_args(weight, radius, tau, backend) -> str:
@@ -126,9 +149,12 @@ def _maxnorm_torch_(weight: torch.Tensor, radius, tau: float) -> torch.Tensor:
     return weight
 
 
-def _maxnorm_via_triton(weight: torch.Tensor, radius, tau: float) -> torch.Tensor:
+def _triton_module(weight: torch.Tensor):
+    """Import the kernel module (and so triton) on first use, with clear errors when it cannot run here."""
     if weight.dtype not in _TRITON_DTYPES:
-        raise TypeError(f"maxnorm_: the triton backend supports fp32, bf16 and fp16, got {weight.dtype}; use backend='torch'")
+        raise TypeError(
+            f"maxnorm_: the triton backend supports fp32, bf16 and fp16, got {weight.dtype}; use backend='torch'"
+        )
     try:
         from bigltr.ops import maxnorm_triton
     except ImportError as exc:
@@ -138,4 +164,106 @@ def _maxnorm_via_triton(weight: torch.Tensor, radius, tau: float) -> torch.Tenso
             "maxnorm_: backend='triton' on a CPU tensor runs only in Triton's interpreter: set TRITON_INTERPRET=1 "
             "before triton is first imported (or use backend='torch' / a CUDA tensor)"
         )
-    return maxnorm_triton.maxnorm_triton_(weight, _radius_on(weight, radius, torch.float32), tau)
+    return maxnorm_triton
+
+
+def _maxnorm_via_triton(weight: torch.Tensor, radius, tau: float) -> torch.Tensor:
+    _triton_module(weight).maxnorm_triton_(weight, _radius_on(weight, radius, torch.float32), tau)
+    _bump_version(weight)
+    return weight
+
+
+def _bump_version(t: torch.Tensor) -> None:
+    # the kernel writes through a raw pointer: tell autograd the tensor changed, as an in-place torch op would
+    # (so a graph that saved it for backward raises instead of silently using the new values)
+    bump = getattr(torch.autograd.graph, "increment_version", None)
+    if bump is not None:
+        bump(t)
+
+
+def sgd_maxnorm_(
+    weight: torch.Tensor,
+    grad: torch.Tensor,
+    momentum_buffer: torch.Tensor | None = None,
+    *,
+    lr: float,
+    radius,
+    momentum: float = 0.0,
+    weight_decay: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    first_step: bool = False,
+    tau: float = 1.0,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """One torch.optim.SGD step on `weight` followed by `maxnorm_`, fused into one pass on the Triton path.
+
+    Same update as torch.optim.SGD (maximize=False): d = grad + weight_decay * w; with momentum,
+    buf = d on the first step (`first_step=True`, the buffer's old content is ignored) else
+    buf = momentum * buf + (1 - dampening) * d, and d = d + momentum * buf (nesterov) or buf; w = w - lr * d.
+    The arithmetic is fp32 with one rounding to the weight's dtype, then the MaxNorm projection is applied to
+    that rounded weight: the result equals `maxnorm_(w_after_sgd, radius, tau=tau)`. `momentum_buffer`
+    (needed when momentum != 0, same shape as weight) is updated in place. Returns `weight`.
+    """
+    out = weight
+    weight, grad = _local_rows(weight, "weight"), _local_rows(grad, "grad")
+    if momentum_buffer is not None:
+        momentum_buffer = _local_rows(momentum_buffer, "momentum_buffer")
+    backend = _check_args(weight, radius, tau, backend)
+    for name, t in (("grad", grad), ("momentum_buffer", momentum_buffer)):
+        if t is None:
+            continue
+        if not isinstance(t, torch.Tensor) or t.shape != weight.shape or t.device != weight.device:
+            raise ValueError(f"sgd_maxnorm_: {name} must be a tensor of the weight's shape {tuple(weight.shape)} "
+                             f"on {weight.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"sgd_maxnorm_: {name} must be floating, got {t.dtype}")
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError("sgd_maxnorm_: momentum != 0 needs a momentum_buffer")
+    if lr < 0 or momentum < 0 or weight_decay < 0:
+        raise ValueError(
+            f"sgd_maxnorm_: lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}"
+        )
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("sgd_maxnorm_: nesterov needs momentum > 0 and dampening == 0 (as torch.optim.SGD)")
+    hyper = dict(lr=lr, weight_decay=weight_decay, momentum=momentum, dampening=dampening, nesterov=nesterov,
+                 first_step=first_step)
+    with torch.no_grad():
+        if weight.numel() == 0:
+            return out
+        if backend == "auto":
+            backend = "triton" if _auto_wants_triton(weight) else "torch"
+        if backend == "triton":
+            maxnorm_triton = _triton_module(weight)
+            buf = momentum_buffer if momentum != 0 else None
+            maxnorm_triton.sgd_maxnorm_triton_(
+                weight, grad, buf, _radius_on(weight, radius, torch.float32), tau=tau, **hyper
+            )
+            _bump_version(weight)
+            if buf is not None:
+                _bump_version(buf)
+        else:
+            _sgd_torch_(weight, grad, momentum_buffer, **hyper)
+            _maxnorm_torch_(weight, radius, tau)
+    return out
+
+
+def _sgd_torch_(weight, grad, buf, *, lr, weight_decay, momentum, dampening, nesterov, first_step) -> None:
+    # torch.optim.SGD's single-tensor update, in place; bf16/fp16 tensors go through fp32 copies (one rounding)
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    w = weight.to(acc)  # weight itself when already fp32
+    d = grad.to(acc)  # never modified in place: it may be grad itself
+    if weight_decay != 0:
+        d = d.add(w, alpha=weight_decay)
+    if momentum != 0:
+        b = buf.to(acc)
+        if first_step:
+            b.copy_(d)
+        else:
+            b.mul_(momentum).add_(d, alpha=1.0 - dampening)
+        if b is not buf:
+            buf.copy_(b)
+        d = d.add(b, alpha=momentum) if nesterov else b
+    w.add_(d, alpha=-lr)
+    if w is not weight:
+        weight.copy_(w)

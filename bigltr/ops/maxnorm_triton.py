@@ -113,6 +113,111 @@ def _maxnorm_kernel(
                 tl.store(ptrs, _cast_out(x * scale[:, None], w_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
+@triton.jit
+def _sgd_update(w, g, b, lr, wd, mom, damp, HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr,
+                FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr):
+    """torch.optim.SGD's update in fp32: returns (new weight, new momentum buffer)."""
+    d = g
+    if HAS_WD:
+        d = d + wd * w
+    if HAS_MOM:
+        if FIRST_STEP:
+            b = d  # torch initialises the buffer with the first gradient, without dampening
+        else:
+            b = mom * b + (1.0 - damp) * d
+        if NESTEROV:
+            d = d + mom * b
+        else:
+            d = b
+    return w - lr * d, b
+
+
+@triton.jit
+def _sgd_maxnorm_kernel(
+    w_ptr, g_ptr, b_ptr, r_ptr, r_val, lr, wd, mom, damp,
+    M, N,
+    stride_wm, stride_wn, stride_gm, stride_gn, stride_bm, stride_bn,
+    TAU: tl.constexpr,
+    RADIUS_IS_PTR: tl.constexpr,
+    HAS_WD: tl.constexpr,
+    HAS_MOM: tl.constexpr,
+    FIRST_STEP: tl.constexpr,
+    NESTEROV: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ONE_CHUNK: tl.constexpr,
+    SOFT_BF16_W: tl.constexpr,
+    SOFT_BF16_B: tl.constexpr,
+):
+    """One SGD step then the MaxNorm projection of the updated rows. The new weight is rounded to its dtype
+    before its norm is taken, so the result equals `SGD step (fp32 math, one rounding)` then `maxnorm_`."""
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    rows64 = rows.to(tl.int64)[:, None]
+    cols = tl.arange(0, BLOCK_N)
+    if RADIUS_IS_PTR:
+        r = tl.load(r_ptr).to(tl.float32)
+    else:
+        r = r_val
+    w_ty = w_ptr.dtype.element_ty
+
+    if ONE_CHUNK:
+        c64 = cols.to(tl.int64)[None, :]
+        mask = row_ok[:, None] & (cols < N)[None, :]
+        w_ptrs = w_ptr + rows64 * stride_wm + c64 * stride_wn
+        b_ptrs = b_ptr + rows64 * stride_bm + c64 * stride_bn
+        w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + rows64 * stride_gm + c64 * stride_gn, mask=mask, other=0.0).to(tl.float32)
+        b = tl.zeros_like(w)
+        if HAS_MOM:
+            if not FIRST_STEP:
+                b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+        w_new, b = _sgd_update(w, g, b, lr, wd, mom, damp, HAS_WD, HAS_MOM, FIRST_STEP, NESTEROV)
+        if HAS_MOM:
+            tl.store(b_ptrs, _cast_out(b, b_ptr.dtype.element_ty, SOFT_BF16_B), mask=mask)
+        w_r = _cast_out(w_new, w_ty, SOFT_BF16_W).to(tl.float32)  # exact for fp32
+        ss = tl.sum(w_r * w_r, axis=1)
+        clip, scale = _row_clip_scale(ss, r, TAU)
+        tl.store(w_ptrs, _cast_out(w_r * scale[:, None], w_ty, SOFT_BF16_W), mask=mask)
+    else:
+        # pass 1: update and store every chunk, accumulating the squared new weights
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            c = start + cols
+            c64 = c.to(tl.int64)[None, :]
+            mask = row_ok[:, None] & (c < N)[None, :]
+            w_ptrs = w_ptr + rows64 * stride_wm + c64 * stride_wn
+            b_ptrs = b_ptr + rows64 * stride_bm + c64 * stride_bn
+            w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + rows64 * stride_gm + c64 * stride_gn, mask=mask, other=0.0).to(tl.float32)
+            b = tl.zeros_like(w)
+            if HAS_MOM:
+                if not FIRST_STEP:
+                    b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+            w_new, b = _sgd_update(w, g, b, lr, wd, mom, damp, HAS_WD, HAS_MOM, FIRST_STEP, NESTEROV)
+            if HAS_MOM:
+                tl.store(b_ptrs, _cast_out(b, b_ptr.dtype.element_ty, SOFT_BF16_B), mask=mask)
+            w_q = _cast_out(w_new, w_ty, SOFT_BF16_W)
+            tl.store(w_ptrs, w_q, mask=mask)
+            w_r = w_q.to(tl.float32)
+            acc += w_r * w_r
+        ss = tl.sum(acc, axis=1)
+        clip, scale = _row_clip_scale(ss, r, TAU)
+        # pass 2: rescale the clipped rows only. This program wrote them in pass 1; the barrier makes those
+        # global stores visible to every thread of the block whatever the layout puts each element on.
+        n_clip = tl.sum(clip.to(tl.int32), axis=0)
+        tl.debug_barrier()
+        if n_clip > 0:
+            row_sel = row_ok & clip
+            for start in range(0, N, BLOCK_N):
+                c = start + cols
+                mask = row_sel[:, None] & (c < N)[None, :]
+                w_ptrs = w_ptr + rows64 * stride_wm + c.to(tl.int64)[None, :] * stride_wn
+                x = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+                tl.store(w_ptrs, _cast_out(x * scale[:, None], w_ty, SOFT_BF16_W), mask=mask)
+
+
 def _is_interpreted(fn) -> bool:
     # triton.jit returns an InterpretedFunction when TRITON_INTERPRET was set at decoration (import) time;
     # checking the object itself is more reliable than re-reading the environment variable later.
@@ -171,6 +276,42 @@ def maxnorm_triton_(weight: torch.Tensor, radius, tau: float) -> torch.Tensor:
         BLOCK_N=block_n,
         ONE_CHUNK=N <= block_n,
         SOFT_BF16=INTERPRETED and weight.dtype == torch.bfloat16,
+        num_warps=num_warps,
+    )
+    return weight
+
+
+def sgd_maxnorm_triton_(weight, grad, buf, radius, *, tau, lr, weight_decay, momentum, dampening, nesterov,
+                        first_step) -> torch.Tensor:
+    """Launch the fused SGD + MaxNorm kernel on validated tensors (see bigltr.ops.maxnorm.sgd_maxnorm_).
+    `buf` may be None when momentum == 0."""
+    M, N = weight.shape
+    if M == 0 or N == 0:
+        return weight
+    block_m, block_n, num_warps = _pick_config(M, N, weight.stride(0), weight.stride(1))
+    if isinstance(radius, torch.Tensor):
+        r_ptr, r_val, radius_is_ptr = radius, 0.0, True
+    else:
+        r_ptr, r_val, radius_is_ptr = weight, float(radius), False
+    has_mom = momentum != 0
+    b = buf if has_mom else weight  # never read or written without momentum
+    grid = (triton.cdiv(M, block_m),)
+    _sgd_maxnorm_kernel[grid](
+        weight, grad, b, r_ptr, r_val,
+        float(lr), float(weight_decay), float(momentum), float(dampening),
+        M, N,
+        weight.stride(0), weight.stride(1), grad.stride(0), grad.stride(1), b.stride(0), b.stride(1),
+        TAU=float(tau),
+        RADIUS_IS_PTR=radius_is_ptr,
+        HAS_WD=weight_decay != 0,
+        HAS_MOM=has_mom,
+        FIRST_STEP=bool(first_step),
+        NESTEROV=bool(nesterov),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        ONE_CHUNK=N <= block_n,
+        SOFT_BF16_W=INTERPRETED and weight.dtype == torch.bfloat16,
+        SOFT_BF16_B=INTERPRETED and b.dtype == torch.bfloat16,
         num_warps=num_warps,
     )
     return weight

@@ -1,0 +1,33 @@
+"""tools/ablation.py on tiny shards: all seven rows, resumable, with the table, CSV and plot written."""
+import csv
+import json
+
+
+def test_ablation_rows_and_resume(tiny_shards, tmp_path, capsys):
+    import ablation
+
+    out = tmp_path / "abl"
+    argv = ["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage1.epochs=1", "stage2.epochs=1"]
+    rows = ablation.main(argv)
+    names = [n for n, _ in rows]
+    assert len(rows) == 7 and names[0].startswith("naive") and "full" in names[-1]
+    assert "weight_decay: 0.0" in (out / "s1_naive" / "config.yaml").read_text()
+    # rows 5-7 are stage 2 from row 2's checkpoint, with the switches the row names
+    assert "when: 'off'" in (out / "s2_cb_wd" / "config.yaml").read_text()
+    s2 = json.loads((out / "s2_full" / "results.json").read_text())["stage2"]
+    assert rows[-1][1]["test"] == s2["test"]
+    # tau chosen on validation: the chosen tau's val accuracy is the best on the curve
+    ph = json.loads((out / "posthoc.json").read_text())
+    assert ph["tau"]["val"]["all"] == max(ph["tau_curve_val"].values())
+    with open(out / "ablation.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 7 and float(table[1]["test_all"]) == rows[1][1]["test"]["all"]
+    assert (out / "ablation.png").stat().st_size > 0 and "| naive CE (WD 0) |" in (out / "ablation.md").read_text()
+    # one feature cache shared by the stage-2 rows
+    assert (out / "feature_cache" / "meta.json").is_file()
+    # rerun: everything reused
+    mtime = (out / "s2_full" / "results.json").stat().st_mtime_ns
+    capsys.readouterr()
+    ablation.main(argv)
+    assert "reusing" in capsys.readouterr().out
+    assert (out / "s2_full" / "results.json").stat().st_mtime_ns == mtime

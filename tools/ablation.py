@@ -1,0 +1,166 @@
+#!/usr/bin/env python
+"""The paper's ablation (Table 1 rows) on one recipe, reusing stage-1 checkpoints across rows.
+
+    python tools/ablation.py recipe=fmnist_lt out=runs/ablation [key=value ...]
+
+Rows (as in the paper):
+  1 naive CE (WD 0)              stage 1 with stage1.weight_decay=0
+  2 CE + WD                      stage 1 with the recipe's weight decay
+  3 + L2-normalised classifier   row 2's model, classifier rows scaled to unit norm (post hoc)
+  4 + tau-norm                   row 2's model, w_c / ||w_c||^tau with tau chosen on VALIDATION
+  5 + stage 2 CB & WD            stage 2 from row 2, MaxNorm off
+  6 + stage 2 CB & MaxNorm       stage 2 from row 2, stage2.weight_decay=0
+  7 + stage 2 CB & WD & MaxNorm  the full method
+Stage 2 uses cached backbone features (one disk cache shared by rows 5-7) unless --online is given. A run whose
+results.json is already complete is reused (an interrupted ablation resumes). Writes ablation.md, ablation.csv and
+ablation.png in `out`.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GROUPS = ("many", "medium", "few", "all")
+TAUS = [round(0.1 * i, 1) for i in range(0, 21)]  # tau-norm grid searched on validation (0 = plain classifier)
+
+
+def _done(run: Path, stage: str) -> bool:
+    f = run / "results.json"
+    return f.is_file() and stage in json.loads(f.read_text())
+
+
+def _results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def run_or_reuse(train, run: Path, stage: str, argv: list[str]) -> dict:
+    if _done(run, f"stage{stage}"):
+        print(f"[ablation] reusing {run}")
+    else:
+        rc = train(argv + [f"stage={stage}", f"out={run}"])
+        if rc != 0:
+            raise SystemExit(f"[ablation] run {run} failed with exit code {rc}")
+    return _results(run)[f"stage{stage}"]
+
+
+def posthoc_rows(argv: list[str], checkpoint: Path) -> dict:
+    """L2-normalised and tau-normalised classifiers of a stage-1 model; tau picked by validation accuracy."""
+    import torch
+
+    from bigltr.checkpoint import load_checkpoint
+    from bigltr.config import build_config
+    from bigltr.engine.common import evaluate, resolve_device
+    from bigltr.engine.context import RunContext
+    from bigltr.models import build_model
+    from bigltr.objective.posthoc import posthoc_classifier
+
+    cfg = build_config(argv)
+    device = resolve_device(cfg.device)
+    ctx = RunContext.create(cfg, device)
+    model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans)
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    model.to(device).eval()
+    clfs = {f"tau={t}": posthoc_classifier(model.classifier, "tau_norm", t) for t in TAUS}
+    out = {}
+    for split in ("val", "test"):  # one backbone pass per split evaluates every classifier
+        ev = evaluate(backbone=model.backbone, classifiers=clfs, num_classes=ctx.num_classes, device=device,
+                      loader=ctx.loader(split, train=False, batch_size=cfg.stage1.batch_size),
+                      tta_flip=cfg.eval.tta_flip)
+        out[split] = {k: ctx.metrics(*v) for k, v in ev.items()}
+    best_tau = max(TAUS, key=lambda t: out["val"][f"tau={t}"]["all"])
+    pick = lambda name: {s: out[s][name] for s in ("val", "test")}  # noqa: E731
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return {"l2": pick("tau=1.0"), "tau": pick(f"tau={best_tau}"), "best_tau": best_tau,
+            "tau_curve_val": {t: out["val"][f"tau={t}"]["all"] for t in TAUS}}
+
+
+def write_outputs(rows: list[tuple[str, dict]], out: Path, title: str) -> str:
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = [f"### {title}", "",
+             "| row | val Many | val Med | val Few | val All | test Many | test Med | test Few | test All |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    with open(out / "ablation.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["row"] + [f"{s}_{g}" for s in ("val", "test") for g in GROUPS])
+        for name, m in rows:
+            vals = [m[s][g] for s in ("val", "test") for g in GROUPS]
+            w.writerow([name] + ["" if v is None else v for v in vals])
+            lines.append(f"| {name} | " + " | ".join(f(v) for v in vals) + " |")
+    table = "\n".join(lines)
+    (out / "ablation.md").write_text(table + "\n")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.2
+    for i, g in enumerate(GROUPS):
+        ax.bar([x + i * width for x in range(len(rows))], [m["test"][g] or 0 for _, m in rows], width, label=g)
+    ax.set_xticks([x + 1.5 * width for x in range(len(rows))])
+    ax.set_xticklabels([n for n, _ in rows], rotation=20, ha="right", fontsize=8)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(title)
+    ax.legend(ncol=4, fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "ablation.png", dpi=120)
+    plt.close(fig)
+    return table
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--online", action="store_true", help="stage 2 with online backbone features")
+    args, rest = ap.parse_known_args(argv)
+    overrides = [a for a in rest if "=" in a and not a.startswith("out=")]
+    outs = [a.split("=", 1)[1] for a in rest if a.startswith("out=")]
+    if not any(a.startswith("recipe=") for a in overrides):
+        ap.error("recipe=NAME is required")
+    out = Path(outs[0] if outs else "runs/ablation")
+    out.mkdir(parents=True, exist_ok=True)
+
+    from bigltr.config import build_config
+    from bigltr.train import main as train
+
+    cfg = build_config(overrides)  # fail fast on a typo, before any training
+    wd1, wd2 = cfg.stage1.weight_decay, cfg.stage2.weight_decay
+    if wd1 == 0:
+        raise SystemExit("[ablation] the recipe's stage1.weight_decay is 0: row 2 (CE + WD) needs a tuned value")
+    s2 = [] if args.online else ["stage2.features=cached", "stage2.cache.location=disk",
+                                 f"stage2.cache.dir={out / 'feature_cache'}"]
+
+    rows = []
+    rows.append(("naive CE (WD 0)", run_or_reuse(train, out / "s1_naive", "1", overrides + ["stage1.weight_decay=0"])))
+    rows.append((f"CE + WD ({wd1:g})", run_or_reuse(train, out / "s1_wd", "1", overrides)))
+    ckpt = out / "s1_wd" / "stage1" / "best.pt"
+    ph_file = out / "posthoc.json"
+    if ph_file.is_file():
+        ph = json.loads(ph_file.read_text())
+    else:
+        ph = posthoc_rows(overrides, ckpt)
+        ph_file.write_text(json.dumps(ph, indent=1))
+    rows.append(("+ L2-normalised classifier", ph["l2"]))
+    rows.append((f"+ tau-norm (tau={ph['best_tau']}, on val)", ph["tau"]))
+    base2 = overrides + s2 + [f"stage1_checkpoint={ckpt}"]
+    rows.append((f"+ stage 2 CB & WD ({wd2:g})",
+                 run_or_reuse(train, out / "s2_cb_wd", "2", base2 + ["stage2.maxnorm.when=off"])))
+    rows.append(("+ stage 2 CB & MaxNorm",
+                 run_or_reuse(train, out / "s2_cb_maxnorm", "2", base2 + ["stage2.weight_decay=0"])))
+    rows.append(("+ stage 2 CB & WD & MaxNorm (full)", run_or_reuse(train, out / "s2_full", "2", base2)))
+    table = write_outputs(rows, out, f"Ablation on {cfg.recipe} (balanced top-1 %, best epoch on validation)")
+    print("\n" + table)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
