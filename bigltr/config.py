@@ -116,6 +116,13 @@ class EvalConfig:
 
 
 @dataclass
+class DistConfig:
+    backend: Literal["ddp", "fsdp2"] = "ddp"  # used when the launcher starts more than one process
+    world_size: int = 0  # expected number of processes (0: whatever the launcher started); a mismatch fails
+    timeout_s: float = 600.0  # collective timeout: survivors of a dead rank exit after this long
+
+
+@dataclass
 class Config:
     recipe: str = ""
     stage: Literal["1", "2", "all"] = "all"
@@ -129,6 +136,7 @@ class Config:
     stage1: Stage1Config = field(default_factory=Stage1Config)
     stage2: Stage2Config = field(default_factory=Stage2Config)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
 
 
 # ----------------------------------------------------------------------------------------------- schema helpers
@@ -179,6 +187,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads `5e-3` (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
         return float(value)
@@ -320,6 +333,8 @@ def validate(cfg: Config) -> None:
     need(len(cfg.data.std) == cfg.data.in_chans, "data.std", f"needs {cfg.data.in_chans} values (data.in_chans)")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(cfg.log_every >= 1, "log_every", "must be >= 1")
+    need(cfg.dist.world_size >= 0, "dist.world_size", "must be >= 0")
+    need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
 
 
 def to_dict(cfg: Config) -> dict:

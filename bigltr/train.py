@@ -21,14 +21,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"bigltr: config error: {e}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    from bigltr.engine.run import run  # heavy imports only after the config is known to be good
+    from bigltr.distributed import Dist, DistError  # heavy imports only after the config is known to be good
+    from bigltr.engine.run import run
 
     try:
-        run(cfg)
+        dist = Dist.setup(cfg.dist.backend, cfg.device, cfg.dist.world_size, cfg.dist.timeout_s)
+    except DistError as e:
+        print(f"bigltr: launch error: {e}", file=sys.stderr)
+        return 2
+    # rank 0 logs; the other ranks only warnings and errors
+    logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, force=True,
+                        format="%(asctime)s %(message)s" if not dist.distributed else
+                        f"%(asctime)s [rank {dist.rank}] %(message)s", datefmt="%H:%M:%S")
+    try:
+        run(cfg, dist)
     except FileNotFoundError as e:
         print(f"bigltr: {e}", file=sys.stderr)
         return 2
+    finally:
+        dist.shutdown()
     return 0
 
 

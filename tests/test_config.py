@@ -17,6 +17,7 @@ def test_every_recipe_parses():
 
 
 def test_overrides_are_typed_and_applied():
+    assert build_config(["stage1.weight_decay=5e-3"]).stage1.weight_decay == 5e-3  # no dot: YAML says str
     cfg = build_config(["recipe=fmnist_lt", "stage=1", "stage1.weight_decay=0", "stage1.epochs=3",
                         "stage2.maxnorm.when=epoch", "stage2.maxnorm.radius=0.5", "model.name=resnet18",
                         "stage2.loss=cb_official_bce", "seed=7", "out=/tmp/x"])

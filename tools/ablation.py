@@ -55,6 +55,7 @@ def posthoc_rows(argv: list[str], checkpoint: Path) -> dict:
 
     from bigltr.checkpoint import load_checkpoint
     from bigltr.config import build_config
+    from bigltr.distributed import Dist
     from bigltr.engine.common import evaluate, resolve_device
     from bigltr.engine.context import RunContext
     from bigltr.models import build_model
@@ -62,7 +63,7 @@ def posthoc_rows(argv: list[str], checkpoint: Path) -> dict:
 
     cfg = build_config(argv)
     device = resolve_device(cfg.device)
-    ctx = RunContext.create(cfg, device)
+    ctx = RunContext.create(cfg, Dist("ddp", device=device))
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans)
     model.load_state_dict(load_checkpoint(checkpoint)["model"])
     model.to(device).eval()

@@ -55,11 +55,11 @@ def main(argv=None):
         from bigltr.data.synthetic import make_fake_idx
 
         tmp = Path(tempfile.mkdtemp(prefix="bench_stage2_"))
-        make_fake_idx(tmp / "idx", per_class_train=args.synthetic or 3000, per_class_test=200)
+        make_fake_idx(tmp / "idx", per_class_train=args.synthetic or 3000, per_class_test=100)
         data = str(tmp / "shards")
         n_max = int((args.synthetic or 3000) * 0.8)
         make_shards.main(["idx", "--src", str(tmp / "idx"), "--out", data, "--n-max", str(n_max), "--imbalance",
-                          "100", "--val-per-class", "50", "--maxcount", "2000", "--no-progress"])
+                          "10", "--val-per-class", "10", "--maxcount", "2000", "--no-progress"])
     common = [f"recipe={args.recipe}", f"data.root={data}", f"device={args.device}", *args.overrides]
     ckpt = args.stage1_checkpoint
     if not ckpt:

@@ -140,23 +140,47 @@ def peak_memory_mib(device: torch.device) -> float:
 
 @torch.no_grad()
 def evaluate(*, backbone: nn.Module, classifiers: dict[str, nn.Module], loader, num_classes: int,
-             device: torch.device, amp: str = "none", tta_flip: bool = False, desc: str = "eval") -> dict:
-    """Per-class (correct, total) for each named classifier on one backbone pass over `loader`."""
+             device: torch.device, amp: str = "none", tta_flip: bool = False, desc: str = "eval",
+             dist=None) -> dict:
+    """Per-class (correct, total) for each named classifier on one backbone pass over `loader`.
+
+    Distributed (`dist.distributed`): every rank predicts its own shards, predictions are gathered by sample key
+    and de-duplicated (the loader pads short ranks with repeated batches), so each sample counts exactly once
+    and the result equals the single-process evaluation.
+    """
+    exact = dist is not None and dist.distributed
     correct = {k: torch.zeros(num_classes, dtype=torch.long, device=device) for k in classifiers}
     total = torch.zeros(num_classes, dtype=torch.long, device=device)
-    for images, labels, _keys in _progress(loader, len(loader), desc):
+    records = {}  # key -> (label, {classifier: pred}) when distributed
+    for images, labels, keys in _progress(loader, len(loader), desc):
         images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
         with autocast(device, amp):
             feats = backbone(images)
             feats_flip = backbone(torch.flip(images, dims=[3])) if tta_flip else None
-        total += torch.bincount(labels, minlength=num_classes)
+        preds = {}
         for name, clf in classifiers.items():
             logits = clf(feats.float())
             if feats_flip is not None:
                 logits = (logits + clf(feats_flip.float())) / 2  # flip-TTA averages logits (official code)
-            hit = logits.argmax(1) == labels
-            correct[name] += torch.bincount(labels[hit], minlength=num_classes)
+            preds[name] = logits.argmax(1)
+        if exact:
+            cpu = {k: p.tolist() for k, p in preds.items()}
+            for i, (key, y) in enumerate(zip(keys, labels.tolist())):
+                records[key] = (y, {k: cpu[k][i] for k in classifiers})
+            continue
+        total += torch.bincount(labels, minlength=num_classes)
+        for name, p in preds.items():
+            correct[name] += torch.bincount(labels[p == labels], minlength=num_classes)
+    if exact:
+        merged = {}
+        for part in dist.gather_objects(records):
+            merged.update(part)
+        labels = torch.tensor([y for y, _ in merged.values()], dtype=torch.long)
+        total = torch.bincount(labels, minlength=num_classes)
+        for name in classifiers:
+            p = torch.tensor([ps[name] for _, ps in merged.values()], dtype=torch.long)
+            correct[name] = torch.bincount(labels[p == labels], minlength=num_classes)
     return {k: (correct[k].cpu(), total.cpu()) for k in classifiers}
 
 

@@ -11,6 +11,7 @@ import torch
 from bigltr.config import Config
 from bigltr.data.info import read_info
 from bigltr.data.loader import ShardLoader, build_transform
+from bigltr.distributed import Dist
 from bigltr.engine.common import evaluate
 from bigltr.metrics import summarize
 from bigltr.objective.posthoc import posthoc_classifier
@@ -22,6 +23,7 @@ class RunContext:
     device: torch.device
     info: dict
     out: Path
+    dist: Dist
 
     @property
     def class_counts(self) -> list[int]:
@@ -31,14 +33,18 @@ class RunContext:
     def num_classes(self) -> int:
         return len(self.info["class_counts"])
 
+    @property
+    def is_main(self) -> bool:
+        return self.dist.is_main
+
     @classmethod
-    def create(cls, cfg: Config, device: torch.device) -> "RunContext":
+    def create(cls, cfg: Config, dist: Dist) -> "RunContext":
         info = read_info(cfg.data.root)
         for split in ("train", "val", "test"):
             if split not in info["splits"]:
                 raise FileNotFoundError(f"{cfg.data.root}/_info.json has no '{split}' split; bigltr needs train, "
                                         f"val (model selection) and test")
-        return cls(cfg=cfg, device=device, info=info, out=Path(cfg.out))
+        return cls(cfg=cfg, device=dist.device, info=info, out=Path(cfg.out), dist=dist)
 
     def loader(self, split: str, *, train: bool, batch_size: int, augment: bool | None = None) -> ShardLoader:
         """train: shuffled, drop_last; augment (default = train): the training transform."""
@@ -48,7 +54,14 @@ class RunContext:
                              train=augment, aug=d.train_aug if augment else "none")
         return ShardLoader(d.root, split, batch_size=batch_size, transform=tf, train=train, seed=self.cfg.seed,
                            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
-                           pin_memory=d.pin_memory and self.device.type == "cuda")
+                           pin_memory=d.pin_memory and self.device.type == "cuda", rank=self.dist.rank,
+                           world_size=self.dist.world_size)
+
+    def evaluate(self, backbone, classifiers: dict, split_loader, amp: str, desc: str) -> dict:
+        """Metrics per named classifier on one split (exact under several ranks)."""
+        out = evaluate(backbone=backbone, classifiers=classifiers, loader=split_loader, num_classes=self.num_classes,
+                       device=self.device, amp=amp, desc=desc, dist=self.dist)
+        return {k: self.metrics(*v) for k, v in out.items()}
 
     def metrics(self, correct: torch.Tensor, total: torch.Tensor) -> dict:
         return summarize(correct, total, self.class_counts, self.cfg.data.many_thr, self.cfg.data.few_thr)
@@ -64,7 +77,7 @@ class RunContext:
         for split in ("val", "test"):
             out = evaluate(backbone=model.backbone, classifiers=classifiers,
                            loader=self.loader(split, train=False, batch_size=batch_size), num_classes=self.num_classes,
-                           device=self.device, amp=amp, tta_flip=ev.tta_flip, desc=f"eval {split}")
+                           device=self.device, amp=amp, tta_flip=ev.tta_flip, desc=f"eval {split}", dist=self.dist)
             res[split] = self.metrics(*out["model"])
             if "posthoc" in out:
                 res.setdefault("posthoc", {"method": ev.posthoc, "tau": ev.posthoc_tau})[split] = \

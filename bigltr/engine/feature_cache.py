@@ -71,6 +71,7 @@ class FeatureCache:
         self.features, self.labels = features, labels  # [V, N, D], [N]
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.num_samples = labels.shape[0]
+        self.per_epoch = self.num_samples
 
     @property
     def num_views(self) -> int:
@@ -79,11 +80,15 @@ class FeatureCache:
     def nbytes(self) -> int:
         return self.features.numel() * self.features.element_size()
 
+    def limit(self, n: int) -> None:
+        """Visit only n samples per epoch (a random n each epoch): keeps ranks with uneven parts in step."""
+        self.per_epoch = min(n, self.labels.shape[0])
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.num_samples // self.batch_size
+        return self.per_epoch // self.batch_size
 
     def to(self, device: torch.device) -> "FeatureCache":
         self.features, self.labels = self.features.to(device), self.labels.to(device)

@@ -15,6 +15,7 @@ from bigltr.engine.common import resolve_device
 from bigltr.engine.context import RunContext, write_json
 from bigltr.engine.stage1 import run_stage1
 from bigltr.engine.stage2 import run_stage2
+from bigltr.distributed import Dist
 from bigltr.metrics import format_table
 
 log = logging.getLogger("bigltr")
@@ -26,22 +27,27 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run(cfg: Config) -> dict:
-    device = resolve_device(cfg.device)
-    ctx = RunContext.create(cfg, device)  # reads _info.json: fails fast with a how-to if shards are missing
+def run(cfg: Config, dist: Dist | None = None) -> dict:
+    dist = dist or Dist("ddp", device=resolve_device(cfg.device))
+    ctx = RunContext.create(cfg, dist)  # reads _info.json: fails fast with a how-to if shards are missing
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
+    dist.barrier()  # every rank has read the old results before rank 0 rewrites them
+    if dist.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
     results["classes"] = ctx.info.get("classes")
     results["class_counts"] = ctx.class_counts
-    log.info(f"run {out}: stage {cfg.stage}, device {device}, data {cfg.data.root} ({ctx.num_classes} classes)")
+    results["world_size"] = dist.world_size
+    log.info(f"run {out}: stage {cfg.stage}, device {dist.device}, {dist.describe()}, data {cfg.data.root} "
+             f"({ctx.num_classes} classes)")
 
     if cfg.stage in ("1", "all"):
         seed_everything(cfg.seed)
         results["stage1"] = run_stage1(ctx)
-        write_json(results_path, results)
+        if dist.is_main:
+            write_json(results_path, results)
     if cfg.stage in ("2", "all"):
         seed_everything(cfg.seed + 1)
         ckpt = cfg.stage1_checkpoint or str(out / "stage1" / "best.pt")
@@ -49,8 +55,11 @@ def run(cfg: Config) -> dict:
             raise FileNotFoundError(f"stage 2 needs stage 1's checkpoint; {ckpt} does not exist (run stage=1 with "
                                     f"out={cfg.out} first, or set stage1_checkpoint=PATH)")
         results["stage2"] = run_stage2(ctx, ckpt)
-        write_json(results_path, results)
-
+        if dist.is_main:
+            write_json(results_path, results)
+    dist.barrier()
+    if not dist.is_main:
+        return results
     write_plots(results, out)
     table = summary_table(results)
     (out / "table.md").write_text(table + "\n")

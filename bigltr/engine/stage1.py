@@ -12,8 +12,8 @@ import torch.nn as nn
 
 from bigltr.checkpoint import load_checkpoint, save_checkpoint
 from bigltr.config import to_dict
-from bigltr.engine.common import (CsvLog, build_sgd, cosine_schedule, evaluate, optimizer_steps, param_groups,
-                                  peak_memory_mib, train_epoch)
+from bigltr.engine.common import (CsvLog, build_sgd, cosine_schedule, optimizer_steps, param_groups, peak_memory_mib,
+                                  train_epoch)
 from bigltr.engine.context import RunContext, write_json
 from bigltr.models import build_model
 from bigltr.objective.maxnorm import row_norms
@@ -22,13 +22,15 @@ log = logging.getLogger("bigltr")
 
 
 def run_stage1(ctx: RunContext) -> dict:
-    cfg, s1, device = ctx.cfg, ctx.cfg.stage1, ctx.device
+    cfg, s1, device, dist = ctx.cfg, ctx.cfg.stage1, ctx.device, ctx.dist
     out = ctx.out / "stage1"
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans,
                         pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate).to(device)
     if s1.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = torch.compile(model) if s1.compile else model
+    forward = dist.wrap_model(model)  # DDP wrapper, or `model` itself sharded in place by FSDP2
+    if s1.compile:
+        forward = torch.compile(forward)
     train_loader = ctx.loader("train", train=True, batch_size=s1.batch_size)
     val_loader = ctx.loader("val", train=False, batch_size=s1.batch_size)
     steps = optimizer_steps(len(train_loader), s1.accum_steps)
@@ -36,10 +38,11 @@ def run_stage1(ctx: RunContext) -> dict:
     scheduler = cosine_schedule(optimizer, s1.epochs * steps, s1.warmup_epochs * steps)
     scaler = torch.amp.GradScaler(device.type) if s1.amp == "fp16" else None
     loss_fn = nn.CrossEntropyLoss()
-    summary = CsvLog(out / "summary.csv")
+    summary = CsvLog(out / "summary.csv") if ctx.is_main else None
     norms_per_epoch, best = [], None
-    log.info(f"stage 1: {cfg.model.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-             f"{train_loader.num_samples} train images, {steps} steps/epoch, wd={s1.weight_decay} ({s1.wd_scope})")
+    log.info(f"stage 1: {cfg.model.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
+             f"(local), {train_loader.num_samples} train images/rank x {dist.world_size} rank(s), {steps} steps/epoch, "
+             f"wd={s1.weight_decay} ({s1.wd_scope})")
     t_start = time.perf_counter()
     for epoch in range(s1.epochs):
         train_loader.set_epoch(epoch)
@@ -49,29 +52,36 @@ def run_stage1(ctx: RunContext) -> dict:
                          desc=f"stage1 {epoch + 1}/{s1.epochs}", scaler=scaler, accum_steps=s1.accum_steps,
                          channels_last=s1.channels_last)
         model.eval()
-        val = ctx.metrics(*evaluate(backbone=model.backbone, classifiers={"m": model.classifier}, loader=val_loader,
-                                    num_classes=ctx.num_classes, device=device, amp=s1.amp, desc="val")["m"])
-        norms = row_norms(model.classifier.weight)
+        val = ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, s1.amp, "val")["m"]
+        state_model = dist.full_state_dict(model)  # collective under FSDP2
+        norms = row_norms(state_model["classifier.weight"])
         norms_per_epoch.append([round(float(n), 6) for n in norms])
-        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
-               "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
-               "wnorm_min": float(norms.min()), "wnorm_max": float(norms.max())}
-        summary.write(row)
-        state = {"stage": 1, "epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                 "scheduler": scheduler.state_dict(), "val_all": val["all"], "config": to_dict(cfg)}
-        save_checkpoint(state, out / "last.pt")
         is_best = best is None or val["all"] > best[1]
         if is_best:
             best = (epoch + 1, val["all"])
-            save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")}, out / "best.pt")
+        if ctx.is_main:
+            summary.write({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
+                           "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
+                           "wnorm_min": float(norms.min()), "wnorm_max": float(norms.max())})
+            state = {"stage": 1, "epoch": epoch + 1, "model": state_model, "val_all": val["all"],
+                     "config": to_dict(cfg)}
+            if not dist.distributed or dist.backend == "ddp":  # FSDP2 optimizer state is sharded: not in this file
+                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
+            save_checkpoint(state, out / "last.pt")
+            if is_best:
+                save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")},
+                                out / "best.pt")
         log.info(f"stage1 epoch {epoch + 1}/{s1.epochs} loss {tr['train_loss']:.4f} train_acc {tr['train_acc']:.2f} "
-                 f"val_all {val['all']:.2f} ({tr['img_per_s']:.0f} img/s){' *best' if is_best else ''}")
-    write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": norms_per_epoch})
+                 f"val_all {val['all']:.2f} ({tr['img_per_s']:.0f} img/s/rank){' *best' if is_best else ''}")
     train_s = time.perf_counter() - t_start
-    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    result = ctx.final_eval(model, s1.batch_size, s1.amp)
+    if ctx.is_main:
+        write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": norms_per_epoch})
+    dist.barrier()  # best.pt is complete before any rank reads it
+    final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(device)
+    final.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    result = ctx.final_eval(final, s1.batch_size, s1.amp)
     result["best_epoch"] = best[0]
     result["wall_time_s"] = {"train_incl_val": round(train_s, 2)}
     result["peak_memory_mib"] = round(peak_memory_mib(device), 1)
-    result["weight_norms"] = [round(float(n), 6) for n in row_norms(model.classifier.weight)]
+    result["weight_norms"] = [round(float(n), 6) for n in row_norms(final.classifier.weight)]
     return result

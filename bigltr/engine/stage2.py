@@ -17,7 +17,7 @@ import torch
 
 from bigltr.checkpoint import load_checkpoint, save_checkpoint
 from bigltr.config import to_dict
-from bigltr.engine.common import (CsvLog, autocast, build_sgd, cosine_schedule, evaluate, freeze, peak_memory_mib,
+from bigltr.engine.common import (CsvLog, autocast, build_sgd, cosine_schedule, freeze, peak_memory_mib,
                                   train_epoch)
 from bigltr.engine.context import RunContext, write_json
 from bigltr.engine.feature_cache import FeatureCache
@@ -39,7 +39,7 @@ def cache_key(cfg, stage1_checkpoint: str) -> dict:
 
 
 def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
-    cfg, s2, device = ctx.cfg, ctx.cfg.stage2, ctx.device
+    cfg, s2, device, dist = ctx.cfg, ctx.cfg.stage2, ctx.device, ctx.dist
     out = ctx.out / "stage2"
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans, pretrained=False)
     ckpt = load_checkpoint(stage1_checkpoint)
@@ -63,24 +63,31 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     cache_s = 0.0
     if s2.features == "cached":
         c = s2.cache
+        cache_dir = Path(c.dir) if c.dir else out / "feature_cache"
+        if dist.distributed:  # each rank caches the features of its own part of the data
+            cache_dir = cache_dir / f"rank{dist.rank}-of-{dist.world_size}"
         train_loader = FeatureCache.build(
             model.backbone, lambda augment: ctx.loader("train", train=False, batch_size=s2.batch_size, augment=augment),
-            views=c.views, num_aug=c.num_aug, dtype=c.dtype, location=c.location,
-            directory=Path(c.dir) if c.dir else out / "feature_cache", device=device, batch_size=s2.batch_size,
-            seed=cfg.seed, amp_ctx=lambda: autocast(device, s2.amp), key=cache_key(cfg, stage1_checkpoint))
+            views=c.views, num_aug=c.num_aug, dtype=c.dtype, location=c.location, directory=cache_dir, device=device,
+            batch_size=s2.batch_size, seed=cfg.seed + dist.rank, amp_ctx=lambda: autocast(device, s2.amp),
+            key=cache_key(cfg, stage1_checkpoint))
+        # every rank must take the same number of steps: visit at most the smallest rank's sample count
+        train_loader.limit(int(dist.all_reduce_(torch.tensor(train_loader.num_samples), "min")))
         if device.type == "cuda" and c.location == "memory":
             train_loader.to(device)  # features then never cross the host link again
         cache_s = time.perf_counter() - t_start
-
-        def forward(feats):
-            return model.classifier(feats.float())
     else:
         train_loader = ctx.loader("train", train=True, batch_size=s2.batch_size)
+    classifier = dist.wrap_classifier(model)  # DDP(classifier) or the FSDP2 row-sharded classifier
 
+    if s2.features == "cached":
+        def forward(feats):
+            return classifier(feats.float())
+    else:
         def forward(images):
             with torch.no_grad():
                 feats = model.backbone(images)
-            return model.classifier(feats.float())
+            return classifier(feats.float())
     val_loader = ctx.loader("val", train=False, batch_size=s2.batch_size)
     steps = len(train_loader)
     # Weight decay on the classifier's weight and bias (both trainable params), as the official code.
@@ -89,7 +96,7 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     scheduler = cosine_schedule(optimizer, s2.epochs * steps)
     scaler = torch.amp.GradScaler(device.type) if s2.amp == "fp16" else None
 
-    summary = CsvLog(out / "summary.csv")
+    summary = CsvLog(out / "summary.csv") if ctx.is_main else None
     norms_per_epoch, best = [], None
     log.info(f"stage 2: loss {s2.loss}, wd {s2.weight_decay}, MaxNorm {mn.when} radius {radius:.4f} "
              f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}")
@@ -104,33 +111,38 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
                          after_step=lambda: maxnorm.after_step(model.classifier.weight),
                          desc=f"stage2 {epoch + 1}/{s2.epochs}")
         maxnorm.after_epoch(model.classifier.weight)
-        mstats = maxnorm.stats(model.classifier.weight)
+        mstats = maxnorm.stats(model.classifier.weight, dist=dist)
         model.eval()
-        val = ctx.metrics(*evaluate(backbone=model.backbone, classifiers={"m": model.classifier}, loader=val_loader,
-                                    num_classes=ctx.num_classes, device=device, amp=s2.amp, desc="val")["m"])
-        norms_per_epoch.append([round(float(n), 6) for n in row_norms(model.classifier.weight)])
-        summary.write({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
-                       "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
-                       "maxnorm_radius": mstats.radius, "maxnorm_clipped_rows": mstats.clipped_rows,
-                       "maxnorm_applications": mstats.applications, "wnorm_min": mstats.norm_min,
-                       "wnorm_mean": mstats.norm_mean, "wnorm_max": mstats.norm_max})
-        state = {"stage": 2, "epoch": epoch + 1, "model": model.state_dict(), "val_all": val["all"],
-                 "maxnorm_radius": radius, "config": to_dict(cfg)}
-        save_checkpoint(state, out / "last.pt")
+        val = ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, s2.amp, "val")["m"]
+        state_model = dist.full_state_dict(model)  # collective under FSDP2
+        norms_per_epoch.append([round(float(n), 6) for n in row_norms(state_model["classifier.weight"])])
         is_best = best is None or val["all"] > best[1]
         if is_best:
             best = (epoch + 1, val["all"])
-            save_checkpoint(state, out / "best.pt")
+        if ctx.is_main:
+            summary.write({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
+                           "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
+                           "maxnorm_radius": mstats.radius, "maxnorm_clipped_rows": mstats.clipped_rows,
+                           "maxnorm_applications": mstats.applications, "wnorm_min": mstats.norm_min,
+                           "wnorm_mean": mstats.norm_mean, "wnorm_max": mstats.norm_max})
+            state = {"stage": 2, "epoch": epoch + 1, "model": state_model, "val_all": val["all"],
+                     "maxnorm_radius": radius, "config": to_dict(cfg)}
+            save_checkpoint(state, out / "last.pt")
+            if is_best:
+                save_checkpoint(state, out / "best.pt")
         log.info(f"stage2 epoch {epoch + 1}/{s2.epochs} loss {tr['train_loss']:.4f} val_all {val['all']:.2f} "
                  f"| MaxNorm radius {radius:.4f} clipped {mstats.clipped_rows} rows in {mstats.applications} "
                  f"projections, norms {mstats.norm_min:.4f}..{mstats.norm_max:.4f}{' *best' if is_best else ''}")
-    write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": norms_per_epoch,
-                                           "radius": radius})
+    if ctx.is_main:
+        write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": norms_per_epoch,
+                                               "radius": radius})
     train_s = time.perf_counter() - t_start
-    model.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    result = ctx.final_eval(model, s2.batch_size, s2.amp)
+    dist.barrier()  # best.pt is complete before any rank reads it
+    final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(device)
+    final.load_state_dict(load_checkpoint(out / "best.pt")["model"])
+    result = ctx.final_eval(final, s2.batch_size, s2.amp)
     result.update(best_epoch=best[0], maxnorm_radius=radius, features=s2.features,
                   peak_memory_mib=round(peak_memory_mib(device), 1),
                   wall_time_s={"train_incl_val": round(train_s, 2), "feature_cache_build": round(cache_s, 2)},
-                  weight_norms=[round(float(n), 6) for n in row_norms(model.classifier.weight)])
+                  weight_norms=[round(float(n), 6) for n in row_norms(final.classifier.weight)])
     return result

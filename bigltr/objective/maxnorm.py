@@ -27,6 +27,10 @@ def resolve_radius(stage1_weight: torch.Tensor, mode: str, value: float) -> floa
     raise ValueError(f"unknown MaxNorm radius mode '{mode}' (relative, absolute)")
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 @dataclass
 class MaxNormStats:
     radius: float
@@ -53,7 +57,7 @@ class MaxNorm:
 
     @torch.no_grad()
     def apply(self, weight: torch.Tensor) -> None:
-        w = weight.data
+        w = _local(weight.detach())  # a row-sharded (FSDP2) weight: this rank's whole rows, edited in place
         over = (row_norms(w).pow(self.tau) > self.radius).sum()
         self._clipped = over if self._clipped is None else self._clipped + over
         self._applications += 1
@@ -67,10 +71,18 @@ class MaxNorm:
         if self.when == "epoch":
             self.apply(weight)
 
-    def stats(self, weight: torch.Tensor, reset: bool = True) -> MaxNormStats:
-        n = row_norms(weight)
-        s = MaxNormStats(self.radius, int(self._clipped) if self._clipped is not None else 0, self._applications,
-                         float(n.min()), float(n.mean()), float(n.max()))
+    def stats(self, weight: torch.Tensor, reset: bool = True, dist=None) -> MaxNormStats:
+        """Clipped-row count and row-norm spread over ALL classes (reduced across ranks when sharded)."""
+        n = row_norms(_local(weight.detach()))
+        clipped = self._clipped if self._clipped is not None else torch.zeros((), device=n.device, dtype=torch.long)
+        big = torch.finfo(torch.float32).max
+        lo = n.min() if n.numel() else torch.tensor(big, device=n.device)  # an empty shard owns no rows
+        hi = n.max() if n.numel() else torch.tensor(0.0, device=n.device)
+        total = torch.stack([clipped.float(), n.sum(), torch.tensor(float(n.numel()), device=n.device)])
+        if dist is not None and dist.distributed and dist.backend == "fsdp2":
+            dist.all_reduce_(total, "sum"), dist.all_reduce_(lo, "min"), dist.all_reduce_(hi, "max")
+        s = MaxNormStats(self.radius, int(total[0]), self._applications, float(lo),
+                         float(total[1] / total[2].clamp_min(1)), float(hi))
         if reset:
             self._clipped, self._applications = None, 0
         return s

@@ -1,0 +1,117 @@
+"""Real 2-process gloo runs: DDP through torchrun and FSDP2 through `accelerate launch` train the same model as one
+process on the same data and seed, and evaluate every sample exactly once.
+
+Full-batch training makes the comparison exact: each rank's batch is half of the single process's batch, the
+gradient average over ranks equals the single-process gradient, and the order of samples does not matter. The
+backbone (timm's test_efficientnet_gn) uses GroupNorm, whose statistics are per sample, so nothing depends on
+how the batch is split. Shards are sized so each rank gets exactly half of the training set and uneven val/test
+shards exercise the padding + de-duplication of exact evaluation.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def even_shards(tmp_path_factory):
+    import make_shards
+
+    from bigltr.data.synthetic import make_fake_idx
+
+    base = tmp_path_factory.mktemp("dist")
+    make_fake_idx(base / "idx")
+    out = base / "shards"
+    # train: 156 images in 6 shards of 26 (3 per rank); val 60 = 26+26+8, test 80 = 26+26+26+2 (uneven)
+    make_shards.main(["idx", "--src", str(base / "idx"), "--out", str(out), "--imbalance", "10", "--n-max", "39",
+                      "--val-per-class", "6", "--maxcount", "26", "--seed", "0", "--no-progress"])
+    info = json.loads((out / "_info.json").read_text())
+    assert info["splits"]["train"]["shard_lengths"] == [26] * 6
+    return out
+
+
+def _common(shards, batch):
+    return ["recipe=tiny_test", f"data.root={shards}", "data.train_aug=none", "model.name=test_efficientnet_gn",
+            "stage1.epochs=2", "stage2.epochs=2", f"stage1.batch_size={batch}", f"stage2.batch_size={batch}",
+            "stage1.lr=0.05", "stage2.lr=0.5", "stage2.maxnorm.radius=0.0", "dist.timeout_s=120", "log_every=1"]
+
+
+def _launch(cmd, env_extra, timeout=300):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **env_extra}
+    env.pop("TRITON_INTERPRET", None)
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd}\nSTDOUT\n{r.stdout[-3000:]}\nSTDERR\n{r.stderr[-5000:]}"
+    return r
+
+
+def _weights(run: Path, stage: str, which: str) -> dict:
+    return torch.load(run / stage / which, weights_only=True)["model"]
+
+
+def test_ddp_and_fsdp2_match_single_process(even_shards, tmp_path):
+    from bigltr.train import main
+
+    single = tmp_path / "single"
+    assert main(_common(even_shards, 156) + [f"out={single}"]) == 0
+
+    ddp = tmp_path / "ddp"
+    r = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(_free_port()), "-m", "bigltr.train", *_common(even_shards, 78), f"out={ddp}", "dist.backend=ddp",
+             "dist.world_size=2"], {})
+    assert "2 process(es) (ddp, gloo)" in r.stderr
+    fsdp = tmp_path / "fsdp2"
+    r = _launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+             "bigltr/train.py", *_common(even_shards, 78), f"out={fsdp}", "dist.backend=fsdp2", "dist.world_size=2",
+             "stage2.features=cached", "stage2.cache.views=center", "stage2.cache.dtype=fp32"],
+            {"ACCELERATE_USE_CPU": "1"})
+    assert "2 process(es) (fsdp2, gloo)" in r.stderr
+
+    # the comparison is not vacuous: stage 2 moved the classifier, and MaxNorm clipped rows
+    s1, s2 = _weights(single, "stage1", "best.pt"), _weights(single, "stage2", "last.pt")
+    assert not torch.allclose(s1["classifier.weight"], s2["classifier.weight"], rtol=1e-3)
+
+    ref = json.loads((single / "results.json").read_text())
+    for run in (ddp, fsdp):
+        res = json.loads((run / "results.json").read_text())
+        assert res["world_size"] == 2
+        for stage, which in (("stage1", "best.pt"), ("stage2", "last.pt")):
+            a, b = _weights(single, stage, which), _weights(run, stage, which)
+            assert a.keys() == b.keys()
+            for k in a:
+                if a[k].is_floating_point():
+                    err = float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12))
+                    assert err <= 1e-5, f"{run.name} {stage} {k}: relative difference {err:.2e}"
+        # every stage-2 row inside the ball, under both backends
+        radius = res["stage2"]["maxnorm_radius"]
+        w = _weights(run, "stage2", "last.pt")["classifier.weight"]
+        assert float(w.norm(dim=1).max()) <= radius + 1e-5
+        # exact evaluation: each sample once, per-class numbers equal the single process's
+        for stage in ("stage1", "stage2"):
+            for split, n in (("val", 60), ("test", 80)):
+                assert res[stage][split]["num_samples"] == n
+                assert res[stage][split]["per_class"] == ref[stage][split]["per_class"], (run.name, stage, split)
+        summary = (run / "stage2" / "summary.csv").read_text()
+        assert "maxnorm_clipped_rows" in summary
+
+
+def test_world_size_mismatch_is_a_startup_error(even_shards, tmp_path, capsys):
+    from bigltr.train import main
+
+    assert main(_common(even_shards, 78) + [f"out={tmp_path}", "dist.world_size=2"]) == 2
+    err = capsys.readouterr().err
+    assert "dist.world_size=2" in err and "--cpu --num_processes 2" in err
