@@ -131,6 +131,10 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 50  # steps between loss/accuracy reads (the only host syncs in the hot loop)
     stage1_checkpoint: str = ""  # for stage=2: default <out>/stage1/best.pt
+    # auto: continue from <out>/stage{1,2}/resume.pt where present (a finished stage is not rerun)
+    resume: Literal["none", "auto"] = "none"
+    ckpt_every_steps: int = 0  # resume checkpoint every N optimiser steps (0: at epoch ends and on stop only)
+    preempt_check_every: int = 10  # steps between checks for a stop request (signal or <out>/PREEMPT)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     stage1: Stage1Config = field(default_factory=Stage1Config)
@@ -333,6 +337,8 @@ def validate(cfg: Config) -> None:
     need(len(cfg.data.std) == cfg.data.in_chans, "data.std", f"needs {cfg.data.in_chans} values (data.in_chans)")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
     need(cfg.log_every >= 1, "log_every", "must be >= 1")
+    need(cfg.ckpt_every_steps >= 0, "ckpt_every_steps", "must be >= 0")
+    need(cfg.preempt_check_every >= 1, "preempt_check_every", "must be >= 1")
     need(cfg.dist.world_size >= 0, "dist.world_size", "must be >= 0")
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
 

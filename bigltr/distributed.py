@@ -125,6 +125,23 @@ class Dist:
             return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=False))
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
+    def full_optim_state_dict(self, model: nn.Module, optimizer) -> dict:
+        """The optimizer's whole state (gathered from FSDP2 shards; a collective there)."""
+        if self.distributed and self.backend == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+            return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+        return optimizer.state_dict()
+
+    def load_full_optim_state_dict(self, model: nn.Module, optimizer, state: dict) -> None:
+        if self.distributed and self.backend == "fsdp2":
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, optim_state_dict=state,
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state)
+
     def load_full_state_dict(self, model: nn.Module, state: dict) -> None:
         """Load a full (unsharded) state dict into a possibly wrapped model."""
         if self.distributed and self.backend == "fsdp2":

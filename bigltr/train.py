@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bigltr: config error: {e}", file=sys.stderr)
         return 2
     from bigltr.distributed import Dist, DistError  # heavy imports only after the config is known to be good
+    from bigltr.engine.resume import EXIT_PREEMPTED, Preempted
     from bigltr.engine.run import run
 
     try:
@@ -38,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"bigltr: {e}", file=sys.stderr)
         return 2
+    except Preempted as e:
+        print(f"bigltr: preempted ({e}); resume with the same command and resume=auto", file=sys.stderr)
+        return EXIT_PREEMPTED
     finally:
         dist.shutdown()
     return 0

@@ -301,3 +301,28 @@ def test_build_transform_variants():
             assert tuple(tf(img).shape) == (chans, 32, 32)
     with pytest.raises(ValueError, match="aug"):
         build_transform(img_size=32, in_chans=1, mean=(0.5,), std=(0.5,), train=True, aug="bogus")
+
+
+def test_fewer_shards_than_ranks_splits_by_sample(tiny_shards):
+    """1 val shard, 2 ranks: each rank keeps every 2nd sample; disjoint, complete, same number of batches."""
+    from bigltr.data.loader import ShardLoader, build_transform
+
+    tf = build_transform(img_size=28, in_chans=1, mean=(0.5,), std=(0.5,), train=False, aug="none")
+    for workers in (0, 2):
+        loaders = [ShardLoader(tiny_shards, "val", batch_size=7, transform=tf, train=False, num_workers=workers,
+                               rank=r, world_size=2) for r in range(2)]
+        keys = [[k for _, _, ks in ld for k in ks] for ld in loaders]
+        assert len(loaders[0]) == len(loaders[1])
+        assert sum(ld.padded_batches for ld in loaders) <= 1  # 60 samples: 30 + 30 -> 5 batches each, no pad
+        uniq = [set(k) for k in keys]
+        assert not (uniq[0] & uniq[1]) and len(uniq[0] | uniq[1]) == 60
+        train = [ShardLoader(tiny_shards, "train", batch_size=8, transform=tf, train=True, num_workers=workers,
+                             rank=r, world_size=4, shuffle_buffer=16) for r in range(4)]
+        assert len({len(t) for t in train}) == 1
+        seen = []
+        for t in train:
+            t.set_epoch(1)
+            batches = list(t)
+            assert len(batches) == len(t)
+            seen += [k for _, _, ks in batches for k in ks]
+        assert len(seen) == len(set(seen))  # no sample on two ranks

@@ -8,12 +8,22 @@ Not a test. Examples:
     TRITON_INTERPRET=1 python tools/bench_maxnorm.py --device cpu --backends torch,triton --sizes 1000x2048
 
 Per size, dtype and case ("mix": radius = median row norm, about half the rows clipped; "all": every row
-clipped) it times, as the median of --repeats runs after warm-up, each run starting from the same unprojected
-weight (restored outside the timed region; on GPU the L2 cache is flushed too):
+clipped) it times each of these, every run starting from the same unprojected weight (restored outside the
+timed region):
     ours[torch], ours[triton]   bigltr.ops.maxnorm_ with that backend
     renorm_                     weight.renorm_(2, 0, radius) (same semantics for tau=1, but scales by r/(norm+1e-7))
     official                    the official code's MaxNorm_via_PGD step (boolean indexing, tau=1)
     copy                        dst.copy_(src) of the same number of bytes: the device's copy bandwidth
+Timing. CPU: wall clock of one call, median of --repeats runs after --warmup. CUDA: K launches on K distinct
+weight buffers (K = --launches, default clamp(1 GiB / weight bytes, 2, 16)) are captured in one CUDA graph;
+before each replay (untimed) the K buffers are re-filled from the pristine weight and a 256 MB write flushes
+L2; CUDA events time the replay; time per launch = replay time / K, median of --repeats replays. An impl that
+cannot be captured (it syncs with the host, like the official code's boolean indexing) is timed the same way
+but with K eager launches between the events instead of a replay (column "timing": graph or eager; eager
+times include Python launch overhead, about 0.06 ms a Triton launch, so they overstate small kernels).
+The first H100 run (CUDA events around one launch) had fp32 times above copy bandwidth: its fp32 reference
+renormed the pristine weight in place, so later runs found few rows to clip (fixed, and now asserted).
+The graph also keeps the host's launch overhead out of the times.
 Columns: eff GB/s = (read the whole weight + write the clipped rows) / time, the op's minimal traffic;
 2x GB/s = (read + write the whole weight) / time; %copy = eff GB/s / copy GB/s; x renorm and x official =
 their time / ours (> 1: ours is faster); maxdiff = max |result - fp32 renorm_ result, cast to the dtype|
@@ -28,6 +38,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 
 import torch
 
@@ -175,8 +186,12 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="1000x2048,8142x2048,100000x2048", help="comma list of ROWSxCOLS")
     p.add_argument("--dtype", default="float32,bfloat16", help="comma list of " + ",".join(DTYPES))
     p.add_argument("--cases", default="mix,all", help="mix (about half the rows clipped) and/or all (every row)")
-    p.add_argument("--repeats", type=int, default=None, help="timed runs per measurement (default cuda 25, cpu 3)")
-    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default cuda 5, cpu 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed runs (CUDA: graph replays) per measurement, "
+                   "median (default cuda 25, cpu 3)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed runs first (default cuda 5, cpu 1); on CUDA "
+                   "each is K eager launches, before the capture")
+    p.add_argument("--launches", type=int, default=None, metavar="K", help="CUDA: launches (distinct buffers) per "
+                   "graph replay (default clamp(1 GiB / weight bytes, 2, 16))")
     p.add_argument("--no-baselines", action="store_true", help="skip renorm_ and official (quicker)")
     p.add_argument("--sgd", action="store_true", help="also time the fused sgd_maxnorm_ against torch.optim.SGD "
                    "followed by maxnorm_ (mix case)")
@@ -191,35 +206,112 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-class Timer:
-    """Median time of fn() over repeats, each run after restore() (untimed); on CUDA the L2 is flushed first."""
+def default_launches(weight_bytes: int) -> int:
+    """K for the CUDA timing: about 1 GiB of distinct buffers per replay, at least 2 and at most 16 launches."""
+    return max(2, min(16, 2**30 // max(weight_bytes, 1)))
 
-    def __init__(self, device: str, repeats: int, warmup: int):
-        self.device, self.repeats, self.warmup = device, repeats, warmup
-        self.cuda = device == "cuda"
-        # 256 MB of writes evicts any GPU L2 (50-60 MB on H100/H200), so small weights are not timed hot
-        self.flush_buf = torch.empty(64 * 2**20, dtype=torch.float32, device=device) if self.cuda else None
 
-    def __call__(self, fn, restore=None) -> float:
+class CpuTimer:
+    """Median wall time of one op(0) call over repeats, each run after restore() (untimed)."""
+
+    mode = "wall"
+
+    def __init__(self, repeats: int, warmup: int):
+        self.repeats, self.warmup = repeats, warmup
+
+    def __call__(self, op, k: int = 1, restore=None, name: str = "") -> tuple[float, str]:
         times = []
         for i in range(self.warmup + self.repeats):
             if restore is not None:
                 restore()
-            if self.cuda:
-                self.flush_buf.zero_()
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                t = start.elapsed_time(end) / 1e3
-            else:
-                t0 = time.perf_counter()
-                fn()
-                t = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            op(0)
+            t = time.perf_counter() - t0
             if i >= self.warmup:
                 times.append(t)
-        return statistics.median(times)
+        return statistics.median(times), self.mode
+
+
+class CudaGraphTimer:
+    """Time per launch of op(i), i = 0..k-1 (k distinct buffers), from one CUDA graph holding all k launches.
+
+    Each replay is preceded, outside the timed region, by restore() and an L2 flush. If the op syncs with the host
+    or its capture fails, the same is timed with k eager launches between the events (mode "eager")."""
+
+    def __init__(self, repeats: int, warmup: int):
+        self.repeats, self.warmup = repeats, warmup
+        # 256 MB of writes evicts any GPU L2 (50-60 MB on H100/H200), so small weights are not timed hot
+        self.flush_buf = torch.empty(64 * 2**20, dtype=torch.float32, device="cuda")
+
+    @staticmethod
+    def _syncs(op) -> str | None:
+        """Run op(0) with torch's sync debug mode set to error: the reason if it syncs with the host."""
+        torch.cuda.synchronize()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "sync debug mode is a prototype feature"
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                op(0)
+            except RuntimeError as exc:
+                return f"syncs with the host ({str(exc).splitlines()[0][:80]})"
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        torch.cuda.synchronize()
+        return None
+
+    @staticmethod
+    def _capture(op, k: int):
+        """(graph, None) or (None, why not)."""
+        cur = torch.cuda.current_stream()
+        side = torch.cuda.Stream()
+        side.wait_stream(cur)
+        g = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(g, stream=side):
+                for i in range(k):
+                    op(i)
+        except Exception as exc:  # noqa: BLE001 - any capture failure means: time it eagerly
+            del g
+            torch.cuda.set_stream(cur)  # a failed capture_end leaves the capture stream current
+            torch.cuda.synchronize()
+            return None, f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+        torch.cuda.set_stream(cur)
+        return g, None
+
+    def __call__(self, op, k: int, restore=None, name: str = "") -> tuple[float, str]:
+        for _ in range(max(1, self.warmup)):  # compiles the Triton kernels, creates optimizer state
+            if restore is not None:
+                restore()
+            for i in range(k):
+                op(i)
+        torch.cuda.synchronize()
+        why = self._syncs(op)
+        graph = None
+        if why is None:
+            if restore is not None:
+                restore()
+            graph, why = self._capture(op, k)
+        if graph is None:
+            print(f"  ({name}: {why}; timed with {k} eager launches)", file=sys.stderr)
+        times = []
+        for r in range(1 + self.repeats):  # the first replay (graph upload) is not counted
+            if restore is not None:
+                restore()
+            self.flush_buf.zero_()
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            if graph is not None:
+                graph.replay()
+            else:
+                for i in range(k):
+                    op(i)
+            end.record()
+            end.synchronize()
+            if r > 0:
+                times.append(start.elapsed_time(end) / 1e3 / k)
+        mode = "graph" if graph is not None else "eager"
+        del graph
+        return statistics.median(times), mode
 
 
 def make_weight(m: int, n: int, dtype: torch.dtype, device: str, gen: torch.Generator) -> torch.Tensor:
@@ -231,6 +323,7 @@ def make_weight(m: int, n: int, dtype: torch.dtype, device: str, gen: torch.Gene
 
 def bench_one(m, n, dtype, case, backends, timer, args, gen):
     device = args.device
+    cuda = device == "cuda"
     pristine = make_weight(m, n, dtype, device, gen)
     norms = torch.linalg.vector_norm(pristine, dim=1, dtype=torch.float32)
     # the setup may sync: a Python float radius is what the trainer passes too
@@ -239,87 +332,122 @@ def bench_one(m, n, dtype, case, backends, timer, args, gen):
     esize = pristine.element_size()
     bytes_min = m * n * esize + n_clip * n * esize  # read all + write clipped rows
     bytes_2x = 2 * m * n * esize
-    work = torch.empty_like(pristine)
-    restore = lambda: work.copy_(pristine)  # noqa: E731
+    # CUDA: k distinct buffers, one per launch of a replay (see CudaGraphTimer); CPU: one
+    k = (args.launches or default_launches(m * n * esize)) if cuda else 1
+    work = [torch.empty_like(pristine) for _ in range(k)]
 
-    # correctness reference: torch.renorm_ in fp32 (for bf16/fp16 a renorm in the dtype itself rounds twice)
-    expected = pristine.float().renorm_(2, 0, radius).to(dtype)
-    dst = torch.empty_like(pristine)
-    t_copy = timer(lambda: dst.copy_(pristine))
+    def restore():
+        for w in work:
+            w.copy_(pristine)
+
+    restore()
+    label = f"{m}x{n} {str(dtype).removeprefix('torch.')} {case}"
+
+    # correctness reference: torch.renorm_ in fp32 (for bf16/fp16 a renorm in the dtype itself rounds twice).
+    # copy=True: for fp32, .float() would return pristine itself and renorm_ would project it in place, so every
+    # fp32 run would start from an already projected weight (few rows left to clip: too-fast, unphysical times)
+    expected = pristine.to(torch.float32, copy=True).renorm_(2, 0, radius).to(dtype)
+    dst = [torch.empty_like(pristine) for _ in range(k)]
+    src = work if cuda else [pristine]  # CUDA: k distinct sources too; their contents do not matter
+    t_copy, copy_mode = timer(lambda i: dst[i].copy_(src[i]), k, None, f"copy {label}")
     copy_gbs = bytes_2x / t_copy / 1e9
+    del dst
 
     impls = {}
     for b in backends:
         if b == "triton" and device == "cpu" and m * n > INTERP_MAX_ELEMS:
             print(f"  (skip ours[triton] at {m}x{n} on CPU: the interpreter is too slow for it)", file=sys.stderr)
             continue
-        impls[f"ours[{b}]"] = (lambda b=b: maxnorm_(work, radius, backend=b))
+        impls[f"ours[{b}]"] = (lambda i, b=b: maxnorm_(work[i], radius, backend=b))
     if not args.no_baselines:
-        impls["renorm_"] = lambda: work.renorm_(2, 0, radius)
-        impls["official"] = lambda: official_pgd(work, radius)
+        impls["renorm_"] = lambda i: work[i].renorm_(2, 0, radius)
+        impls["official"] = lambda i: official_pgd(work[i], radius)
 
+    n_clip_now = int((torch.linalg.vector_norm(pristine, dim=1, dtype=torch.float32) > radius).sum())
+    assert n_clip_now == n_clip, f"the pristine weight changed: {n_clip_now} rows above the radius, was {n_clip}"
     results = {}
     for name, fn in impls.items():
-        t = timer(fn, restore)
-        maxdiff = float((work.float() - expected.float()).abs().max())  # work holds the last run's result
-        results[name] = {"time_s": t, "maxdiff": maxdiff}
+        t, mode = timer(fn, k, restore, f"{name} {label}")
+        # every buffer holds the result of the last run from the pristine weight
+        maxdiff = max(float((w.float() - expected.float()).abs().max()) for w in work)
+        results[name] = {"time_s": t, "maxdiff": maxdiff, "timing": mode}
 
+    base = {"size": f"{m}x{n}", "dtype": str(dtype).removeprefix("torch."), "case": case,
+            "clipped_pct": 100.0 * n_clip / m, "launches": k}
     rows = []
     for name, r in results.items():
         t = r["time_s"]
         rows.append({
-            "size": f"{m}x{n}", "dtype": str(dtype).removeprefix("torch."), "case": case,
-            "clipped_pct": 100.0 * n_clip / m, "impl": name, "ms": t * 1e3,
+            **base, "impl": name, "timing": r["timing"], "ms": t * 1e3,
             "eff_gbs": bytes_min / t / 1e9, "gbs_2x": bytes_2x / t / 1e9,
             "pct_copy": 100.0 * (bytes_min / t / 1e9) / copy_gbs,
             "x_renorm": results["renorm_"]["time_s"] / t if "renorm_" in results else None,
             "x_official": results["official"]["time_s"] / t if "official" in results else None,
             "maxdiff": r["maxdiff"],
         })
-    rows.append({"size": f"{m}x{n}", "dtype": str(dtype).removeprefix("torch."), "case": case,
-                 "clipped_pct": 100.0 * n_clip / m, "impl": "copy", "ms": t_copy * 1e3, "eff_gbs": copy_gbs,
+    rows.append({**base, "impl": "copy", "timing": copy_mode, "ms": t_copy * 1e3, "eff_gbs": copy_gbs,
                  "gbs_2x": copy_gbs, "pct_copy": 100.0, "x_renorm": None, "x_official": None, "maxdiff": None})
-    del pristine, work, dst, expected
+    del pristine, work, src, expected
+    if cuda:
+        torch.cuda.empty_cache()
     return rows
 
 
 def bench_sgd(m, n, dtype, backends, timer, args, gen):
     """Fused sgd_maxnorm_ vs torch.optim.SGD(momentum=0.9, weight_decay=5e-4).step() then maxnorm_.
-    Minimal traffic of one step: read weight, grad, buffer; write weight, buffer (5 tensors)."""
+    Minimal traffic of one step: read weight, grad, buffer; write weight, buffer (5 tensors).
+    On CUDA each of the k launches has its own weight, grad, momentum buffer (and optimizer)."""
     device = args.device
+    cuda = device == "cuda"
     pristine = make_weight(m, n, dtype, device, gen)
     radius = float(torch.linalg.vector_norm(pristine, dim=1, dtype=torch.float32).median())
-    grad = (0.01 * torch.randn(m, n, device=device, generator=gen)).to(dtype)
-    bytes_min = 5 * pristine.numel() * pristine.element_size()
-    work = torch.empty_like(pristine)
-    restore = lambda: work.copy_(pristine)  # noqa: E731
+    esize = pristine.element_size()
+    k = (args.launches or default_launches(m * n * esize)) if cuda else 1
+    grads = [(0.01 * torch.randn(m, n, device=device, generator=gen)).to(dtype) for _ in range(k)]
+    bytes_min = 5 * pristine.numel() * esize
+    work = [torch.empty_like(pristine) for _ in range(k)]
+
+    def restore():  # the weights; momentum buffers just keep evolving (their values do not change the timing)
+        for w in work:
+            w.copy_(pristine)
+
+    restore()
+    label = f"{m}x{n} {str(dtype).removeprefix('torch.')}"
     times = {}
-    param = torch.nn.Parameter(work)  # shares work's storage
-    param.grad = grad
-    opt = torch.optim.SGD([param], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    params = [torch.nn.Parameter(w) for w in work]  # each shares its work buffer's storage
+    for p, g in zip(params, grads):
+        p.grad = g
+    opts = [torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4) for p in params]
     for b in backends:
         if b == "triton" and device == "cpu" and m * n > INTERP_MAX_ELEMS:
             continue
 
-        def unfused(b=b):
-            opt.step()
-            maxnorm_(work, radius, backend=b)
+        def unfused(i, b=b):
+            opts[i].step()
+            maxnorm_(work[i], radius, backend=b)
 
-        times[f"SGD.step + ours[{b}]"] = timer(unfused, restore)
-    buf = torch.zeros_like(pristine)
+        name = f"SGD.step + ours[{b}]"
+        times[name] = timer(unfused, k, restore, f"{name} {label}")
+    del opts, params
+    bufs = [torch.zeros_like(pristine) for _ in range(k)]
     for b in backends:
         if b == "triton" and device == "cpu" and m * n > INTERP_MAX_ELEMS:
             continue
-        times[f"sgd_maxnorm_[{b}]"] = timer(
-            lambda b=b: sgd_maxnorm_(work, grad, buf, lr=0.1, radius=radius, momentum=0.9, weight_decay=5e-4,
-                                     backend=b), restore)
+        name = f"sgd_maxnorm_[{b}]"
+        times[name] = timer(
+            lambda i, b=b: sgd_maxnorm_(work[i], grads[i], bufs[i], lr=0.1, radius=radius, momentum=0.9,
+                                        weight_decay=5e-4, backend=b), k, restore, f"{name} {label}")
     rows = []
-    for name, t in times.items():
+    for name, (t, mode) in times.items():
         # fused rows: speed-up over the unfused pair with the same backend
         b = name[name.index("[") + 1 : -1]
         base = times.get(f"SGD.step + ours[{b}]")
-        rows.append({"size": f"{m}x{n}", "dtype": str(dtype).removeprefix("torch."), "impl": name, "ms": t * 1e3,
-                     "eff_gbs": bytes_min / t / 1e9, "x_unfused": base / t if base else None})
+        rows.append({"size": f"{m}x{n}", "dtype": str(dtype).removeprefix("torch."), "impl": name, "timing": mode,
+                     "launches": k, "ms": t * 1e3, "eff_gbs": bytes_min / t / 1e9,
+                     "x_unfused": base[0] / t if base else None})
+    del pristine, work, grads, bufs
+    if cuda:
+        torch.cuda.empty_cache()
     return rows
 
 
@@ -336,6 +464,12 @@ COLUMNS = [("size", "size", "{}"), ("dtype", "dtype", "{}"), ("case", "case", "{
 def fmt(row, key, spec):
     v = row[key]
     return "-" if v is None else spec.format(v)
+
+
+def with_timing(columns, after="impl"):
+    """The columns with a "timing" column (graph / eager) after `after`: CUDA tables only."""
+    i = [k for k, _, _ in columns].index(after) + 1
+    return columns[:i] + [("timing", "timing", "{}")] + columns[i:]
 
 
 def print_table(rows, markdown: bool, columns=COLUMNS, n_text_cols=5):
@@ -386,6 +520,10 @@ def main(argv=None):
     print(f"torch {torch.__version__}, triton {triton_version}, device: {dev_name}, "
           f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!s}")
     print(f"backends {backends}, repeats {repeats} (median) after {warmup} warm-up, seed {args.seed}")
+    if device == "cuda":
+        print(f"CUDA timing: one CUDA graph of K launches on K distinct buffers (K = "
+              f"{args.launches or 'clamp(1 GiB / weight bytes, 2, 16)'}), buffers restored and L2 flushed before "
+              f"each replay (untimed), time per launch = replay / K; 'eager' rows: K eager launches (not capturable)")
     sys.stdout.flush()
 
     if args.selfcheck or args.selfcheck_only:
@@ -399,25 +537,31 @@ def main(argv=None):
         passed = True
 
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    timer = Timer(device, repeats, warmup)
+    if args.launches is not None and args.launches < 1:
+        sys.exit("--launches must be >= 1")
+    timer = CudaGraphTimer(repeats, warmup) if device == "cuda" else CpuTimer(repeats, warmup)
+    columns, sgd_columns, n_text = COLUMNS, SGD_COLUMNS, 0
+    if device == "cuda":
+        columns, sgd_columns, n_text = with_timing(COLUMNS), with_timing(SGD_COLUMNS), 1
     rows = []
     t_start = time.perf_counter()
     for m, n in sizes:
         for dtype in dtypes:
             for case in cases:
                 rows += bench_one(m, n, dtype, case, backends, timer, args, gen)
-    print_table(rows, args.markdown)
+    print_table(rows, args.markdown, columns, 5 + n_text)
     sgd_rows = []
     if args.sgd:
         for m, n in sizes:
             for dtype in dtypes:
                 sgd_rows += bench_sgd(m, n, dtype, backends, timer, args, gen)
         print()
-        print_table(sgd_rows, args.markdown, SGD_COLUMNS, 3)
+        print_table(sgd_rows, args.markdown, sgd_columns, 3 + n_text)
     print(f"total bench time {time.perf_counter() - t_start:.1f} s")
     if args.json:
         meta = {"torch": torch.__version__, "triton": triton_version, "device": dev_name, "repeats": repeats,
-                "warmup": warmup, "backends": backends, "argv": sys.argv}
+                "warmup": warmup, "backends": backends, "argv": sys.argv,
+                "timing": "cuda_graph_k_launches" if device == "cuda" else "cpu_wall_clock"}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "selfcheck_passed": passed, "rows": rows, "sgd_rows": sgd_rows}, f, indent=1)
     if not passed:

@@ -29,6 +29,7 @@ Equal batch counts across ranks (``world_size > 1``): a collective hangs if one 
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import os
@@ -180,9 +181,9 @@ class _EpochStream(IterableDataset):
     """One epoch of one rank: yields chunks ``(images|None, labels|None, keys, worker_id, skipped_so_far)``."""
 
     def __init__(self, urls: list[str], *, transform: Callable, train: bool, shuffle_buffer: int,
-                 seed: int, epoch: int, rank: int, chunk: int):
+                 seed: int, epoch: int, rank: int, chunk: int, stride: Optional[tuple[int, int]] = None):
         super().__init__()
-        self.urls, self.transform, self.train = urls, transform, train
+        self.urls, self.transform, self.train, self.stride = urls, transform, train, stride
         self.shuffle_buffer, self.seed, self.epoch, self.rank, self.chunk = shuffle_buffer, seed, epoch, rank, chunk
 
     def _apply(self, sample):
@@ -197,6 +198,9 @@ class _EpochStream(IterableDataset):
         counter = _SkipCounter(f"rank {self.rank} worker {wid}")
         ds = wds.WebDataset(urls, handler=counter, shardshuffle=False, nodesplitter=None,
                             workersplitter=None, empty_check=False)
+        if self.stride is not None:  # sample-level split: every rank reads the shards, keeps every W-th sample
+            r, w = self.stride
+            ds = ds.compose(lambda src: itertools.islice(src, r, None, w))
         if self.train and self.shuffle_buffer > 1:
             rng = random.Random(_sub_seed(self.seed, self.epoch, self.rank, wid))
             bufsize = self.shuffle_buffer
@@ -283,13 +287,22 @@ class ShardLoader:
         n_shards = len(self._files)
         if n_shards == 0 or sum(self._lengths) == 0:
             raise ValueError(f"split '{split}' of {self.root} holds no samples")
-        if self.world_size > n_shards:
-            raise ValueError(
-                f"split '{split}' of {self.root} has {n_shards} shard(s), fewer than world_size "
-                f"{self.world_size}: every rank needs at least one; re-make the shards with a smaller --maxcount"
-            )
         ws, B = self.world_size, self.batch_size
-        if self.train and ws > 1:
+        # Fewer shards than ranks: split by sample instead (each rank reads every shard and keeps every
+        # ws-th sample of each worker's stream). Costs ws-fold reading, not decoding; fine for small splits.
+        self._split_samples = ws > n_shards
+        if self._split_samples:
+            nw = max(1, min(self.num_workers, n_shards))
+            streams = [sum(self._lengths[w::nw]) for w in range(nw)]  # eval order; train varies per epoch
+            per_rank = [sum(len(range(r, L, ws)) for L in streams) for r in range(ws)]
+            self._cap = None
+            if self.train:  # shard order changes per epoch, so use a bound that holds for every epoch
+                cap = max(0, sum(self._lengths) // ws - nw)
+                per_rank, self._cap = [cap] * ws, cap
+            if self.rank == 0:
+                _log.info("split '%s' of %s: %d shard(s) for %d ranks: splitting by sample", split, self.root,
+                          n_shards, ws)
+        elif self.train and ws > 1:
             k = n_shards // ws
             cap = sum(sorted(self._lengths)[:k])  # lower bound of any rank's share in any epoch
             per_rank = [cap] * ws
@@ -320,13 +333,16 @@ class ShardLoader:
         order = np.arange(len(self._files))
         if self.train:
             order = np.random.default_rng([self.seed, epoch]).permutation(len(self._files))
+        if self._split_samples:
+            return [self._files[i] for i in order]
         return [self._files[i] for i in order[self.rank::self.world_size]]
 
     # -- iteration
     def _dataloader(self, urls: list[str]) -> DataLoader:
         stream = _EpochStream(urls, transform=self.transform, train=self.train,
                               shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch,
-                              rank=self.rank, chunk=self.batch_size)
+                              rank=self.rank, chunk=self.batch_size,
+                              stride=(self.rank, self.world_size) if self._split_samples else None)
         workers = min(self.num_workers, len(urls))
         kw: dict[str, Any] = {}
         if workers > 0:

@@ -76,19 +76,26 @@ def _progress(iterable, total: int, desc: str):
 
 def train_epoch(*, forward: Callable, loader, loss_fn: nn.Module, optimizer, scheduler, device: torch.device,
                 amp: str, after_step: Callable[[], None] | None = None, log_every: int = 50,
-                desc: str = "train", scaler=None, accum_steps: int = 1, channels_last: bool = False) -> dict:
+                desc: str = "train", scaler=None, accum_steps: int = 1, channels_last: bool = False,
+                start_batch: int = 0, step_hook: Callable[[int], bool] | None = None) -> dict:
     """One pass over `loader`. `forward(x)` returns logits (stage 2 passes a frozen-backbone forward).
 
     With accum_steps = k, gradients of k consecutive batches are summed (each loss scaled by 1/k) before one
     optimiser step; a trailing group of fewer than k batches still steps. `after_step` runs after each step.
+    Resuming: the first `start_batch` batches are read and skipped (the order is deterministic per epoch).
+    `step_hook(batches_done)` runs after each optimiser step; if it returns True the epoch stops there.
     """
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, batches, steps, start = 0, 0, 0, time.perf_counter()
+    stopped = False
     total = len(loader)
     bar = _progress(loader, total, desc)
     optimizer.zero_grad(set_to_none=True)
     for images, labels, _keys in bar:
+        if batches < start_batch:
+            batches += 1
+            continue
         images = images.to(device, non_blocking=True)
         if channels_last and images.ndim == 4:
             images = images.contiguous(memory_format=torch.channels_last)
@@ -113,16 +120,23 @@ def train_epoch(*, forward: Callable, loader, loss_fn: nn.Module, optimizer, sch
             steps += 1
             if after_step is not None:
                 after_step()
+            stopped = step_hook is not None and step_hook(batches)
         loss_sum += loss.detach() * labels.shape[0]
         correct += (logits.detach().argmax(1) == labels).sum()
         seen += labels.shape[0]
         if batches % log_every == 0 and not bar.disable:
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")  # the only read inside the loop
+        if stopped:
+            break
     elapsed = time.perf_counter() - start
+    if seen == 0 and (stopped or start_batch >= total):
+        return {"train_loss": float("nan"), "train_acc": float("nan"), "steps": 0, "samples": 0,
+                "epoch_time_s": elapsed, "img_per_s": 0.0, "stopped": stopped, "batches": batches}
     if seen == 0:
         raise RuntimeError(f"{desc}: the training loader yielded no batch (check batch_size against the split size)")
     return {"train_loss": float(loss_sum) / seen, "train_acc": 100.0 * float(correct) / seen, "steps": steps,
-            "samples": seen, "epoch_time_s": elapsed, "img_per_s": seen / max(elapsed, 1e-9)}
+            "samples": seen, "epoch_time_s": elapsed, "img_per_s": seen / max(elapsed, 1e-9), "stopped": stopped,
+            "batches": batches}
 
 
 def optimizer_steps(batches: int, accum_steps: int) -> int:

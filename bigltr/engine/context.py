@@ -24,6 +24,7 @@ class RunContext:
     info: dict
     out: Path
     dist: Dist
+    stop: object = None  # bigltr.engine.resume.StopFlag, set by the run
 
     @property
     def class_counts(self) -> list[int]:

@@ -13,6 +13,7 @@ from bigltr import plots
 from bigltr.config import Config, save_config
 from bigltr.engine.common import resolve_device
 from bigltr.engine.context import RunContext, write_json
+from bigltr.engine.resume import StopFlag
 from bigltr.engine.stage1 import run_stage1
 from bigltr.engine.stage2 import run_stage2
 from bigltr.distributed import Dist
@@ -43,12 +44,25 @@ def run(cfg: Config, dist: Dist | None = None) -> dict:
     log.info(f"run {out}: stage {cfg.stage}, device {dist.device}, {dist.describe()}, data {cfg.data.root} "
              f"({ctx.num_classes} classes)")
 
-    if cfg.stage in ("1", "all"):
+    ctx.stop = StopFlag(out, dist, cfg.preempt_check_every)
+    try:
+        ctx.stop.clear_stale()
+        return _run_stages(cfg, ctx, results, results_path)
+    finally:
+        ctx.stop.close()
+
+
+def _run_stages(cfg: Config, ctx: RunContext, results: dict, results_path: Path) -> dict:
+    dist, out = ctx.dist, ctx.out
+    done = set(results) if cfg.resume == "auto" else set()  # a finished stage is not rerun on resume
+    if cfg.stage in ("1", "all") and "stage1" not in done:
         seed_everything(cfg.seed)
         results["stage1"] = run_stage1(ctx)
+        results.pop("stage2", None)  # a new stage 1 invalidates any earlier stage 2
+        done.discard("stage2")
         if dist.is_main:
             write_json(results_path, results)
-    if cfg.stage in ("2", "all"):
+    if cfg.stage in ("2", "all") and "stage2" not in done:
         seed_everything(cfg.seed + 1)
         ckpt = cfg.stage1_checkpoint or str(out / "stage1" / "best.pt")
         if not Path(ckpt).is_file():

@@ -1,0 +1,33 @@
+#!/bin/bash
+# ImageNet-LT, stage 2 (classifier: class-balanced loss, weight decay, MaxNorm), 10 epochs, 1 node x 1 GPU.
+#
+#   sbatch --dependency=afterok:<stage-1 job id> slurm/imagenet_lt_stage2.sh [key=value ...]
+#
+# Reads stage 1's model from RUN/stage1/best.pt (same BIGLTR_RUN as stage 1, default runs/imagenet_lt).
+# The logic is in slurm/lib.sh (variables: slurm/train.sh); key=value arguments are passed to the trainer.
+#SBATCH --job-name=bigltr-imnlt-s2
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=1
+#SBATCH --gres=gpu:1
+#SBATCH --cpus-per-task=10
+#SBATCH --mem=0
+#SBATCH --time=04:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@90
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+
+BIGLTR_RECIPE=imagenet_lt
+BIGLTR_STAGE=2
+BIGLTR_RUN=${BIGLTR_RUN:-runs/imagenet_lt}
+for BIGLTR_ROOT in "${BIGLTR_ROOT:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-}" ""; do
+    [ -n "$BIGLTR_ROOT" ] && [ -f "$BIGLTR_ROOT/slurm/lib.sh" ] && break
+done
+if [ -z "$BIGLTR_ROOT" ]; then
+    echo "bigltr-slurm: error: slurm/lib.sh not found: submit from the bigltr checkout or set BIGLTR_ROOT" >&2
+    exit 2
+fi
+BIGLTR_ROOT=$(cd "$BIGLTR_ROOT" && pwd)
+# shellcheck source=slurm/lib.sh
+. "$BIGLTR_ROOT/slurm/lib.sh"
+bigltr_slurm_main "$@"
