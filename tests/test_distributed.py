@@ -74,8 +74,8 @@ def test_ddp_and_fsdp2_match_single_process(even_shards, tmp_path):
              "dist.world_size=2"], {})
     assert "2 process(es) (ddp, gloo)" in r.stderr
     fsdp = tmp_path / "fsdp2"
-    r = _launch([str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+    r = _launch([str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
+             "--main_process_port", str(_free_port()),
              "bigltr/train.py", *_common(even_shards, 78), f"out={fsdp}", "dist.backend=fsdp2", "dist.world_size=2",
              "stage2.features=cached", "stage2.cache.views=center", "stage2.cache.dtype=fp32"],
             {"ACCELERATE_USE_CPU": "1"})
