@@ -99,3 +99,25 @@ def test_posthoc_tau_norm():
     half = posthoc_classifier(lin, "tau_norm", 0.5)
     assert torch.allclose(half.weight[0], torch.tensor([2.0 / 2 ** 0.5, 0, 0, 0]))
     assert torch.equal(lin.weight[0], torch.tensor([2.0, 0, 0, 0]))  # original untouched
+
+
+def test_flip_tta_averages_logits_of_image_and_mirror():
+    """eval.tta_flip (official code's reported numbers): prediction = argmax of the mean of both views' logits."""
+    from bigltr.engine.common import evaluate
+
+    torch.manual_seed(3)
+    backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
+    clf = nn.Linear(5, 3)
+    x, y = torch.randn(40, 1, 6, 6), torch.randint(0, 3, (40,))
+    batches = [(x[i:i + 8], y[i:i + 8], [str(j) for j in range(i, i + 8)]) for i in range(0, 40, 8)]
+    with torch.no_grad():
+        logits = (clf(backbone(x)) + clf(backbone(torch.flip(x, dims=[3])))) / 2
+        plain = clf(backbone(x))
+    want = torch.bincount(y[logits.argmax(1) == y], minlength=3)
+    got, total = evaluate(backbone=backbone, classifiers={"m": clf}, loader=batches, num_classes=3,
+                          device=torch.device("cpu"), tta_flip=True)["m"]
+    assert torch.equal(got, want) and torch.equal(total, torch.bincount(y, minlength=3))
+    no_tta, _ = evaluate(backbone=backbone, classifiers={"m": clf}, loader=batches, num_classes=3,
+                         device=torch.device("cpu"))["m"]
+    assert torch.equal(no_tta, torch.bincount(y[plain.argmax(1) == y], minlength=3))
+    assert not torch.equal(logits.argmax(1), plain.argmax(1))  # the flip changed some predictions

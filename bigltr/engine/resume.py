@@ -100,6 +100,51 @@ def save_resume(path: Path, *, dist, model, optimizer, scheduler, scaler, epoch:
     dist.barrier()
 
 
+class Progress:
+    """A stage's position and history, and the resume checkpoint that carries them (one per stage)."""
+
+    def __init__(self, path: Path, stage: int, config: dict, *, dist, model, optimizer, scheduler, scaler):
+        self.path, self.stage, self.config = Path(path), stage, config
+        self.dist, self.model, self.optimizer, self.scheduler, self.scaler = dist, model, optimizer, scheduler, scaler
+        self.epoch, self.batch = 0, 0  # where training (re)starts
+        self.best = None  # (epoch, val_all) of the best epoch so far
+        self.norms_per_epoch: list = []
+        self.resumed = False
+
+    def restore(self, state: dict | None, load_model: bool = True) -> "Progress":
+        """Load optimizer, scheduler, scaler, RNG and position from a resume state (the model too, if asked)."""
+        if state is None:
+            return self
+        if load_model:
+            self.dist.load_full_state_dict(self.model, state["model"])
+        self.dist.load_full_optim_state_dict(self.model, self.optimizer, state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if self.scaler is not None and state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.epoch, self.batch = state["epoch"], state["batch"]
+        self.norms_per_epoch = state["norms_per_epoch"]
+        self.best = tuple(state["best"]) if state["best"] else None
+        self.resumed = True
+        log.info(f"stage {self.stage}: resuming {self.path} at epoch {self.epoch + 1}, batch {self.batch}")
+        return self
+
+    def start_batch(self, epoch: int) -> int:
+        return self.batch if epoch == self.epoch else 0
+
+    def update_best(self, epoch: int, val_all: float) -> bool:
+        if self.best is None or val_all > self.best[1]:
+            self.best = (epoch, val_all)
+            return True
+        return False
+
+    def checkpoint(self, epoch: int, batch: int) -> None:
+        save_resume(self.path, dist=self.dist, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                    scaler=self.scaler, epoch=epoch, batch=batch,
+                    extra={"stage": self.stage, "best": list(self.best) if self.best else None,
+                           "norms_per_epoch": self.norms_per_epoch, "config": self.config})
+
+
 def load_resume(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -109,17 +154,17 @@ def load_resume(path: Path) -> dict | None:
     return state
 
 
-def step_hook(ctx, checkpoint, epoch: int, batches: int, accum_steps: int = 1) -> bool:
+def step_hook(ctx, progress: Progress, epoch: int, batches: int, accum_steps: int = 1) -> bool:
     """After an optimiser step: periodic resume checkpoint, and the (rank-agreed) stop check.
 
     Returns True when the stage must stop; the stop checkpoint is then already written."""
     step = batches // accum_steps if batches % accum_steps == 0 else batches // accum_steps + 1
     every = ctx.cfg.ckpt_every_steps
     if ctx.stop is not None and ctx.stop.should_stop(step):
-        checkpoint(epoch, batches)
+        progress.checkpoint(epoch, batches)
         log.warning(f"stop requested: checkpoint written at epoch {epoch + 1}, batch {batches}; exiting with "
                     f"{EXIT_PREEMPTED}")
         return True
     if every and step % every == 0:
-        checkpoint(epoch, batches)
+        progress.checkpoint(epoch, batches)
     return False

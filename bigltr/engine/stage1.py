@@ -15,7 +15,7 @@ from bigltr.config import to_dict
 from bigltr.engine.common import (CsvLog, build_sgd, cosine_schedule, optimizer_steps, param_groups, peak_memory_mib,
                                   train_epoch)
 from bigltr.engine.context import RunContext, write_json
-from bigltr.engine.resume import Preempted, load_resume, save_resume, set_rng_state, step_hook
+from bigltr.engine.resume import Preempted, Progress, load_resume, step_hook
 from bigltr.models import build_model
 from bigltr.objective.maxnorm import row_norms
 
@@ -39,47 +39,30 @@ def run_stage1(ctx: RunContext) -> dict:
     scheduler = cosine_schedule(optimizer, s1.epochs * steps, s1.warmup_epochs * steps)
     scaler = torch.amp.GradScaler(device.type) if s1.amp == "fp16" else None
     loss_fn = nn.CrossEntropyLoss()
-    norms_per_epoch, best, start_epoch, start_batch = [], None, 0, 0
-    resume_path = out / "resume.pt"
-    state = load_resume(resume_path) if cfg.resume == "auto" else None
-    if state is not None:
-        dist.load_full_state_dict(model, state["model"])
-        dist.load_full_optim_state_dict(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, start_batch = state["epoch"], state["batch"]
-        norms_per_epoch, best = state["norms_per_epoch"], tuple(state["best"]) if state["best"] else None
-        log.info(f"stage 1: resuming {resume_path} at epoch {start_epoch + 1}, batch {start_batch}")
-    summary = CsvLog(out / "summary.csv", resume=state is not None) if ctx.is_main else None
-
-    def checkpoint(epoch: int, batch: int) -> None:
-        save_resume(resume_path, dist=dist, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                    epoch=epoch, batch=batch, extra={"stage": 1, "best": list(best) if best else None,
-                                                     "norms_per_epoch": norms_per_epoch, "config": to_dict(cfg)})
+    state = load_resume(out / "resume.pt") if cfg.resume == "auto" else None
+    prog = Progress(out / "resume.pt", 1, to_dict(cfg), dist=dist, model=model, optimizer=optimizer,
+                    scheduler=scheduler, scaler=scaler).restore(state)
+    summary = CsvLog(out / "summary.csv", resume=prog.resumed) if ctx.is_main else None
     log.info(f"stage 1: {cfg.model.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
              f"(local), {train_loader.num_samples} train images/rank x {dist.world_size} rank(s), {steps} steps/epoch, "
              f"wd={s1.weight_decay} ({s1.wd_scope})")
     t_start = time.perf_counter()
-    for epoch in range(start_epoch, s1.epochs):
+    for epoch in range(prog.epoch, s1.epochs):
         train_loader.set_epoch(epoch)
         model.train()
         tr = train_epoch(forward=forward, loader=train_loader, loss_fn=loss_fn, optimizer=optimizer,
                          scheduler=scheduler, device=device, amp=s1.amp, log_every=cfg.log_every,
                          desc=f"stage1 {epoch + 1}/{s1.epochs}", scaler=scaler, accum_steps=s1.accum_steps,
-                         channels_last=s1.channels_last, start_batch=start_batch if epoch == start_epoch else 0,
-                         step_hook=lambda b, e=epoch: step_hook(ctx, checkpoint, e, b, s1.accum_steps))
+                         channels_last=s1.channels_last, start_batch=prog.start_batch(epoch),
+                         step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b, s1.accum_steps))
         if tr["stopped"]:
             raise Preempted(f"stage 1 stopped at epoch {epoch + 1}, batch {tr['batches']}")
         model.eval()
         val = ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, s1.amp, "val")["m"]
         state_model = dist.full_state_dict(model)  # collective under FSDP2
         norms = row_norms(state_model["classifier.weight"])
-        norms_per_epoch.append([round(float(n), 6) for n in norms])
-        is_best = best is None or val["all"] > best[1]
-        if is_best:
-            best = (epoch + 1, val["all"])
+        prog.norms_per_epoch.append([round(float(n), 6) for n in norms])
+        is_best = prog.update_best(epoch + 1, val["all"])
         if ctx.is_main:
             summary.write({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
                            "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
@@ -94,15 +77,15 @@ def run_stage1(ctx: RunContext) -> dict:
                                 out / "best.pt")
         log.info(f"stage1 epoch {epoch + 1}/{s1.epochs} loss {tr['train_loss']:.4f} train_acc {tr['train_acc']:.2f} "
                  f"val_all {val['all']:.2f} ({tr['img_per_s']:.0f} img/s/rank){' *best' if is_best else ''}")
-        checkpoint(epoch + 1, 0)
+        prog.checkpoint(epoch + 1, 0)
     train_s = time.perf_counter() - t_start
     if ctx.is_main:
-        write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": norms_per_epoch})
+        write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": prog.norms_per_epoch})
     dist.barrier()  # best.pt is complete before any rank reads it
     final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(device)
     final.load_state_dict(load_checkpoint(out / "best.pt")["model"])
     result = ctx.final_eval(final, s1.batch_size, s1.amp)
-    result["best_epoch"] = best[0]
+    result["best_epoch"] = prog.best[0]
     result["wall_time_s"] = {"train_incl_val": round(train_s, 2)}
     result["peak_memory_mib"] = round(peak_memory_mib(device), 1)
     result["weight_norms"] = [round(float(n), 6) for n in row_norms(final.classifier.weight)]

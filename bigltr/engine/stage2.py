@@ -21,7 +21,7 @@ from bigltr.engine.common import (CsvLog, autocast, build_sgd, cosine_schedule, 
                                   train_epoch)
 from bigltr.engine.context import RunContext, write_json
 from bigltr.engine.feature_cache import FeatureCache
-from bigltr.engine.resume import Preempted, load_resume, save_resume, set_rng_state, step_hook
+from bigltr.engine.resume import Preempted, Progress, load_resume, step_hook
 from bigltr.models import build_model
 from bigltr.objective.losses import build_loss
 from bigltr.objective.maxnorm import MaxNorm, resolve_radius, row_norms
@@ -101,25 +101,13 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     scheduler = cosine_schedule(optimizer, s2.epochs * steps)
     scaler = torch.amp.GradScaler(device.type) if s2.amp == "fp16" else None
 
-    norms_per_epoch, best, start_epoch, start_batch = [], None, 0, 0
-    if state is not None:
-        dist.load_full_optim_state_dict(model, optimizer, state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if scaler is not None and state["scaler"]:
-            scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        start_epoch, start_batch = state["epoch"], state["batch"]
-        norms_per_epoch, best = state["norms_per_epoch"], tuple(state["best"]) if state["best"] else None
-        log.info(f"stage 2: resuming {resume_path} at epoch {start_epoch + 1}, batch {start_batch}")
-    summary = CsvLog(out / "summary.csv", resume=state is not None) if ctx.is_main else None
-
-    def checkpoint(epoch: int, batch: int) -> None:
-        save_resume(resume_path, dist=dist, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-                    epoch=epoch, batch=batch, extra={"stage": 2, "best": list(best) if best else None,
-                                                     "norms_per_epoch": norms_per_epoch, "config": to_dict(cfg)})
+    # the model state was loaded above, before wrapping
+    prog = Progress(resume_path, 2, to_dict(cfg), dist=dist, model=model, optimizer=optimizer, scheduler=scheduler,
+                    scaler=scaler).restore(state, load_model=False)
+    summary = CsvLog(out / "summary.csv", resume=prog.resumed) if ctx.is_main else None
     log.info(f"stage 2: loss {s2.loss}, wd {s2.weight_decay}, MaxNorm {mn.when} radius {radius:.4f} "
              f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}")
-    for epoch in range(start_epoch, s2.epochs):
+    for epoch in range(prog.epoch, s2.epochs):
         train_loader.set_epoch(epoch)
         model.eval()
         if s2.bn_mode == "train":
@@ -128,8 +116,8 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
         tr = train_epoch(forward=forward, loader=train_loader, loss_fn=loss_fn, optimizer=optimizer,
                          scheduler=scheduler, device=device, amp=s2.amp, log_every=cfg.log_every, scaler=scaler,
                          after_step=lambda: maxnorm.after_step(model.classifier.weight),
-                         desc=f"stage2 {epoch + 1}/{s2.epochs}", start_batch=start_batch if epoch == start_epoch else 0,
-                         step_hook=lambda b, e=epoch: step_hook(ctx, checkpoint, e, b))
+                         desc=f"stage2 {epoch + 1}/{s2.epochs}", start_batch=prog.start_batch(epoch),
+                         step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b))
         if tr["stopped"]:
             raise Preempted(f"stage 2 stopped at epoch {epoch + 1}, batch {tr['batches']}")
         maxnorm.after_epoch(model.classifier.weight)
@@ -137,10 +125,8 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
         model.eval()
         val = ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, s2.amp, "val")["m"]
         state_model = dist.full_state_dict(model)  # collective under FSDP2
-        norms_per_epoch.append([round(float(n), 6) for n in row_norms(state_model["classifier.weight"])])
-        is_best = best is None or val["all"] > best[1]
-        if is_best:
-            best = (epoch + 1, val["all"])
+        prog.norms_per_epoch.append([round(float(n), 6) for n in row_norms(state_model["classifier.weight"])])
+        is_best = prog.update_best(epoch + 1, val["all"])
         if ctx.is_main:
             summary.write({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
                            "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
@@ -155,16 +141,16 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
         log.info(f"stage2 epoch {epoch + 1}/{s2.epochs} loss {tr['train_loss']:.4f} val_all {val['all']:.2f} "
                  f"| MaxNorm radius {radius:.4f} clipped {mstats.clipped_rows} rows in {mstats.applications} "
                  f"projections, norms {mstats.norm_min:.4f}..{mstats.norm_max:.4f}{' *best' if is_best else ''}")
-        checkpoint(epoch + 1, 0)
+        prog.checkpoint(epoch + 1, 0)
     if ctx.is_main:
-        write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": norms_per_epoch,
+        write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": prog.norms_per_epoch,
                                                "radius": radius})
     train_s = time.perf_counter() - t_start
     dist.barrier()  # best.pt is complete before any rank reads it
     final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(device)
     final.load_state_dict(load_checkpoint(out / "best.pt")["model"])
     result = ctx.final_eval(final, s2.batch_size, s2.amp)
-    result.update(best_epoch=best[0], maxnorm_radius=radius, features=s2.features,
+    result.update(best_epoch=prog.best[0], maxnorm_radius=radius, features=s2.features,
                   peak_memory_mib=round(peak_memory_mib(device), 1),
                   wall_time_s={"train_incl_val": round(train_s, 2), "feature_cache_build": round(cache_s, 2)},
                   weight_norms=[round(float(n), 6) for n in row_norms(final.classifier.weight)])
