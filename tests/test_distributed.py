@@ -115,3 +115,27 @@ def test_world_size_mismatch_is_a_startup_error(even_shards, tmp_path, capsys):
     assert main(_common(even_shards, 78) + [f"out={tmp_path}", "dist.world_size=2"]) == 2
     err = capsys.readouterr().err
     assert "dist.world_size=2" in err and "--cpu --num_processes 2" in err
+
+
+def test_two_ranks_read_disjoint_complete_and_in_step(tiny_shards, tmp_path):
+    """Uneven shards (train 64+64+31, test 64+16), 2 gloo ranks: equal batch counts on every rank, no sample on two
+    ranks, eval covers every sample once (after de-duplicating the padding), epochs differ in order."""
+    info = json.loads((tiny_shards / "_info.json").read_text())
+    out = tmp_path / "seen.json"
+    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+             str(_free_port()), "tests/dist_loader_check.py", str(tiny_shards), str(out)], {})
+    ranks = json.loads(out.read_text())
+    for split in ("train", "val", "test"):
+        n = info["splits"][split]["num_samples"]
+        for epoch in (0, 1):
+            per_rank = [r[split][epoch] for r in ranks]
+            assert per_rank[0]["batches"] == per_rank[1]["batches"] == per_rank[0]["len"], (split, epoch)
+            keys = [set(r["keys"]) for r in per_rank]
+            assert not (keys[0] & keys[1]), (split, epoch)
+            covered = len(keys[0] | keys[1])
+            if split != "train":
+                assert covered == n  # complete
+            else:  # uneven shards -> split by sample: full batches only, under one batch (+1) lost per rank
+                assert covered == 2 * 8 * per_rank[0]["len"] and covered >= n - 2 * (8 + 1)
+                assert len(per_rank[0]["keys"]) == len(set(per_rank[0]["keys"]))
+    assert ranks[0]["train"][0]["keys"] != ranks[0]["train"][1]["keys"]  # reshuffled per epoch

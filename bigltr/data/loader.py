@@ -20,7 +20,9 @@ Equal batch counts across ranks (``world_size > 1``): a collective hangs if one 
 
 * train: every rank reads at most ``T`` samples, ``T`` = the sum of the ``len(shards) // world_size``
   smallest shard lengths, a lower bound of what any rank receives in any epoch. Ranks drop the rest of
-  their stream (up to about one shard per rank per epoch, different ones each epoch).
+  their stream (up to about one shard per rank per epoch, different ones each epoch). If that would drop more
+  than 10% of the split (few or uneven shards), or there are fewer shards than ranks, the split is divided by
+  sample instead: every rank reads all shards and keeps every ``world_size``-th sample of each worker's stream.
 * eval with ``drop_last=False``: ranks hold different counts; each rank yields ``max_r ceil(n_r / B)``
   batches, a rank that runs out repeats its last batch (duplicate keys): an exact evaluator keeps one
   prediction per ``__key__``. With ``drop_last=True`` all ranks are truncated to ``min_r floor(n_r / B)``.
@@ -290,7 +292,12 @@ class ShardLoader:
         ws, B = self.world_size, self.batch_size
         # Fewer shards than ranks: split by sample instead (each rank reads every shard and keeps every
         # ws-th sample of each worker's stream). Costs ws-fold reading, not decoding; fine for small splits.
-        self._split_samples = ws > n_shards
+        # Training reads whole shards per rank, each rank capped at a share every epoch can give (the sum of the
+        # n_shards // ws smallest shards). When that cap would drop more than 10% of the split (few or uneven
+        # shards), or there are fewer shards than ranks, split by sample instead: each rank reads every shard and
+        # keeps every ws-th sample of each worker's stream (ws-fold reading, no extra decoding).
+        shard_cap = sum(sorted(self._lengths)[: n_shards // ws]) if self.train and ws > 1 else None
+        self._split_samples = ws > n_shards or (shard_cap is not None and shard_cap * ws < 0.9 * sum(self._lengths))
         if self._split_samples:
             nw = max(1, min(self.num_workers, n_shards))
             streams = [sum(self._lengths[w::nw]) for w in range(nw)]  # eval order; train varies per epoch
@@ -302,16 +309,9 @@ class ShardLoader:
             if self.rank == 0:
                 _log.info("split '%s' of %s: %d shard(s) for %d ranks: splitting by sample", split, self.root,
                           n_shards, ws)
-        elif self.train and ws > 1:
-            k = n_shards // ws
-            cap = sum(sorted(self._lengths)[:k])  # lower bound of any rank's share in any epoch
-            per_rank = [cap] * ws
-            self._cap: Optional[int] = cap
-            if cap * ws < 0.9 * sum(self._lengths) and self.rank == 0:
-                _log.warning(
-                    "split '%s' of %s: %d shards on %d ranks: each rank reads only %d samples per epoch "
-                    "(%.0f%% of the split); re-make the shards with a smaller --maxcount for a fuller pass",
-                    split, self.root, n_shards, ws, cap, 100.0 * cap * ws / sum(self._lengths))
+        elif shard_cap is not None:
+            per_rank = [shard_cap] * ws
+            self._cap: Optional[int] = shard_cap
         else:
             per_rank = [sum(self._lengths[r::ws]) for r in range(ws)]
             self._cap = None
