@@ -22,6 +22,8 @@ from typing import Any, Literal
 
 import yaml
 
+from bigltr.atomic import write_text_atomic
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE_DIR = REPO_ROOT / "recipes"
 
@@ -349,8 +351,4 @@ def to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config atomically (tmp file then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    os.replace(tmp, path)
+    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

@@ -18,17 +18,17 @@ quality given: JPEG/PNG/WebP files are copied after a successful decode), else r
 from __future__ import annotations
 
 import io
-import json
 import math
 import os
 import re
-import tempfile
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 from PIL import Image
+
+from bigltr.atomic import write_json_atomic
 
 from .writer import REPORT_NAME, EncodedImage, encode_image, write_dataset
 
@@ -232,19 +232,7 @@ class ConversionReport:
 
     def write(self, out_dir: str, status: str, message: str = "") -> str:
         path = os.path.join(out_dir, REPORT_NAME)
-        fd, tmp = tempfile.mkstemp(prefix=f".{REPORT_NAME}.", suffix=".tmp", dir=out_dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.as_dict(status, message), f, indent=1, ensure_ascii=False)
-                f.write("\n")
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except FileNotFoundError:
-                pass
-            raise
+        write_json_atomic(path, self.as_dict(status, message))
         return path
 
 

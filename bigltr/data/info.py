@@ -26,8 +26,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from typing import Any
+
+from bigltr.atomic import write_json_atomic
 
 __all__ = ["INFO_NAME", "read_info", "write_info", "validate_info"]
 
@@ -147,19 +148,5 @@ def write_info(root: str | os.PathLike, info: dict) -> str:
     validate_info(info, where=f"info for {root}")
     os.makedirs(root, exist_ok=True)
     path = os.path.join(root, INFO_NAME)
-    fd, tmp = tempfile.mkstemp(prefix=f".{INFO_NAME}.", suffix=".tmp", dir=root)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(info, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    write_json_atomic(path, info)
     return path

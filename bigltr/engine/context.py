@@ -1,13 +1,13 @@
 """What a stage needs to know about the run: config, device, dataset facts, output folder, loaders."""
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from bigltr.atomic import write_json_atomic
 from bigltr.config import Config
 from bigltr.data.info import read_info
 from bigltr.data.loader import ShardLoader, build_transform
@@ -87,8 +87,4 @@ class RunContext:
 
 
 def write_json(path: str | os.PathLike, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1))
-    os.replace(tmp, path)
+    write_json_atomic(path, obj)

@@ -24,6 +24,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bigltr.atomic import write_json_atomic
+
 log = logging.getLogger("bigltr")
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -173,9 +175,7 @@ class FeatureCache:
             mm.flush()
             np.save(directory / "labels.npy", labels.numpy())
             if key is not None:
-                tmp = directory / "meta.json.tmp"
-                tmp.write_text(json.dumps({"key": key, "shape": list(store.shape)}))
-                os.replace(tmp, directory / "meta.json")
+                write_json_atomic(directory / "meta.json", {"key": key, "shape": list(store.shape)})
         log.info(f"feature cache: {num_views} view(s) x {n} images x {feat_dim} dims in {dtype} "
                  f"({nbytes / 2**20:.1f} MiB, {location})")
         return cls(store, labels, batch_size=batch_size, seed=seed)
