@@ -67,14 +67,12 @@ def run_stage1(ctx: RunContext) -> dict:
             summary.write({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
                            "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
                            "wnorm_min": float(norms.min()), "wnorm_max": float(norms.max())})
+            # weights only; the optimizer, scheduler and data position live in resume.pt (written below)
             state = {"stage": 1, "epoch": epoch + 1, "model": state_model, "val_all": val["all"],
                      "config": to_dict(cfg)}
-            if not dist.distributed or dist.backend == "ddp":  # FSDP2 optimizer state is sharded: not in this file
-                state.update(optimizer=optimizer.state_dict(), scheduler=scheduler.state_dict())
             save_checkpoint(state, out / "last.pt")
             if is_best:
-                save_checkpoint({k: v for k, v in state.items() if k not in ("optimizer", "scheduler")},
-                                out / "best.pt")
+                save_checkpoint(state, out / "best.pt")
         log.info(f"stage1 epoch {epoch + 1}/{s1.epochs} loss {tr['train_loss']:.4f} train_acc {tr['train_acc']:.2f} "
                  f"val_all {val['all']:.2f} ({tr['img_per_s']:.0f} img/s/rank){' *best' if is_best else ''}")
         prog.checkpoint(epoch + 1, 0)

@@ -79,7 +79,7 @@ class MaxNorm:
         lo = n.min() if n.numel() else torch.tensor(big, device=n.device)  # an empty shard owns no rows
         hi = n.max() if n.numel() else torch.tensor(0.0, device=n.device)
         total = torch.stack([clipped.float(), n.sum(), torch.tensor(float(n.numel()), device=n.device)])
-        if dist is not None and dist.distributed and dist.backend == "fsdp2":
+        if dist is not None and hasattr(weight, "to_local"):  # rows sharded over ranks: reduce over all of them
             dist.all_reduce_(total, "sum"), dist.all_reduce_(lo, "min"), dist.all_reduce_(hi, "max")
         s = MaxNormStats(self.radius, int(total[0]), self._applications, float(lo),
                          float(total[1] / total[2].clamp_min(1)), float(hi))
