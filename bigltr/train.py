@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as e:
         print(f"bigltr: {e}", file=sys.stderr)
         return 2
+    except ConfigError as e:  # found once the data or a checkpoint is read (model name, checkpoint mismatch)
+        print(f"bigltr: config error: {e}", file=sys.stderr)
+        return 2
     except Preempted as e:
         print(f"bigltr: preempted ({e}); resume with the same command and resume=auto", file=sys.stderr)
         return EXIT_PREEMPTED

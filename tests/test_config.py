@@ -76,3 +76,16 @@ def test_cli_exits_nonzero_before_heavy_work():
     r = subprocess.run([sys.executable, "-m", "bigltr.train", "recipe=fmnist_lt", "data.root=/nonexistent/x"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "make_shards.py" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_unknown_model_and_mismatched_checkpoint_are_clean_errors(tiny_shards, tmp_path, capsys):
+    from bigltr.train import main
+
+    base = ["recipe=tiny_test", f"data.root={tiny_shards}", "stage1.epochs=1", "stage2.epochs=1"]
+    assert main(base + [f"out={tmp_path / 'a'}", "model.name=resnet32_cifr"]) == 2
+    err = capsys.readouterr().err
+    assert "'resnet32_cifr' is not a timm model" in err and "resnet32_cifar" in err
+    assert main(base + [f"out={tmp_path / 'b'}", "stage=1"]) == 0
+    capsys.readouterr()
+    assert main(base + [f"out={tmp_path / 'b'}", "stage=2", "model.name=test_efficientnet_gn"]) == 2
+    assert "does not match model.name=test_efficientnet_gn" in capsys.readouterr().err

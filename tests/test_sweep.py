@@ -92,17 +92,18 @@ def test_local_sweep_selects_on_val_and_resumes(sweep_shards, tmp_path, capsys, 
 
 
 def test_failing_trials_are_recorded_and_the_sweep_goes_on(sweep_shards, tmp_path, capsys, one_thread):
-    # model.name is a free string for the config: the unknown model only fails when the trial builds it.
+    # model.name is a free string for the config: the unknown model only fails when the trial builds it
+    # (a clean config error, exit 2).
     out = tmp_path / "bad"
     rc = sweep.main(["recipe=tiny_test", f"out={out}", "--grid", "0,1e-3", f"data.root={sweep_shards}",
                      "model.name=nonexistent_model_xyz"])
     assert rc == 1  # nothing to select
     printed = capsys.readouterr().out
-    assert printed.count("FAILED (exit 1)") == 2  # the second trial ran after the first failed
+    assert printed.count("FAILED (exit 2)") == 2  # the second trial ran after the first failed
     for name in ("s1_wd=0", "s1_wd=1e-03"):
-        assert (out / "trials" / name / "exit_code").read_text().strip() == "1"
+        assert (out / "trials" / name / "exit_code").read_text().strip() == "2"
     with open(out / "sweep_summary.csv") as f:
-        assert [r["status"] for r in csv.DictReader(f)] == ["failed (exit 1)"] * 2
+        assert [r["status"] for r in csv.DictReader(f)] == ["failed (exit 2)"] * 2
     md = (out / "sweep_summary.md").read_text()
     assert "## Failed trials" in md and "nonexistent_model_xyz" in md
 

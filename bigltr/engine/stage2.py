@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from bigltr.checkpoint import load_checkpoint, save_checkpoint
-from bigltr.config import to_dict
+from bigltr.config import ConfigError, to_dict
 from bigltr.engine.common import (CsvLog, autocast, build_sgd, cosine_schedule, freeze, peak_memory_mib,
                                   train_epoch)
 from bigltr.engine.context import RunContext, write_json
@@ -47,8 +47,8 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise RuntimeError(f"stage-1 checkpoint {stage1_checkpoint} does not match model.name={cfg.model.name} "
-                           f"with {ctx.num_classes} classes: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"stage-1 checkpoint {stage1_checkpoint} does not match model.name={cfg.model.name} "
+                          f"with {ctx.num_classes} classes: {str(e).splitlines()[0]}") from None
     model.to(device)
     stage1_weight = model.classifier.weight.detach().clone()
     if s2.classifier_init == "reinit":

@@ -8,6 +8,7 @@ import timm
 import torch
 import torch.nn as nn
 
+from bigltr.config import ConfigError
 from bigltr.models import cifar_resnet  # noqa: F401  (registry side effect)
 
 
@@ -23,11 +24,11 @@ class LTModel(nn.Module):
 
 def build_model(name: str, num_classes: int, *, in_chans: int = 3, pretrained: bool = False,
                 drop_rate: float = 0.0) -> LTModel:
-    if name not in timm.list_models() and name not in timm.list_models(pretrained=False):
+    if not timm.is_model(name):
         import difflib
 
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        raise ValueError(f"model.name '{name}' is not a timm model; closest: {close}")
+        raise ConfigError(f"config key 'model.name': '{name}' is not a timm model; closest: {close}")
     # num_classes=0: timm returns pooled features; the classifier is ours so every backbone looks the same.
     backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans,
                                  drop_rate=drop_rate)
