@@ -77,6 +77,9 @@ class MaxNormConfig:
     # relative: t in delta = min + t * (max - min) of the stage-1 row norms (official t = 0.1); absolute: delta.
     radius: float = 0.1
     tau: float = 1.0  # the official code's exponent: rows with ||w||^tau > delta are scaled by delta/||w||^tau
+    # when=step only: fuse the SGD update and the projection into one op (one Triton kernel on GPU). The clipped-
+    # row count is then not measured (logged as -1); rows_at_radius at epoch end still shows whether it binds.
+    fused: bool = False
 
 
 @dataclass
@@ -330,6 +333,7 @@ def validate(cfg: Config) -> None:
     mn = cfg.stage2.maxnorm
     need(mn.radius >= 0, "stage2.maxnorm.radius", "must be >= 0")
     need(mn.tau > 0, "stage2.maxnorm.tau", "must be > 0")
+    need(not (mn.fused and mn.when != "step"), "stage2.maxnorm.fused", "needs stage2.maxnorm.when=step")
     need(cfg.stage2.cache.num_aug >= 1, "stage2.cache.num_aug", "must be >= 1")
     need(not (cfg.stage2.features == "cached" and cfg.stage2.bn_mode == "train"), "stage2.features",
          "cached features need a fixed backbone: use stage2.bn_mode=eval (bn_mode=train changes BatchNorm "

@@ -108,3 +108,41 @@ def test_feature_cache_matches_online_stage2(tiny_shards, tmp_path):
 
     with pytest.raises(ConfigError, match="bn_mode=eval"):
         build_config(common + ["stage2.features=cached", "stage2.bn_mode=train"])
+
+
+def test_fused_sgd_maxnorm_stage2_equals_unfused(tiny_shards, tmp_path):
+    """stage2.maxnorm.fused=true (SGDMaxNorm: one op per step) trains the same classifier as SGD + MaxNorm."""
+    from bigltr.objective.fused_sgd import SGDMaxNorm
+    from bigltr.train import main
+
+    common = ["recipe=tiny_test", f"data.root={tiny_shards}", "data.train_aug=none", "stage1.epochs=1"]
+    assert main(common + [f"out={tmp_path / 's1'}", "stage=1"]) == 0
+    s2 = common + ["stage=2", f"stage1_checkpoint={tmp_path / 's1' / 'stage1' / 'best.pt'}", "stage2.epochs=2",
+                   "stage2.maxnorm.radius=0.3"]
+    assert main(s2 + [f"out={tmp_path / 'plain'}"]) == 0
+    assert main(s2 + [f"out={tmp_path / 'fused'}", "stage2.maxnorm.fused=true"]) == 0
+    a = torch.load(tmp_path / "plain" / "stage2" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "fused" / "stage2" / "last.pt", weights_only=True)["model"]
+    for k in ("classifier.weight", "classifier.bias"):
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-6)
+    rows = (tmp_path / "fused" / "stage2" / "summary.csv").read_text().splitlines()
+    header, epochs = rows[0].split(","), [r.split(",") for r in rows[1:]]
+    assert all(e[header.index("maxnorm_clipped_rows")] == "-1" for e in epochs)
+    assert max(int(e[header.index("maxnorm_rows_at_radius")]) for e in epochs) > 0  # t=0.3 binds on some rows
+
+    # the optimizer alone: momentum + weight decay + projection == torch SGD then renorm, over several steps
+    torch.manual_seed(0)
+    w0, b0 = torch.randn(7, 5), torch.randn(7)
+    w1, b1 = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    w2, b2 = torch.nn.Parameter(w0.clone()), torch.nn.Parameter(b0.clone())
+    fused = SGDMaxNorm([{"params": [w1], "radius": 1.5}, {"params": [b1]}], lr=0.1, momentum=0.9, weight_decay=0.1)
+    ref = torch.optim.SGD([w2, b2], lr=0.1, momentum=0.9, weight_decay=0.1, foreach=False)
+    for _ in range(4):
+        g, gb = torch.randn(7, 5), torch.randn(7)
+        w1.grad, b1.grad, w2.grad, b2.grad = g.clone(), gb.clone(), g.clone(), gb.clone()
+        fused.step()
+        ref.step()
+        with torch.no_grad():
+            w2.renorm_(2, 0, 1.5)
+        torch.testing.assert_close(w1, w2, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(b1, b2, rtol=1e-6, atol=1e-6)

@@ -23,6 +23,7 @@ from bigltr.engine.context import RunContext, write_json
 from bigltr.engine.feature_cache import FeatureCache
 from bigltr.engine.resume import Preempted, Progress, load_resume, step_hook
 from bigltr.models import build_model
+from bigltr.objective.fused_sgd import SGDMaxNorm
 from bigltr.objective.losses import build_loss
 from bigltr.objective.maxnorm import MaxNorm, resolve_radius, row_norms
 
@@ -96,8 +97,14 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     val_loader = ctx.loader("val", train=False, batch_size=s2.batch_size)
     steps = len(train_loader)
     # Weight decay on the classifier's weight and bias (both trainable params), as the official code.
-    optimizer = build_sgd([{"params": list(model.classifier.parameters()), "weight_decay": s2.weight_decay}],
-                          s2.lr, s2.momentum)
+    if mn.fused:  # the step projects the weight itself; the MaxNorm hook only reports
+        optimizer = SGDMaxNorm([{"params": [model.classifier.weight], "radius": radius, "tau": mn.tau},
+                                {"params": [model.classifier.bias]}], lr=s2.lr, momentum=s2.momentum,
+                               weight_decay=s2.weight_decay)
+        maxnorm = MaxNorm(radius, tau=mn.tau, when="off")
+    else:
+        optimizer = build_sgd([{"params": list(model.classifier.parameters()), "weight_decay": s2.weight_decay}],
+                              s2.lr, s2.momentum)
     scheduler = cosine_schedule(optimizer, s2.epochs * steps)
     scaler = torch.amp.GradScaler(device.type) if s2.amp == "fp16" else None
 
@@ -130,7 +137,9 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
         if ctx.is_main:
             summary.write({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
                            "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
-                           "maxnorm_radius": mstats.radius, "maxnorm_clipped_rows": mstats.clipped_rows,
+                           "maxnorm_radius": mstats.radius,
+                           "maxnorm_clipped_rows": -1 if mn.fused else mstats.clipped_rows,
+                           "maxnorm_rows_at_radius": mstats.rows_at_radius,
                            "maxnorm_applications": mstats.applications, "wnorm_min": mstats.norm_min,
                            "wnorm_mean": mstats.norm_mean, "wnorm_max": mstats.norm_max})
             state = {"stage": 2, "epoch": epoch + 1, "model": state_model, "val_all": val["all"],
@@ -139,8 +148,11 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
             if is_best:
                 save_checkpoint(state, out / "best.pt")
         log.info(f"stage2 epoch {epoch + 1}/{s2.epochs} loss {tr['train_loss']:.4f} val_all {val['all']:.2f} "
-                 f"| MaxNorm radius {radius:.4f} clipped {mstats.clipped_rows} rows in {mstats.applications} "
-                 f"projections, norms {mstats.norm_min:.4f}..{mstats.norm_max:.4f}{' *best' if is_best else ''}")
+                 f"| MaxNorm radius {radius:.4f} "
+                 + ("fused into SGD" if mn.fused else
+                    f"clipped {mstats.clipped_rows} rows in {mstats.applications} projections")
+                 + f", {mstats.rows_at_radius} rows at the radius, norms {mstats.norm_min:.4f}..{mstats.norm_max:.4f}"
+                 + (" *best" if is_best else ""))
         prog.checkpoint(epoch + 1, 0)
     if ctx.is_main:
         write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": prog.norms_per_epoch,

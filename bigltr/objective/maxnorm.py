@@ -39,6 +39,7 @@ class MaxNormStats:
     norm_min: float
     norm_mean: float
     norm_max: float
+    rows_at_radius: int  # rows on the sphere now (within 1e-5 relative): the ones the constraint holds
 
 
 class MaxNorm:
@@ -78,11 +79,12 @@ class MaxNorm:
         big = torch.finfo(torch.float32).max
         lo = n.min() if n.numel() else torch.tensor(big, device=n.device)  # an empty shard owns no rows
         hi = n.max() if n.numel() else torch.tensor(0.0, device=n.device)
-        total = torch.stack([clipped.float(), n.sum(), torch.tensor(float(n.numel()), device=n.device)])
+        at = (n.pow(self.tau) >= self.radius * (1 - 1e-5)).sum().float()
+        total = torch.stack([clipped.float(), n.sum(), torch.tensor(float(n.numel()), device=n.device), at])
         if dist is not None and hasattr(weight, "to_local"):  # rows sharded over ranks: reduce over all of them
             dist.all_reduce_(total, "sum"), dist.all_reduce_(lo, "min"), dist.all_reduce_(hi, "max")
         s = MaxNormStats(self.radius, int(total[0]), self._applications, float(lo),
-                         float(total[1] / total[2].clamp_min(1)), float(hi))
+                         float(total[1] / total[2].clamp_min(1)), float(hi), int(total[3]))
         if reset:
             self._clipped, self._applications = None, 0
         return s
