@@ -19,17 +19,30 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tools"))
 
 
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory):
-    """Tiny long-tailed shards (10 classes, 40 ... 4 train images, 6 val and 8 test per class) made by the real
-    idx converter from generated, learnable images."""
+def free_port() -> int:
+    """A TCP port free on localhost now (for launchers that need one: accelerate's main process port)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_tiny_shards(base: Path, *, n_max: int = 40, maxcount: int = 64) -> Path:
+    """Long-tailed shards (10 classes, IF 10 from n_max, 6 val and 8 test per class) made by the real idx
+    converter from generated, learnable images."""
     import make_shards
 
     from bigltr.data.synthetic import make_fake_idx
 
-    base = tmp_path_factory.mktemp("tiny")
     make_fake_idx(base / "idx")
     out = base / "shards"
-    make_shards.main(["idx", "--src", str(base / "idx"), "--out", str(out), "--imbalance", "10", "--n-max", "40",
-                      "--val-per-class", "6", "--maxcount", "64", "--seed", "0", "--no-progress"])
+    make_shards.main(["idx", "--src", str(base / "idx"), "--out", str(out), "--imbalance", "10", "--n-max",
+                      str(n_max), "--val-per-class", "6", "--maxcount", str(maxcount), "--seed", "0", "--no-progress"])
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory):
+    """40 ... 4 train images per class (159), 3 train shards of at most 64."""
+    return build_tiny_shards(tmp_path_factory.mktemp("tiny"))

@@ -6,7 +6,6 @@ files are pickles with the real files' keys. One conversion per fixture where po
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -24,14 +23,7 @@ from bigltr.data import longtail_counts, read_info
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("make_shards_conv", REPO / "tools" / "make_shards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make_shards = _load_cli()
+import make_shards  # noqa: E402  (tools/ is on sys.path: tests/conftest.py)
 CLASSES = ["cat", "dog", "eel"]
 TRAIN_COUNTS, VAL_COUNTS, TEST_COUNTS = [9, 5, 2], [2, 2, 2], [3, 3, 3]
 

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import importlib.util
 import io
 import json
 import os
@@ -24,14 +23,7 @@ C, PER_CLASS_TRAIN, PER_CLASS_TEST = 10, 30, 10
 N_MAX, IMBALANCE, VAL_PER_CLASS, MAXCOUNT, SEED = 20, 10, 5, 16, 3
 
 
-def _load_cli():
-    spec = importlib.util.spec_from_file_location("make_shards", REPO / "tools" / "make_shards.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make_shards = _load_cli()
+import make_shards  # noqa: E402  (tools/ is on sys.path: tests/conftest.py)
 
 
 def _write_idx(path: Path, arr: np.ndarray, *, magic: bytes | None = None) -> None:

@@ -9,36 +9,24 @@ shards exercise the padding + de-duplication of exact evaluation.
 """
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def even_shards(tmp_path_factory):
-    import make_shards
+    from conftest import build_tiny_shards  # noqa: E402
 
-    from bigltr.data.synthetic import make_fake_idx
-
-    base = tmp_path_factory.mktemp("dist")
-    make_fake_idx(base / "idx")
-    out = base / "shards"
     # train: 156 images in 6 shards of 26 (3 per rank); val 60 = 26+26+8, test 80 = 26+26+26+2 (uneven)
-    make_shards.main(["idx", "--src", str(base / "idx"), "--out", str(out), "--imbalance", "10", "--n-max", "39",
-                      "--val-per-class", "6", "--maxcount", "26", "--seed", "0", "--no-progress"])
+    out = build_tiny_shards(tmp_path_factory.mktemp("dist"), n_max=39, maxcount=26)
     info = json.loads((out / "_info.json").read_text())
     assert info["splits"]["train"]["shard_lengths"] == [26] * 6
     return out
@@ -69,13 +57,13 @@ def test_ddp_and_fsdp2_match_single_process(even_shards, tmp_path):
     assert main(_common(even_shards, 156) + [f"out={single}"]) == 0
 
     ddp = tmp_path / "ddp"
-    r = _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-             str(_free_port()), "-m", "bigltr.train", *_common(even_shards, 78), f"out={ddp}", "dist.backend=ddp",
+    r = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "-m", "bigltr.train", *_common(even_shards, 78), f"out={ddp}", "dist.backend=ddp",
              "dist.world_size=2"], {})
     assert "2 process(es) (ddp, gloo)" in r.stderr
     fsdp = tmp_path / "fsdp2"
     r = _launch([str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
-             "--main_process_port", str(_free_port()),
+             "--main_process_port", str(free_port()),
              "bigltr/train.py", *_common(even_shards, 78), f"out={fsdp}", "dist.backend=fsdp2", "dist.world_size=2",
              "stage2.features=cached", "stage2.cache.views=center", "stage2.cache.dtype=fp32"],
             {"ACCELERATE_USE_CPU": "1"})
@@ -122,8 +110,8 @@ def test_two_ranks_read_disjoint_complete_and_in_step(tiny_shards, tmp_path):
     ranks, eval covers every sample once (after de-duplicating the padding), epochs differ in order."""
     info = json.loads((tiny_shards / "_info.json").read_text())
     out = tmp_path / "seen.json"
-    _launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-             str(_free_port()), "tests/dist_loader_check.py", str(tiny_shards), str(out)], {})
+    _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             "tests/dist_loader_check.py", str(tiny_shards), str(out)], {})
     ranks = json.loads(out.read_text())
     for split in ("train", "val", "test"):
         n = info["splits"][split]["num_samples"]

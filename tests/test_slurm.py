@@ -10,13 +10,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "slurm"
@@ -321,12 +321,6 @@ def test_submit_chains_stage2_after_stage1(cluster):
     assert r.returncode == 2 and "usage" in r.stderr
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_real_two_process_cpu_job(cluster, tiny_shards):
     """(e) slurm/train.sh -> stand-in srun -> the venv's accelerate -> 2 gloo processes, both stages."""
     import make_shards
@@ -341,7 +335,7 @@ def test_real_two_process_cpu_job(cluster, tiny_shards):
                       "--n-max", "40", "--val-per-class", "6", "--maxcount", "26", "--seed", "0", "--no-progress"])
     run = cluster["tmp"] / "real"
     env = {**cluster["env"], "BIGLTR_ROOT": str(ROOT), "BIGLTR_CPU": "1", "GPUS_PER_NODE": "2", "SLURM_NNODES": "1",
-           "FAKE_HOSTS": "localhost", "ACCELERATE": str(BIN / "accelerate"), "MAIN_PROCESS_PORT": str(_free_port()),
+           "FAKE_HOSTS": "localhost", "ACCELERATE": str(BIN / "accelerate"), "MAIN_PROCESS_PORT": str(free_port()),
            "OMP_NUM_THREADS": "1"}
     env.pop("TRITON_INTERPRET", None)
     r = subprocess.run(["bash", str(SLURM / "train.sh"), "recipe=tiny_test", f"out={run}", "stage=all",

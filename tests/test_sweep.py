@@ -18,17 +18,8 @@ import sweep  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def sweep_shards(tmp_path_factory):
-    import make_shards
-
-    from bigltr.data.synthetic import make_fake_idx
-
-    base = tmp_path_factory.mktemp("sweep")
-    make_fake_idx(base / "idx")
-    out = base / "shards"
-    make_shards.main(["idx", "--src", str(base / "idx"), "--out", str(out), "--imbalance", "10", "--n-max", "40",
-                      "--val-per-class", "6", "--maxcount", "64", "--seed", "0"])
-    return out
+def sweep_shards(tiny_shards):
+    return tiny_shards  # the session's tiny long-tailed shards (tests/conftest.py)
 
 
 @pytest.fixture

@@ -12,19 +12,12 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def main(argv=None):
@@ -41,8 +34,8 @@ def main(argv=None):
     rows = []
     for p in [int(x) for x in args.procs.split(",")]:
         out = Path(tempfile.mkdtemp(prefix=f"scale{p}_"))
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(p), "--master_port",
-               str(free_port()), "-m", "bigltr.train", f"recipe={args.recipe}", f"data.root={args.data}", "stage=1",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(p),
+               "-m", "bigltr.train", f"recipe={args.recipe}", f"data.root={args.data}", "stage=1",
                f"stage1.epochs={args.epochs}", f"stage1.batch_size={args.batch}", f"out={out}",
                f"dist.backend={args.backend}", f"dist.world_size={p}", "data.num_workers=1", *args.overrides]
         env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
