@@ -122,7 +122,10 @@ class EvalConfig:
 
 @dataclass
 class DistConfig:
-    backend: Literal["ddp", "fsdp2"] = "ddp"  # used when the launcher starts more than one process
+    backend: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"  # used when the launcher starts more than one process
+    zero_stage: int = 2  # deepspeed only: ZeRO stage 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)
+    # deepspeed ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default 1e5)
+    zero3_persistence_threshold: int = 100000
     world_size: int = 0  # expected number of processes (0: whatever the launcher started); a mismatch fails
     timeout_s: float = 600.0  # collective timeout: survivors of a dead rank exit after this long
 
@@ -136,7 +139,7 @@ class Config:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = 50  # steps between loss/accuracy reads (the only host syncs in the hot loop)
     stage1_checkpoint: str = ""  # for stage=2: default <out>/stage1/best.pt
-    # auto: continue from <out>/stage{1,2}/resume.pt where present (a finished stage is not rerun)
+    # auto: continue from the newest <out>/stage{1,2}/resume/ checkpoint (a finished stage is not rerun)
     resume: Literal["none", "auto"] = "none"
     ckpt_every_steps: int = 0  # resume checkpoint every N optimiser steps (0: at epoch ends and on stop only)
     preempt_check_every: int = 10  # steps between checks for a stop request (signal or <out>/PREEMPT)
@@ -347,6 +350,11 @@ def validate(cfg: Config) -> None:
     need(cfg.preempt_check_every >= 1, "preempt_check_every", "must be >= 1")
     need(cfg.dist.world_size >= 0, "dist.world_size", "must be >= 0")
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
+    need(cfg.dist.zero_stage in (1, 2, 3), "dist.zero_stage", "must be 1, 2 or 3")
+    need(cfg.dist.zero3_persistence_threshold >= 0, "dist.zero3_persistence_threshold", "must be >= 0")
+    need(not (mn.fused and cfg.dist.backend == "deepspeed"), "stage2.maxnorm.fused",
+         "cannot run under dist.backend=deepspeed: ZeRO's optimizer steps flat 1-D partitions that cut across "
+         "class rows; use the default (unfused) MaxNorm, which DeepSpeed projects on the fp32 master")
 
 
 def to_dict(cfg: Config) -> dict:

@@ -26,7 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     from bigltr.engine.run import run
 
     try:
-        dist = Dist.setup(cfg.dist.backend, cfg.device, cfg.dist.world_size, cfg.dist.timeout_s)
+        d = cfg.dist
+        dist = Dist.setup(d.backend, cfg.device, d.world_size, d.timeout_s, zero_stage=d.zero_stage,
+                          zero3_persistence_threshold=d.zero3_persistence_threshold, amp=cfg.stage1.amp,
+                          accum_steps=cfg.stage1.accum_steps)
     except DistError as e:
         print(f"bigltr: launch error: {e}", file=sys.stderr)
         return 2

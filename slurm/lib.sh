@@ -124,6 +124,11 @@ bigltr_slurm_main() {
     if [ "${BIGLTR_CPU:-0}" = 1 ]; then
         export ACCELERATE_USE_CPU=1  # with --multi_gpu: one gloo job (--cpu --num_processes N runs ONE process)
     fi
+    # A signal sent to the job step (scancel --signal=USR1 JOB, a preemption's TERM) reaches the launcher on each
+    # node: let torchrun's agent forward USR1 to the workers too (by default it dies on USR1 without a checkpoint),
+    # and give them time to finish the step and write the checkpoint before it kills them.
+    export PET_SIGNALS_TO_HANDLE=${PET_SIGNALS_TO_HANDLE:-SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1}
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-120}
 
     local -a launch=(--num_processes "$total" --num_machines "$nnodes" --rdzv_backend c10d
         --main_process_ip "$master" --main_process_port "$port" --mixed_precision no --dynamo_backend no)

@@ -10,7 +10,10 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 # milliseconds in every barrier (measured: 6 vs 166 img/s for a tiny stage 1).
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import subprocess  # noqa: E402
 import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -46,3 +49,33 @@ def build_tiny_shards(base: Path, *, n_max: int = 40, maxcount: int = 64) -> Pat
 def tiny_shards(tmp_path_factory):
     """40 ... 4 train images per class (159), 3 train shards of at most 64."""
     return build_tiny_shards(tmp_path_factory.mktemp("tiny"))
+
+
+class Proc:
+    """A trainer subprocess (its own session, so a signal reaches only it) whose output is watched for a line."""
+
+    def __init__(self, cmd, env_extra=None):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+        env.pop("TRITON_INTERPRET", None)
+        self.p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+        self.lines, self.seen = [], threading.Event()
+        self.wanted = None
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.lines.append(line)
+            if self.wanted and self.wanted in line:
+                self.seen.set()
+
+    def wait_for(self, text, timeout=240):
+        self.wanted = text
+        if any(text in ln for ln in self.lines):
+            return
+        assert self.seen.wait(timeout), f"never saw {text!r}:\n{''.join(self.lines[-40:])}"
+
+    def finish(self, timeout=240):
+        rc = self.p.wait(timeout)
+        time.sleep(0.2)
+        return rc, "".join(self.lines)

@@ -40,9 +40,12 @@ def test_overrides_are_typed_and_applied():
     ("stage1.lr=-1", "'stage1.lr': must be > 0"),
     ("recipe=fmnist_ltt", "did you mean 'fmnist_lt'"),
     ("stage1", "not of the form key=value"),
+    ("dist.backend=horovod", "'dist.backend': 'horovod' is not one of ['ddp', 'fsdp2', 'deepspeed']"),
+    ("dist.backend=deepspeed dist.zero_stage=4", "'dist.zero_stage': must be 1, 2 or 3"),
+    ("dist.backend=deepspeed stage2.maxnorm.fused=true", "'stage2.maxnorm.fused': cannot run under dist.backend"),
 ])
 def test_bad_input_names_the_key(arg, expect):
-    argv = [arg] if arg.startswith("recipe=") else ["recipe=fmnist_lt", arg]
+    argv = arg.split() if arg.startswith("recipe=") else ["recipe=fmnist_lt", *arg.split()]
     with pytest.raises(ConfigError, match=expect.replace("(", r"\(").replace("[", r"\[")):
         build_config(argv)
 

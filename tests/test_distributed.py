@@ -1,5 +1,6 @@
-"""Real 2-process gloo runs: DDP through torchrun and FSDP2 through `accelerate launch` train the same model as one
-process on the same data and seed, and evaluate every sample exactly once.
+"""Real 2-process gloo runs: DDP (torchrun), FSDP2 (`accelerate launch`) and DeepSpeed ZeRO-1/2/3 (torchrun and
+`accelerate launch`) train the same model as one process on the same data and seed, and evaluate every sample
+exactly once.
 
 Full-batch training makes the comparison exact: each rank's batch is half of the single process's batch, the
 gradient average over ranks equals the single-process gradient, and the order of samples does not matter. The
@@ -14,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import Proc, free_port
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,7 @@ def even_shards(tmp_path_factory):
 def _common(shards, batch):
     return ["recipe=tiny_test", f"data.root={shards}", "data.train_aug=none", "model.name=test_efficientnet_gn",
             "stage1.epochs=2", "stage2.epochs=2", f"stage1.batch_size={batch}", f"stage2.batch_size={batch}",
-            "stage1.lr=0.05", "stage2.lr=0.5", "stage2.maxnorm.radius=0.0", "dist.timeout_s=120", "log_every=1"]
+            "stage1.lr=0.05", "stage2.lr=0.5", "stage2.maxnorm.radius=0.0", "dist.timeout_s=120", "log_every=1", "preempt_check_every=1"]
 
 
 def _launch(cmd, env_extra, timeout=300):
@@ -46,55 +47,112 @@ def _launch(cmd, env_extra, timeout=300):
     return r
 
 
+def _interrupted_then_resumed(cmd, out: Path, env_extra: dict) -> None:
+    """Stop the run through RUN/PREEMPT during stage 1 (checkpoint, exit), then resume it to the end."""
+    p = Proc(cmd + [f"out={out}"], env_extra)
+    p.wait_for("stage 1: ")  # the model is built and sharded: the first step's stop check sees the file
+    (out / "PREEMPT").touch()
+    rc, log = p.finish()
+    assert rc != 0 and "stop requested: checkpoint written at epoch 1" in log, log[-3000:]
+    assert "75" in log  # the trainer's EX_TEMPFAIL, reported through the launcher
+    r = _launch(cmd + [f"out={out}", "resume=auto"], env_extra)
+    assert "stage 1: resuming" in r.stderr and "resume/e00000-b" in r.stderr
+
+
 def _weights(run: Path, stage: str, which: str) -> dict:
     return torch.load(run / stage / which, weights_only=True)["model"]
 
 
-def test_ddp_and_fsdp2_match_single_process(even_shards, tmp_path):
+@pytest.fixture(scope="module")
+def single(even_shards, tmp_path_factory):
+    """The reference: one process, full batch."""
     from bigltr.train import main
 
-    single = tmp_path / "single"
-    assert main(_common(even_shards, 156) + [f"out={single}"]) == 0
+    out = tmp_path_factory.mktemp("single")
+    assert main(_common(even_shards, 156) + [f"out={out}"]) == 0
+    # the comparison is not vacuous: stage 2 moved the classifier, and MaxNorm clipped rows
+    s1, s2 = _weights(out, "stage1", "best.pt"), _weights(out, "stage2", "last.pt")
+    assert not torch.allclose(s1["classifier.weight"], s2["classifier.weight"], rtol=1e-3)
+    return out
 
+
+def _assert_same_as_single(single: Path, run: Path) -> None:
+    ref = json.loads((single / "results.json").read_text())
+    res = json.loads((run / "results.json").read_text())
+    assert res["world_size"] == 2
+    for stage, which in (("stage1", "best.pt"), ("stage2", "last.pt")):
+        a, b = _weights(single, stage, which), _weights(run, stage, which)
+        assert a.keys() == b.keys()
+        for k in a:
+            if a[k].is_floating_point():
+                err = float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12))
+                assert err <= 1e-5, f"{run.name} {stage} {k}: relative difference {err:.2e}"
+    # every stage-2 row inside the ball
+    radius = res["stage2"]["maxnorm_radius"]
+    w = _weights(run, "stage2", "last.pt")["classifier.weight"]
+    assert float(w.norm(dim=1).max()) <= radius + 1e-5
+    # exact evaluation: each sample once, per-class numbers equal the single process's
+    for stage in ("stage1", "stage2"):
+        for split, n in (("val", 60), ("test", 80)):
+            assert res[stage][split]["num_samples"] == n
+            assert res[stage][split]["per_class"] == ref[stage][split]["per_class"], (run.name, stage, split)
+    summary = (run / "stage2" / "summary.csv").read_text().splitlines()
+    clipped = [int(float(v)) for v in _column(summary, "maxnorm_clipped_rows")]
+    assert clipped[0] > 0  # MaxNorm bound on every rank's view of the rows (FSDP2: summed over shards)
+
+
+def _column(csv_lines, name):
+    header = csv_lines[0].split(",")
+    return [row.split(",")[header.index(name)] for row in csv_lines[1:]]
+
+
+def test_ddp_and_fsdp2_match_single_process(even_shards, single, tmp_path):
     ddp = tmp_path / "ddp"
     r = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             "-m", "bigltr.train", *_common(even_shards, 78), f"out={ddp}", "dist.backend=ddp",
-             "dist.world_size=2"], {})
+                 "-m", "bigltr.train", *_common(even_shards, 78), f"out={ddp}", "dist.backend=ddp",
+                 "dist.world_size=2"], {})
     assert "2 process(es) (ddp, gloo)" in r.stderr
+    _assert_same_as_single(single, ddp)
+    # FSDP2 through accelerate's FSDP config, stopped in stage 1 and resumed from its sharded (DCP) checkpoint
     fsdp = tmp_path / "fsdp2"
-    r = _launch([str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/cpu_2proc.yaml",
-             "--main_process_port", str(free_port()),
-             "bigltr/train.py", *_common(even_shards, 78), f"out={fsdp}", "dist.backend=fsdp2", "dist.world_size=2",
-             "stage2.features=cached", "stage2.cache.views=center", "stage2.cache.dtype=fp32"],
-            {"ACCELERATE_USE_CPU": "1"})
-    assert "2 process(es) (fsdp2, gloo)" in r.stderr
+    _interrupted_then_resumed(
+        [str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/fsdp2.yaml", "--num_processes", "2",
+         "--main_process_port", str(free_port()), "bigltr/train.py", *_common(even_shards, 78), "dist.backend=fsdp2",
+         "dist.world_size=2", "stage2.features=cached", "stage2.cache.views=center", "stage2.cache.dtype=fp32"],
+        fsdp, {"ACCELERATE_USE_CPU": "1"})
+    assert (fsdp / "stage2" / "resume").is_dir()
+    _assert_same_as_single(single, fsdp)
 
-    # the comparison is not vacuous: stage 2 moved the classifier, and MaxNorm clipped rows
-    s1, s2 = _weights(single, "stage1", "best.pt"), _weights(single, "stage2", "last.pt")
-    assert not torch.allclose(s1["classifier.weight"], s2["classifier.weight"], rtol=1e-3)
 
-    ref = json.loads((single / "results.json").read_text())
-    for run in (ddp, fsdp):
-        res = json.loads((run / "results.json").read_text())
-        assert res["world_size"] == 2
-        for stage, which in (("stage1", "best.pt"), ("stage2", "last.pt")):
-            a, b = _weights(single, stage, which), _weights(run, stage, which)
-            assert a.keys() == b.keys()
-            for k in a:
-                if a[k].is_floating_point():
-                    err = float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12))
-                    assert err <= 1e-5, f"{run.name} {stage} {k}: relative difference {err:.2e}"
-        # every stage-2 row inside the ball, under both backends
-        radius = res["stage2"]["maxnorm_radius"]
-        w = _weights(run, "stage2", "last.pt")["classifier.weight"]
-        assert float(w.norm(dim=1).max()) <= radius + 1e-5
-        # exact evaluation: each sample once, per-class numbers equal the single process's
-        for stage in ("stage1", "stage2"):
-            for split, n in (("val", 60), ("test", 80)):
-                assert res[stage][split]["num_samples"] == n
-                assert res[stage][split]["per_class"] == ref[stage][split]["per_class"], (run.name, stage, split)
-        summary = (run / "stage2" / "summary.csv").read_text()
-        assert "maxnorm_clipped_rows" in summary
+def test_deepspeed_zero_1_2_3_match_single_process(even_shards, single, tmp_path):
+    """ZeRO keeps flat fp32 master partitions that cut across class rows: MaxNorm must reach the master too,
+    otherwise the next step (which starts from the master) undoes the projection and the weights diverge.
+    ZeRO-2 runs through `accelerate launch` with 2-step gradient accumulation (2 x 39 per rank = the same
+    full-batch gradient); ZeRO-3 partitions every parameter (persistence threshold 0), trains on cached
+    features, and is stopped in stage 1 and resumed from DeepSpeed's per-rank checkpoint."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                "-m", "bigltr.train"]
+    runs = {
+        1: torchrun + [*_common(even_shards, 78), "dist.zero_stage=1"],
+        2: [str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/deepspeed_zero2.yaml",
+            "--num_processes", "2", "--gradient_accumulation_steps", "2", "--main_process_port", str(free_port()),
+            "bigltr/train.py", *_common(even_shards, 78), "stage1.batch_size=39", "stage1.accum_steps=2",
+            "dist.zero_stage=2"],
+        3: torchrun + [*_common(even_shards, 78), "dist.zero_stage=3", "dist.zero3_persistence_threshold=0",
+                       "stage2.features=cached", "stage2.cache.views=center", "stage2.cache.dtype=fp32"],
+    }
+    for stage, cmd in runs.items():
+        out = tmp_path / f"zero{stage}"
+        cmd = cmd + ["dist.backend=deepspeed", "dist.world_size=2"]
+        if stage == 3:
+            _interrupted_then_resumed(cmd, out, {})
+            ckpt = next((out / "stage1" / "resume").glob("e*"))
+            assert sorted(f.name for f in (ckpt / "deepspeed" / "state").glob("zero_pp_rank_*_optim_states.pt")) == \
+                ["zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+        else:
+            r = _launch(cmd + [f"out={out}"], {"ACCELERATE_USE_CPU": "1"})
+            assert f"2 process(es) (deepspeed ZeRO-{stage}, gloo)" in r.stderr
+        _assert_same_as_single(single, out)
 
 
 def test_world_size_mismatch_is_a_startup_error(even_shards, tmp_path, capsys):
@@ -127,3 +185,35 @@ def test_two_ranks_read_disjoint_complete_and_in_step(tiny_shards, tmp_path):
                 assert covered == 2 * 8 * per_rank[0]["len"] and covered >= n - 2 * (8 + 1)
                 assert len(per_rank[0]["keys"]) == len(set(per_rank[0]["keys"]))
     assert ranks[0]["train"][0]["keys"] != ranks[0]["train"][1]["keys"]  # reshuffled per epoch
+
+
+@pytest.mark.parametrize("args, env, words", [
+    (("ddp", 2, "none", 1), {"ACCELERATE_USE_DEEPSPEED": "true"}, "DeepSpeed but dist.backend=ddp"),
+    (("deepspeed", 3, "none", 1), {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
+     "ZeRO stage 2 but dist.zero_stage=3"),
+    (("deepspeed", 2, "none", 1), {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"},
+     "gradient_accumulation_steps=4 but stage1.accum_steps=1"),
+    (("ddp", 2, "none", 1), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "set dist.backend=fsdp2"),
+    (("fsdp2", 2, "none", 1), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_version: 2"),
+    (("ddp", 2, "none", 1), {"ACCELERATE_MIXED_PRECISION": "bf16"}, "set stage1.amp=bf16"),
+])
+def test_launcher_config_disagreeing_with_bigltr_config_is_a_startup_error(args, env, words, monkeypatch, capsys,
+                                                                            even_shards, tmp_path):
+    from bigltr.distributed import DistError, check_launcher
+    from bigltr.train import main
+
+    with pytest.raises(DistError, match=words):
+        check_launcher(*args, env=env)
+    # ... and what each accelerate config in recipes/accelerate asks for, with the matching bigltr keys, agrees
+    check_launcher("deepspeed", 2, "none", 1, env={"ACCELERATE_USE_DEEPSPEED": "true",
+                                                   "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"})
+    check_launcher("fsdp2", 2, "none", 1, env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"})
+    check_launcher("ddp", 2, "bf16", 1, env={"ACCELERATE_MIXED_PRECISION": "bf16"})
+    # through the entry point: exit 2 with the message, before any data is read
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    backend, stage, amp, accum = args
+    assert main(_common(even_shards, 78) + [f"out={tmp_path}", f"dist.backend={backend}", f"dist.zero_stage={stage}",
+                                            f"stage1.amp={amp}"]) == 2
+    assert words in capsys.readouterr().err
+    assert not (tmp_path / "config.yaml").exists()

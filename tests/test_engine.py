@@ -4,6 +4,7 @@ import math
 import torch
 import torch.nn as nn
 
+from bigltr.distributed import Trainable
 from bigltr.engine.common import cosine_schedule, param_groups, train_epoch
 
 
@@ -12,7 +13,7 @@ def _run(batches, accum):
     model = nn.Linear(5, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     sched = cosine_schedule(opt, total_steps=math.ceil(len(batches) / accum))
-    stats = train_epoch(forward=model, loader=batches, loss_fn=nn.CrossEntropyLoss(), optimizer=opt, scheduler=sched,
+    stats = train_epoch(trainer=Trainable(model, opt), loader=batches, loss_fn=nn.CrossEntropyLoss(), scheduler=sched,
                         device=torch.device("cpu"), amp="none", accum_steps=accum)
     return model, stats
 

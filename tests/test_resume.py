@@ -6,11 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import torch
+from conftest import Proc
+
+from bigltr.engine.resume import latest_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -20,34 +22,8 @@ def _args(shards, out, *extra):
             "stage1.batch_size=8", "stage2.batch_size=8", f"out={out}", "preempt_check_every=1", *extra]
 
 
-class Proc:
-    """A trainer subprocess whose stderr is watched for a line."""
-
-    def __init__(self, cmd, env_extra=None):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-        env.pop("TRITON_INTERPRET", None)
-        self.p = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                  start_new_session=True)
-        self.lines, self.seen = [], threading.Event()
-        self.wanted = None
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        for line in self.p.stdout:
-            self.lines.append(line)
-            if self.wanted and self.wanted in line:
-                self.seen.set()
-
-    def wait_for(self, text, timeout=240):
-        self.wanted = text
-        if any(text in ln for ln in self.lines):
-            return
-        assert self.seen.wait(timeout), f"never saw {text!r}:\n{''.join(self.lines[-40:])}"
-
-    def finish(self, timeout=240):
-        rc = self.p.wait(timeout)
-        time.sleep(0.2)
-        return rc, "".join(self.lines)
+def _meta(run, stage):
+    return torch.load(latest_checkpoint(run / stage) / "meta.pt", weights_only=True)
 
 
 def _model(run, stage, which):
@@ -67,8 +43,8 @@ def test_interrupted_and_resumed_equals_straight(tiny_shards, tmp_path):
     p.p.send_signal(signal.SIGTERM)  # a real signal, mid-stage-1
     rc, log = p.finish()
     assert rc == 75, log
-    assert "stop requested: checkpoint written" in log and (run / "stage1" / "resume.pt").is_file()
-    state = torch.load(run / "stage1" / "resume.pt", weights_only=True)
+    assert "stop requested: checkpoint written" in log
+    state = _meta(run, "stage1")
     assert (state["epoch"], state["batch"]) != (4, 0)  # stopped before the end of stage 1
 
     p = Proc(cmd + ["resume=auto"])  # resumes stage 1, then stops in stage 2 through the PREEMPT file
@@ -76,7 +52,7 @@ def test_interrupted_and_resumed_equals_straight(tiny_shards, tmp_path):
     (run / "PREEMPT").touch()
     rc, log = p.finish()
     assert rc == 75, log
-    assert "resuming" in log and (run / "stage2" / "resume.pt").is_file()
+    assert "resuming" in log and latest_checkpoint(run / "stage2") is not None
 
     p = Proc(cmd + ["resume=auto"])
     rc, log = p.finish()
@@ -114,12 +90,43 @@ def test_killed_rank_survivors_exit_and_job_resumes(tiny_shards, tmp_path):
     rc, log = p.finish(timeout=120)
     waited = time.time() - t0
     assert rc != 0 and waited < 60, (rc, waited, log[-3000:])
-    state = torch.load(run / "stage1" / "resume.pt", weights_only=True)
-    assert state["epoch"] >= 2
+    ckpt = latest_checkpoint(run / "stage1")
+    state = _meta(run, "stage1")  # epoch 2's checkpoint may have been cut short by the kill: then epoch 1's
+    assert state["epoch"] >= 1 and not list((run / "stage1" / "resume").glob(f"e{state['epoch'] + 1:05d}-*"))
     # resume the same job (fewer epochs left to keep the test short): it continues from the checkpoint
     cmd2 = [c for c in cmd if c != "stage1.epochs=30"] + ["stage1.epochs=" + str(state["epoch"] + 1),
                                                            "resume=auto"]
     rc, log = Proc(cmd2).finish()
     assert rc == 0, log[-3000:]
-    assert f"resuming {run / 'stage1' / 'resume.pt'} at epoch {state['epoch'] + 1}" in log
+    assert f"resuming {ckpt} at epoch {state['epoch'] + 1}" in log
     assert json.loads((run / "results.json").read_text())["stage1"]["test"]["num_samples"] == 80
+
+
+def test_signals_reach_the_workers_through_torchrun_and_accelerate(tiny_shards, tmp_path):
+    """A signal to the LAUNCHER (what Slurm and schedulers signal): torchrun's agent forwards only SIGTERM, SIGINT,
+    SIGHUP and SIGQUIT by default, and SIGUSR1 kills it without a checkpoint. With PET_SIGNALS_TO_HANDLE naming
+    SIGUSR1 (slurm/lib.sh exports it) the agent forwards USR1 too. Both workers then finish the step, checkpoint
+    and exit 75; the launcher reports a failure (exit 1: a SignalException or ChildFailedError traceback)."""
+    from conftest import free_port
+
+    env = {"PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "ACCELERATE_USE_CPU": "1"}
+    args = ("stage1.epochs=30", "stage=1", "dist.world_size=2", "dist.timeout_s=60")
+    launches = {
+        "torchrun": ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                      "-m", "bigltr.train"], signal.SIGUSR1),
+        "accelerate": ([str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                        "recipes/accelerate/ddp.yaml", "--num_processes", "2", "--main_process_port", str(free_port()),
+                        "bigltr/train.py"], signal.SIGTERM),
+    }
+    for name, (launcher, sig) in launches.items():
+        run = tmp_path / name
+        p = Proc(launcher + _args(tiny_shards, run, *args), env)
+        p.wait_for("stage1 epoch 1/30")
+        p.p.send_signal(sig)  # the launcher only (the test's Proc runs it in its own session)
+        rc, log = p.finish()
+        assert rc != 0, log[-3000:]
+        assert log.count(f"received signal {sig.name}") == 2, (name, log[-3000:])  # both workers
+        assert log.count("stop requested: checkpoint written") == 2 and log.count("exiting with 75") == 2, \
+            (name, log[-3000:])
+        meta = _meta(run, "stage1")
+        assert meta["world_size"] == 2 and (meta["epoch"], meta["batch"]) < (30, 0)

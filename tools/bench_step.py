@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
+from bigltr.distributed import Trainable  # noqa: E402
 from bigltr.engine.common import autocast, build_sgd, cosine_schedule, param_groups, peak_memory_mib, train_epoch  # noqa: E402
 from bigltr.models import build_model  # noqa: E402
 
@@ -71,9 +72,10 @@ def main(argv=None):
         x, y = x.pin_memory(), y.pin_memory()
     batches = [(x[i], y[i], None) for i in range(args.steps)]
     loss_fn = nn.CrossEntropyLoss()
+    trainer = Trainable(model, opt)  # what Dist.prepare returns for one process
 
     def run_bigltr():
-        train_epoch(forward=model, loader=batches, loss_fn=loss_fn, optimizer=opt, scheduler=sched, device=device,
+        train_epoch(trainer=trainer, loader=batches, loss_fn=loss_fn, scheduler=sched, device=device,
                     amp=args.amp, channels_last=args.channels_last, log_every=10**9)
 
     def run_plain():

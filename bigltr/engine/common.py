@@ -74,24 +74,26 @@ def _progress(iterable, total: int, desc: str):
     return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, disable=not sys.stderr.isatty())
 
 
-def train_epoch(*, forward: Callable, loader, loss_fn: nn.Module, optimizer, scheduler, device: torch.device,
-                amp: str, after_step: Callable[[], None] | None = None, log_every: int = 50,
-                desc: str = "train", scaler=None, accum_steps: int = 1, channels_last: bool = False,
-                start_batch: int = 0, step_hook: Callable[[int], bool] | None = None) -> dict:
-    """One pass over `loader`. `forward(x)` returns logits (stage 2 passes a frozen-backbone forward).
+def train_epoch(*, trainer, loader, loss_fn: nn.Module, scheduler, device: torch.device, amp: str,
+                forward: Callable | None = None, after_step: Callable[[], None] | None = None, log_every: int = 50,
+                desc: str = "train", accum_steps: int = 1, channels_last: bool = False, start_batch: int = 0,
+                step_hook: Callable[[int], bool] | None = None) -> dict:
+    """One pass over `loader`. `trainer` is the backend's Trainable (`bigltr.distributed`): backward and step;
+    `forward(x)` returns logits (default: the trainer itself; stage 2 passes a frozen-backbone forward).
 
     With accum_steps = k, gradients of k consecutive batches are summed (each loss scaled by 1/k) before one
     optimiser step; a trailing group of fewer than k batches still steps. `after_step` runs after each step.
     Resuming: the first `start_batch` batches are read and skipped (the order is deterministic per epoch).
     `step_hook(batches_done)` runs after each optimiser step; if it returns True the epoch stops there.
     """
+    forward = forward or trainer
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, batches, steps, start = 0, 0, 0, time.perf_counter()
     stopped = False
     total = len(loader)
     bar = _progress(loader, total, desc)
-    optimizer.zero_grad(set_to_none=True)
+    trainer.zero_grad()
     for images, labels, _keys in bar:
         if batches < start_batch:
             batches += 1
@@ -103,19 +105,11 @@ def train_epoch(*, forward: Callable, loader, loss_fn: nn.Module, optimizer, sch
         with autocast(device, amp):
             logits = forward(images)
             loss = loss_fn(logits, labels)
-        scaled = loss / accum_steps if accum_steps > 1 else loss
-        if scaler is not None:
-            scaler.scale(scaled).backward()
-        else:
-            scaled.backward()
+        boundary = (batches + 1) % accum_steps == 0 or batches + 1 == total
+        trainer.backward(loss / accum_steps if accum_steps > 1 else loss, boundary)
         batches += 1
-        if batches % accum_steps == 0 or batches == total:
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        if boundary:
+            trainer.step()
             scheduler.step()
             steps += 1
             if after_step is not None:

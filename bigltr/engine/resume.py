@@ -1,10 +1,17 @@
 """Preemption-safe training: resume checkpoints with the data position, and the stop signal.
 
-A stage writes `<out>/stage{N}/resume.pt` every `ckpt_every_steps` optimiser steps, at every epoch end and when it
-is asked to stop. It holds the model and optimizer (full, unsharded: gathered from FSDP2 shards), scheduler, grad
-scaler, RNG states, the epoch and the number of batches of that epoch already trained, the best validation
-result so far and the per-epoch norm history. Resuming replays the epoch's deterministic (seed, epoch) order and
-skips the batches already trained, so an interrupted run ends with the same weights as a straight one.
+A stage writes a resume checkpoint every `ckpt_every_steps` optimiser steps, at every epoch end and when it is
+asked to stop, as a folder `<out>/stage{N}/resume/e{epoch}-b{batch}/`:
+- the model and optimizer, SHARDED: each rank writes its own part (`Dist.save_train_state`: torch.distributed.
+  checkpoint for one process / DDP / FSDP2, DeepSpeed's engine format for ZeRO), so no rank ever holds the whole
+  optimizer state;
+- `meta.pt` (rank 0): epoch and the number of batches of that epoch already trained, scheduler, grad scaler, best
+  validation result so far, per-epoch norm history, the resolved config, world size and backend;
+- `rng/rank{R}.pt`: each rank's RNG states.
+The folder is written under a temporary name and renamed when every rank has finished, so a crash during a save
+leaves the previous checkpoint complete; the newest two are kept. `resume=auto` picks the newest complete one.
+Resuming replays the epoch's deterministic (seed, epoch) order and skips the batches already trained, so an
+interrupted run ends with the same weights as a straight one.
 
 Stop requests: SIGUSR1 or SIGTERM to any training process, or a file `<out>/PREEMPT` (what the Slurm scripts
 create: torchrun's agent dies on SIGUSR1 instead of forwarding it, a file reaches every rank on every node). Ranks
@@ -14,7 +21,10 @@ process exits with EXIT_PREEMPTED (75, EX_TEMPFAIL), which the job scripts answe
 from __future__ import annotations
 
 import logging
+import os
 import random
+import re
+import shutil
 import signal
 import threading
 from pathlib import Path
@@ -23,6 +33,7 @@ import numpy as np
 import torch
 
 from bigltr.checkpoint import load_checkpoint, save_checkpoint
+from bigltr.config import ConfigError
 
 log = logging.getLogger("bigltr")
 
@@ -89,44 +100,56 @@ def _to_tuples(x):
     return tuple(_to_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-def save_resume(path: Path, *, dist, model, optimizer, scheduler, scaler, epoch: int, batch: int, extra: dict) -> None:
-    """Collective: every rank calls it (FSDP2 gathers shards); rank 0 writes the file atomically."""
-    model_sd = dist.full_state_dict(model)
-    optim_sd = dist.full_optim_state_dict(model, optimizer)
-    if dist.is_main:
-        save_checkpoint({"epoch": epoch, "batch": batch, "model": model_sd, "optimizer": optim_sd,
-                         "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else None,
-                         "rng": rng_state(), **extra}, path)
-    dist.barrier()
+KEEP = 2  # complete resume checkpoints kept per stage
+_TAG = re.compile(r"^e(\d{5})-b(\d{8})$")
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete resume checkpoint of a stage (a folder with meta.pt), or None."""
+    root = Path(stage_dir) / "resume"
+    if not root.is_dir():
+        return None
+    done = sorted(p for p in root.iterdir() if _TAG.match(p.name) and (p / "meta.pt").is_file())
+    return done[-1] if done else None
 
 
 class Progress:
-    """A stage's position and history, and the resume checkpoint that carries them (one per stage)."""
+    """A stage's position and history, and the resume checkpoints that carry them."""
 
-    def __init__(self, path: Path, stage: int, config: dict, *, dist, model, optimizer, scheduler, scaler):
-        self.path, self.stage, self.config = Path(path), stage, config
-        self.dist, self.model, self.optimizer, self.scheduler, self.scaler = dist, model, optimizer, scheduler, scaler
+    def __init__(self, stage_dir: Path, stage: int, config: dict, *, dist, model, trainer, scheduler):
+        self.root, self.stage, self.config = Path(stage_dir) / "resume", stage, config
+        self.dist, self.model, self.trainer, self.scheduler = dist, model, trainer, scheduler
         self.epoch, self.batch = 0, 0  # where training (re)starts
         self.best = None  # (epoch, val_all) of the best epoch so far
         self.norms_per_epoch: list = []
         self.resumed = False
 
-    def restore(self, state: dict | None, load_model: bool = True) -> "Progress":
-        """Load optimizer, scheduler, scaler, RNG and position from a resume state (the model too, if asked)."""
-        if state is None:
+    def restore(self, directory: Path | None) -> "Progress":
+        """Load model, optimizer, scheduler, scaler, RNG and position from a resume checkpoint folder."""
+        if directory is None:
             return self
-        if load_model:
-            self.dist.load_full_state_dict(self.model, state["model"])
-        self.dist.load_full_optim_state_dict(self.model, self.optimizer, state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler is not None and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"])
-        self.epoch, self.batch = state["epoch"], state["batch"]
-        self.norms_per_epoch = state["norms_per_epoch"]
-        self.best = tuple(state["best"]) if state["best"] else None
+        meta = load_checkpoint(directory / "meta.pt")
+        d = self.dist
+        if meta["backend"] != d.backend and d.distributed:
+            raise ConfigError(f"{directory} was written with dist.backend={meta['backend']}; resume it with the "
+                              f"same backend (now {d.backend})")
+        if meta["world_size"] != d.world_size and (meta["batch"] or d.deepspeed):
+            raise ConfigError(
+                f"{directory} was written by {meta['world_size']} process(es), this run has {d.world_size}: a "
+                f"mid-epoch position (and DeepSpeed's optimizer partitions) only resume on the same number of "
+                f"processes; relaunch with {meta['world_size']}")
+        d.load_train_state(directory, self.model, self.trainer)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if self.trainer.scaler is not None and meta["scaler"]:
+            self.trainer.scaler.load_state_dict(meta["scaler"])
+        rng = directory / "rng" / f"rank{d.rank}.pt"
+        if rng.is_file():
+            set_rng_state(_rng_from_file(load_checkpoint(rng)))
+        self.epoch, self.batch = meta["epoch"], meta["batch"]
+        self.norms_per_epoch = meta["norms_per_epoch"]
+        self.best = tuple(meta["best"]) if meta["best"] else None
         self.resumed = True
-        log.info(f"stage {self.stage}: resuming {self.path} at epoch {self.epoch + 1}, batch {self.batch}")
+        log.info(f"stage {self.stage}: resuming {directory} at epoch {self.epoch + 1}, batch {self.batch}")
         return self
 
     def start_batch(self, epoch: int) -> int:
@@ -138,19 +161,44 @@ class Progress:
             return True
         return False
 
-    def checkpoint(self, epoch: int, batch: int) -> None:
-        save_resume(self.path, dist=self.dist, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                    scaler=self.scaler, epoch=epoch, batch=batch,
-                    extra={"stage": self.stage, "best": list(self.best) if self.best else None,
-                           "norms_per_epoch": self.norms_per_epoch, "config": self.config})
+    def checkpoint(self, epoch: int, batch: int) -> Path:
+        """Collective: every rank writes its part into a temporary folder; rank 0 renames it when all are done."""
+        d, tag = self.dist, f"e{epoch:05d}-b{batch:08d}"
+        final, tmp = self.root / tag, self.root / f".tmp-{tag}"
+        if d.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+            (tmp / "rng").mkdir(parents=True)
+        d.barrier()
+        d.save_train_state(tmp, self.model, self.trainer)
+        save_checkpoint(rng_state(), tmp / "rng" / f"rank{d.rank}.pt")
+        d.barrier()  # every rank's files are written
+        if d.is_main:
+            save_checkpoint({"epoch": epoch, "batch": batch, "stage": self.stage, "scheduler": self.scheduler.state_dict(),
+                             "scaler": self.trainer.scaler.state_dict() if self.trainer.scaler else None,
+                             "best": list(self.best) if self.best else None, "norms_per_epoch": self.norms_per_epoch,
+                             "config": self.config, "world_size": d.world_size, "backend": d.backend}, tmp / "meta.pt")
+            if final.exists():  # the same position saved again (a stop right after resuming)
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            _fsync_dir(self.root)
+            for old in sorted(p for p in self.root.iterdir() if _TAG.match(p.name))[:-KEEP]:
+                shutil.rmtree(old, ignore_errors=True)
+        d.barrier()  # the checkpoint is complete before any rank goes on (or exits)
+        return final
 
 
-def load_resume(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    state = load_checkpoint(path)
-    state["rng"]["python"] = _to_tuples(state["rng"]["python"])
-    state["rng"]["numpy"] = tuple(state["rng"]["numpy"])
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_from_file(state: dict) -> dict:
+    """torch.load(weights_only) returns lists where tuples were saved; random/numpy setstate need tuples."""
+    state["python"] = _to_tuples(state["python"])
+    state["numpy"] = tuple(state["numpy"])
     return state
 
 

@@ -15,7 +15,7 @@ from bigltr.config import to_dict
 from bigltr.engine.common import (CsvLog, build_sgd, cosine_schedule, optimizer_steps, param_groups, peak_memory_mib,
                                   train_epoch)
 from bigltr.engine.context import RunContext, write_json
-from bigltr.engine.resume import Preempted, Progress, load_resume, step_hook
+from bigltr.engine.resume import Preempted, Progress, latest_checkpoint, step_hook
 from bigltr.models import build_model
 from bigltr.objective.maxnorm import row_norms
 
@@ -29,19 +29,19 @@ def run_stage1(ctx: RunContext) -> dict:
                         pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate).to(device)
     if s1.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    forward = dist.wrap_model(model)  # DDP wrapper, or `model` itself sharded in place by FSDP2
-    if s1.compile:
-        forward = torch.compile(forward)
     train_loader = ctx.loader("train", train=True, batch_size=s1.batch_size)
     val_loader = ctx.loader("val", train=False, batch_size=s1.batch_size)
     steps = optimizer_steps(len(train_loader), s1.accum_steps)
-    optimizer = build_sgd(param_groups(model, s1.weight_decay, s1.wd_scope), s1.lr, s1.momentum)
-    scheduler = cosine_schedule(optimizer, s1.epochs * steps, s1.warmup_epochs * steps)
     scaler = torch.amp.GradScaler(device.type) if s1.amp == "fp16" else None
+    # DDP wrapper, FSDP2 sharding in place, or a DeepSpeed engine; the optimizer is made after sharding
+    trainer = dist.prepare(model, lambda: build_sgd(param_groups(model, s1.weight_decay, s1.wd_scope), s1.lr,
+                                                    s1.momentum),
+                           scaler=scaler, accum_steps=s1.accum_steps, micro_batch_size=s1.batch_size)
+    forward = torch.compile(trainer) if s1.compile else trainer
+    scheduler = cosine_schedule(trainer.optimizer, s1.epochs * steps, s1.warmup_epochs * steps)
     loss_fn = nn.CrossEntropyLoss()
-    state = load_resume(out / "resume.pt") if cfg.resume == "auto" else None
-    prog = Progress(out / "resume.pt", 1, to_dict(cfg), dist=dist, model=model, optimizer=optimizer,
-                    scheduler=scheduler, scaler=scaler).restore(state)
+    prog = Progress(out, 1, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler).restore(
+        latest_checkpoint(out) if cfg.resume == "auto" else None)
     summary = CsvLog(out / "summary.csv", resume=prog.resumed) if ctx.is_main else None
     log.info(f"stage 1: {cfg.model.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
              f"(local), {train_loader.num_samples} train images/rank x {dist.world_size} rank(s), {steps} steps/epoch, "
@@ -50,9 +50,9 @@ def run_stage1(ctx: RunContext) -> dict:
     for epoch in range(prog.epoch, s1.epochs):
         train_loader.set_epoch(epoch)
         model.train()
-        tr = train_epoch(forward=forward, loader=train_loader, loss_fn=loss_fn, optimizer=optimizer,
+        tr = train_epoch(trainer=trainer, forward=forward, loader=train_loader, loss_fn=loss_fn,
                          scheduler=scheduler, device=device, amp=s1.amp, log_every=cfg.log_every,
-                         desc=f"stage1 {epoch + 1}/{s1.epochs}", scaler=scaler, accum_steps=s1.accum_steps,
+                         desc=f"stage1 {epoch + 1}/{s1.epochs}", accum_steps=s1.accum_steps,
                          channels_last=s1.channels_last, start_batch=prog.start_batch(epoch),
                          step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b, s1.accum_steps))
         if tr["stopped"]:
@@ -64,10 +64,10 @@ def run_stage1(ctx: RunContext) -> dict:
         prog.norms_per_epoch.append([round(float(n), 6) for n in norms])
         is_best = prog.update_best(epoch + 1, val["all"])
         if ctx.is_main:
-            summary.write({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
+            summary.write({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
                            "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
                            "wnorm_min": float(norms.min()), "wnorm_max": float(norms.max())})
-            # weights only; the optimizer, scheduler and data position live in resume.pt (written below)
+            # weights only; optimizer, scheduler and data position live in the resume checkpoint (below)
             state = {"stage": 1, "epoch": epoch + 1, "model": state_model, "val_all": val["all"],
                      "config": to_dict(cfg)}
             save_checkpoint(state, out / "last.pt")

@@ -21,7 +21,7 @@ from bigltr.engine.common import (CsvLog, autocast, build_sgd, cosine_schedule, 
                                   train_epoch)
 from bigltr.engine.context import RunContext, write_json
 from bigltr.engine.feature_cache import FeatureCache
-from bigltr.engine.resume import Preempted, Progress, load_resume, step_hook
+from bigltr.engine.resume import Preempted, Progress, latest_checkpoint, step_hook
 from bigltr.models import build_model
 from bigltr.objective.fused_sgd import SGDMaxNorm
 from bigltr.objective.losses import build_loss
@@ -55,10 +55,6 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     if s2.classifier_init == "reinit":
         model.classifier.reset_parameters()
     freeze(model.backbone)
-    resume_path = out / "resume.pt"
-    state = load_resume(resume_path) if cfg.resume == "auto" else None
-    if state is not None:  # before any wrapping: the saved state is the full, unsharded model
-        model.load_state_dict(state["model"])
 
     mn = s2.maxnorm
     radius = resolve_radius(stage1_weight, mn.radius_mode, mn.radius)
@@ -84,33 +80,40 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
         cache_s = time.perf_counter() - t_start
     else:
         train_loader = ctx.loader("train", train=True, batch_size=s2.batch_size)
-    classifier = dist.wrap_classifier(model)  # DDP(classifier) or the FSDP2 row-sharded classifier
+    val_loader = ctx.loader("val", train=False, batch_size=s2.batch_size)
+    steps = len(train_loader)
+    scaler = torch.amp.GradScaler(device.type) if s2.amp == "fp16" else None
+    clf = model.classifier
+
+    def make_optimizer():  # called by the backend after sharding (FSDP2 rows are DTensors by then)
+        # Weight decay on the classifier's weight and bias (both trainable params), as the official code.
+        if mn.fused:  # the step projects the weight itself
+            return SGDMaxNorm([{"params": [clf.weight], "radius": radius, "tau": mn.tau}, {"params": [clf.bias]}],
+                              lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay)
+        return build_sgd([{"params": list(clf.parameters()), "weight_decay": s2.weight_decay}], s2.lr, s2.momentum)
+
+    # DDP(classifier), the FSDP2 row-sharded classifier, or a DeepSpeed engine over the classifier
+    trainer = dist.prepare(clf, make_optimizer, scaler=scaler, micro_batch_size=s2.batch_size)
+    if mn.fused:
+        maxnorm = MaxNorm(radius, tau=mn.tau, when="off")  # the MaxNorm object only reports
 
     if s2.features == "cached":
         def forward(feats):
-            return classifier(feats.float())
+            return trainer(feats.float())
     else:
         def forward(images):
             with torch.no_grad():
                 feats = model.backbone(images)
-            return classifier(feats.float())
-    val_loader = ctx.loader("val", train=False, batch_size=s2.batch_size)
-    steps = len(train_loader)
-    # Weight decay on the classifier's weight and bias (both trainable params), as the official code.
-    if mn.fused:  # the step projects the weight itself; the MaxNorm hook only reports
-        optimizer = SGDMaxNorm([{"params": [model.classifier.weight], "radius": radius, "tau": mn.tau},
-                                {"params": [model.classifier.bias]}], lr=s2.lr, momentum=s2.momentum,
-                               weight_decay=s2.weight_decay)
-        maxnorm = MaxNorm(radius, tau=mn.tau, when="off")
-    else:
-        optimizer = build_sgd([{"params": list(model.classifier.parameters()), "weight_decay": s2.weight_decay}],
-                              s2.lr, s2.momentum)
-    scheduler = cosine_schedule(optimizer, s2.epochs * steps)
-    scaler = torch.amp.GradScaler(device.type) if s2.amp == "fp16" else None
+            return trainer(feats.float())
 
-    # the model state was loaded above, before wrapping
-    prog = Progress(resume_path, 2, to_dict(cfg), dist=dist, model=model, optimizer=optimizer, scheduler=scheduler,
-                    scaler=scaler).restore(state, load_model=False)
+    def constrain(phase: str) -> None:
+        if maxnorm.applies(phase):
+            with dist.class_rows(clf.weight) as rows:  # local rows (FSDP2), or the fp32 master (DeepSpeed)
+                maxnorm.apply(rows)
+
+    scheduler = cosine_schedule(trainer.optimizer, s2.epochs * steps)
+    prog = Progress(out, 2, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler).restore(
+        latest_checkpoint(out) if cfg.resume == "auto" else None)
     summary = CsvLog(out / "summary.csv", resume=prog.resumed) if ctx.is_main else None
     log.info(f"stage 2: loss {s2.loss}, wd {s2.weight_decay}, MaxNorm {mn.when} radius {radius:.4f} "
              f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}")
@@ -120,22 +123,23 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
         if s2.bn_mode == "train":
             model.backbone.train()
         model.classifier.train()
-        tr = train_epoch(forward=forward, loader=train_loader, loss_fn=loss_fn, optimizer=optimizer,
-                         scheduler=scheduler, device=device, amp=s2.amp, log_every=cfg.log_every, scaler=scaler,
-                         after_step=lambda: maxnorm.after_step(model.classifier.weight),
+        tr = train_epoch(trainer=trainer, forward=forward, loader=train_loader, loss_fn=loss_fn,
+                         scheduler=scheduler, device=device, amp=s2.amp, log_every=cfg.log_every,
+                         after_step=lambda: constrain("step"),
                          desc=f"stage2 {epoch + 1}/{s2.epochs}", start_batch=prog.start_batch(epoch),
                          step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b))
         if tr["stopped"]:
             raise Preempted(f"stage 2 stopped at epoch {epoch + 1}, batch {tr['batches']}")
-        maxnorm.after_epoch(model.classifier.weight)
-        mstats = maxnorm.stats(model.classifier.weight, dist=dist)
+        constrain("epoch")
+        with dist.class_rows(clf.weight, write=False) as rows:
+            mstats = maxnorm.stats(rows, dist=dist if dist.rows_sharded else None)
         model.eval()
         val = ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, s2.amp, "val")["m"]
         state_model = dist.full_state_dict(model)  # collective under FSDP2
         prog.norms_per_epoch.append([round(float(n), 6) for n in row_norms(state_model["classifier.weight"])])
         is_best = prog.update_best(epoch + 1, val["all"])
         if ctx.is_main:
-            summary.write({"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
+            summary.write({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
                            "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
                            "maxnorm_radius": mstats.radius,
                            "maxnorm_clipped_rows": -1 if mn.fused else mstats.clipped_rows,

@@ -27,10 +27,6 @@ def resolve_radius(stage1_weight: torch.Tensor, mode: str, value: float) -> floa
     raise ValueError(f"unknown MaxNorm radius mode '{mode}' (relative, absolute)")
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
-
-
 @dataclass
 class MaxNormStats:
     radius: float
@@ -56,9 +52,14 @@ class MaxNorm:
         self._clipped = None
         self._applications = 0
 
+    def applies(self, phase: str) -> bool:
+        """Whether the projection runs after each optimiser `step` or at each `epoch` end."""
+        return self.when == phase
+
     @torch.no_grad()
     def apply(self, weight: torch.Tensor) -> None:
-        w = _local(weight.detach())  # a row-sharded (FSDP2) weight: this rank's whole rows, edited in place
+        """Project in place. `weight`: the class rows this rank owns (`Dist.class_rows`), or a whole weight."""
+        w = weight.detach()
         over = (row_norms(w).pow(self.tau) > self.radius).sum()
         self._clipped = over if self._clipped is None else self._clipped + over
         self._applications += 1
@@ -73,15 +74,16 @@ class MaxNorm:
             self.apply(weight)
 
     def stats(self, weight: torch.Tensor, reset: bool = True, dist=None) -> MaxNormStats:
-        """Clipped-row count and row-norm spread over ALL classes (reduced across ranks when sharded)."""
-        n = row_norms(_local(weight.detach()))
+        """Clipped-row count and row-norm spread over ALL classes. `dist`: given when `weight` holds only this
+        rank's rows (FSDP2), to reduce over all ranks."""
+        n = row_norms(weight)
         clipped = self._clipped if self._clipped is not None else torch.zeros((), device=n.device, dtype=torch.long)
         big = torch.finfo(torch.float32).max
         lo = n.min() if n.numel() else torch.tensor(big, device=n.device)  # an empty shard owns no rows
         hi = n.max() if n.numel() else torch.tensor(0.0, device=n.device)
         at = (n.pow(self.tau) >= self.radius * (1 - 1e-5)).sum().float()
         total = torch.stack([clipped.float(), n.sum(), torch.tensor(float(n.numel()), device=n.device), at])
-        if dist is not None and hasattr(weight, "to_local"):  # rows sharded over ranks: reduce over all of them
+        if dist is not None:  # rows sharded over ranks: reduce over all of them
             dist.all_reduce_(total, "sum"), dist.all_reduce_(lo, "min"), dist.all_reduce_(hi, "max")
         s = MaxNormStats(self.radius, int(total[0]), self._applications, float(lo),
                          float(total[1] / total[2].clamp_min(1)), float(hi), int(total[3]))
