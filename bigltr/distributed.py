@@ -5,7 +5,7 @@ Everything backend-specific lives here, behind `Dist` and the `Trainable` it ret
 backend runs. The interface the stages use:
 
 - `prepare(module, make_optimizer, ...)` -> `Trainable`: call it, `backward(loss, boundary)`, `step()`;
-- `class_rows(weight)`: the classifier rows to read or project (MaxNorm), as this backend owns them;
+- `row_projector` / `row_view(weight)`: MaxNorm's projection and the rows to read, as this backend stores them;
 - `full_state_dict(model)`: whole weights for last.pt / best.pt; `save_train_state` / `load_train_state`: the
   sharded resume state; a few collectives (`all_reduce_`, `gather_objects`, `barrier`).
 
@@ -16,8 +16,8 @@ Backends (world size 1: nothing is wrapped, every collective is a no-op):
   on dim 0, so each rank owns whole class rows and MaxNorm runs on its local rows with no gather. The backbone and
   classifier are separate units because stage 2 and evaluation call them one at a time.
 - `deepspeed`: a DeepSpeed engine with ZeRO stage 1, 2 or 3 over a torch optimizer (bigltr's SGD). ZeRO keeps
-  flat fp32 master partitions that cut across class rows, so a row edit (MaxNorm) gathers the full fp32 weight,
-  projects it, and writes it back to BOTH the fp32 master partition and the working copy; editing only the
+  flat fp32 master partitions that cut across class rows, so MaxNorm reduces partial row norms with one
+  all-reduce and scales each rank's slice of BOTH the fp32 master and the working copy; editing only the
   module's weight would be undone by the next step, which updates the master and copies it over.
 
 The process group is created here from the launcher's environment (torchrun, `accelerate launch`, srun): gloo on
@@ -30,7 +30,6 @@ config: `check_launcher` turns a disagreement into a start-up error instead of a
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import logging
 import os
@@ -41,6 +40,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+
+from bigltr.ops import flat_row_sumsq, flat_rows_scale_, maxnorm_clipped_, maxnorm_scales
 
 log = logging.getLogger("bigltr")
 
@@ -158,7 +159,8 @@ class Dist:
 
     @property
     def rows_sharded(self) -> bool:
-        """True when `class_rows` gives each rank only its own rows (FSDP2), so statistics need a reduction."""
+        """True when `row_view` (and the projector's count) cover only this rank's rows (FSDP2): statistics need a
+        reduction over ranks."""
         return self.fsdp
 
     # ------------------------------------------------------------------------------------------ training
@@ -209,45 +211,58 @@ class Dist:
                 "fp16": {"enabled": False}, "bf16": {"enabled": False}, "steps_per_print": 2**31 - 1,
                 "wall_clock_breakdown": False}
 
-    @contextlib.contextmanager
-    def class_rows(self, weight: nn.Parameter, write: bool = True):
-        """The classifier rows this rank should read or edit in place (MaxNorm), as a plain tensor.
+    @property
+    def row_projector(self) -> Callable:
+        """`project(weight, radius, tau) -> rows clipped`: MaxNorm on the classifier as this backend stores it.
 
-        DDP/one process: the weight itself. FSDP2: this rank's whole rows (local shard of Shard(0)).
-        DeepSpeed: the full fp32 weight gathered from the master partitions (a collective: every rank calls it);
-        on exit an edit is written back to the fp32 master AND the working copy.
+        DDP / one process: the weight. FSDP2: this rank's whole rows (Shard(0)), no communication; the count is
+        this rank's. DeepSpeed: the flat partitions of the fp32 master (and, under ZeRO-3, of the working copy)
+        cut across rows, so each rank computes its partial row sums of squares, one all-reduce of `num_classes`
+        values gives the row norms, and each rank scales its own slice of the master AND the working copy (a
+        projection of the working copy alone would be undone by the next step, which starts from the master).
+        No rank gathers the weight; the count covers all rows.
         """
-        if not self.deepspeed:
-            w = weight.detach()
-            yield w.to_local() if hasattr(w, "to_local") else w
-            return
-        from deepspeed.utils import safe_get_full_fp32_param
+        return self._ds_project_rows if self.deepspeed else maxnorm_clipped_
 
-        full = safe_get_full_fp32_param(weight)
-        if full is None:
-            raise DistError("the classifier weight is not managed by the DeepSpeed engine")
-        yield full
-        if write:
-            self._ds_write_full(weight, full)
+    def _ds_project_rows(self, weight: nn.Parameter, radius: float, tau: float) -> torch.Tensor:
+        num_rows, row_len = weight.ds_shape if hasattr(weight, "ds_id") else weight.shape
+        if hasattr(weight, "ds_id"):  # ZeRO-3: rank r holds the r-th of equal, padded slices of the flat weight
+            from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
-    def _ds_write_full(self, weight: nn.Parameter, full: torch.Tensor) -> None:
-        if hasattr(weight, "ds_id"):  # ZeRO-3: each rank keeps a flat, padded 1-D slice
-            from deepspeed.utils import safe_set_local_fp32_param
-
-            # DeepSpeed's safe_set_full_fp32_param cannot write the last rank's slice when the partitions are
-            # padded (it narrows past the end of the unpadded value): write this rank's slice ourselves.
             part = weight.ds_tensor.numel()
-            flat = nn.functional.pad(full.flatten(), (0, part * self.world_size - full.numel()))
-            local = flat.narrow(0, part * self.rank, part)
-            safe_set_local_fp32_param(weight, local)  # fp32 master partition
-            weight.ds_tensor.data.copy_(local)  # working partition (gathered for the next forward)
-            if weight.data.numel() == full.numel():  # a persistent (unpartitioned) small parameter
-                weight.data.copy_(full.view_as(weight.data))
-            return
-        from deepspeed.utils import safe_set_full_fp32_param
+            start = min(part * self.rank, weight.ds_numel)
+            valid = min(part, weight.ds_numel - start)
+            master = safe_get_local_fp32_param(weight).clone()
+            slices = [master[:valid], weight.ds_tensor.data.view(-1)[:valid]]  # fp32 master, working partition
+        else:  # ZeRO-1/2: this rank's fp32 master fragment (maybe none); the working weight is whole everywhere
+            mapping = weight._hp_mapping
+            start = mapping.lp_fragment_address.start if mapping is not None else 0
+            slices = [mapping.get_hp_fragment()] if mapping is not None else []
+        sumsq = flat_row_sumsq(slices[0] if slices else weight.new_empty(0, dtype=torch.float32), start, num_rows,
+                               row_len)
+        scales = maxnorm_scales(self.all_reduce_(sumsq), radius, tau=tau)
+        for flat in slices:
+            flat_rows_scale_(flat, start, row_len, scales)
+        if hasattr(weight, "ds_id"):
+            safe_set_local_fp32_param(weight, master)
+            if weight.data.numel() == num_rows * row_len:  # a persistent (unpartitioned) small parameter
+                weight.data.mul_(scales.view(-1, 1).to(weight.dtype))
+        else:
+            weight.data.mul_(scales.view(-1, 1).to(weight.dtype))
+        return (scales < 1).sum()
 
-        safe_set_full_fp32_param(weight, full)  # ZeRO-1/2: this rank's fragment of the flat fp32 master
-        weight.data.copy_(full)  # the working copy is whole on every rank
+    def row_view(self, weight: nn.Parameter) -> torch.Tensor:
+        """The classifier rows this rank can read (statistics): the weight, FSDP2's local rows, or under
+        DeepSpeed the full fp32 master gathered on every rank (a collective; used once per epoch)."""
+        if self.deepspeed:
+            from deepspeed.utils import safe_get_full_fp32_param
+
+            full = safe_get_full_fp32_param(weight)
+            if full is None:
+                raise DistError("the classifier weight is not managed by the DeepSpeed engine")
+            return full
+        w = weight.detach()
+        return w.to_local() if hasattr(w, "to_local") else w
 
     # ------------------------------------------------------------------------------------------ state
     def full_state_dict(self, model: nn.Module) -> dict:

@@ -107,9 +107,8 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
             return trainer(feats.float())
 
     def constrain(phase: str) -> None:
-        if maxnorm.applies(phase):
-            with dist.class_rows(clf.weight) as rows:  # local rows (FSDP2), or the fp32 master (DeepSpeed)
-                maxnorm.apply(rows)
+        if maxnorm.applies(phase):  # on the local rows (FSDP2), or on the fp32 master and weights (DeepSpeed)
+            maxnorm.apply(clf.weight, dist.row_projector)
 
     scheduler = cosine_schedule(trainer.optimizer, s2.epochs * steps)
     prog = Progress(out, 2, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler).restore(
@@ -131,8 +130,7 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
         if tr["stopped"]:
             raise Preempted(f"stage 2 stopped at epoch {epoch + 1}, batch {tr['batches']}")
         constrain("epoch")
-        with dist.class_rows(clf.weight, write=False) as rows:
-            mstats = maxnorm.stats(rows, dist=dist if dist.rows_sharded else None)
+        mstats = maxnorm.stats(dist.row_view(clf.weight), dist=dist if dist.rows_sharded else None)
         model.eval()
         val = ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, s2.amp, "val")["m"]
         state_model = dist.full_state_dict(model)  # collective under FSDP2

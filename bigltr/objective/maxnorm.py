@@ -7,10 +7,11 @@ The bias is never constrained (as in the official code).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from bigltr.ops import maxnorm_
+from bigltr.ops import maxnorm_clipped_
 
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -57,13 +58,12 @@ class MaxNorm:
         return self.when == phase
 
     @torch.no_grad()
-    def apply(self, weight: torch.Tensor) -> None:
-        """Project in place. `weight`: the class rows this rank owns (`Dist.class_rows`), or a whole weight."""
-        w = weight.detach()
-        over = (row_norms(w).pow(self.tau) > self.radius).sum()
+    def apply(self, weight: torch.Tensor, project: Callable = maxnorm_clipped_) -> None:
+        """Project in place. `project(weight, radius, tau)` does it the way the weight is stored and returns the
+        number of rows it clipped (`Dist.row_projector`; default: a whole weight, or FSDP2's local rows)."""
+        over = project(weight, self.radius, self.tau)
         self._clipped = over if self._clipped is None else self._clipped + over
         self._applications += 1
-        maxnorm_(w, self.radius, tau=self.tau)
 
     def after_step(self, weight: torch.Tensor) -> None:
         if self.when == "step":
@@ -74,8 +74,8 @@ class MaxNorm:
             self.apply(weight)
 
     def stats(self, weight: torch.Tensor, reset: bool = True, dist=None) -> MaxNormStats:
-        """Clipped-row count and row-norm spread over ALL classes. `dist`: given when `weight` holds only this
-        rank's rows (FSDP2), to reduce over all ranks."""
+        """Clipped-row count and row-norm spread over ALL classes. `weight`: the rows this rank sees
+        (`Dist.row_view`); `dist`: given when those are only this rank's rows (FSDP2), to reduce over all ranks."""
         n = row_norms(weight)
         clipped = self._clipped if self._clipped is not None else torch.zeros((), device=n.device, dtype=torch.long)
         big = torch.finfo(torch.float32).max

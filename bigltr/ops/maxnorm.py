@@ -59,6 +59,18 @@ def maxnorm_(weight: torch.Tensor, radius, *, tau: float = 1.0, backend: str = "
     return out
 
 
+def maxnorm_clipped_(weight: torch.Tensor, radius, tau: float = 1.0) -> torch.Tensor:
+    """`maxnorm_`, returning how many rows it clipped, as a 0-d tensor on the weight's device (no host sync).
+    For an FSDP2 DTensor: this rank's rows."""
+    rows = _local_rows(weight, "weight")
+    with torch.no_grad():
+        n = torch.linalg.vector_norm(rows.detach(), dim=1, dtype=torch.float32) if rows.numel() else \
+            torch.zeros(rows.shape[0], device=rows.device)
+        over = ((n if tau == 1 else n.pow(float(tau))) > _radius_on(rows, radius, torch.float32)).sum()
+    maxnorm_(weight, radius, tau=tau)
+    return over
+
+
 def _local_rows(t, name: str):
     """A DTensor (FSDP2) whose rows are whole on each rank (Shard(0) or Replicate) is edited through its local
     shard, which FSDP2 keeps in sync with the parameter; rows split across ranks cannot be projected locally.
@@ -138,15 +150,78 @@ def _maxnorm_torch_(weight: torch.Tensor, radius, tau: float) -> torch.Tensor:
     # mul_ by an fp32 scale on the half tensor (mixed-dtype kernels are slow there), and it rounds once.
     w_acc = weight if weight.dtype == acc else weight.to(acc)
     norm = torch.linalg.vector_norm(w_acc, ord=2, dim=1)  # fp32 accumulation, no loop over rows
-    n = norm if tau == 1 else norm.pow(float(tau))
-    clip = n > r
-    # unclipped rows get exactly 1.0: x * 1.0 is exact (and so is the round trip half -> fp32 -> half), so those
-    # rows are unchanged bit for bit. r / n is inf for zero rows, but where() discards it.
-    scale = torch.where(clip, r / n, 1.0)
-    w_acc.mul_(scale.unsqueeze(1))
+    w_acc.mul_(_scales(norm, r, tau).unsqueeze(1))
     if w_acc is not weight:
         weight.copy_(w_acc)  # one rounding fp32 -> half
     return weight
+
+
+def _scales(norm: torch.Tensor, r, tau: float) -> torch.Tensor:
+    """Per-row factor of the projection: r / ||w||^tau where ||w||^tau > r, else exactly 1.0 (x * 1.0 is exact, and
+    so is the round trip half -> fp32 -> half: unclipped rows stay bit for bit). r / n is inf for zero rows, but
+    where() discards it."""
+    n = norm if tau == 1 else norm.pow(float(tau))
+    return torch.where(n > r, r / n, 1.0)
+
+
+# ------------------------------------------------------------------------------------------ flat partitions
+# DeepSpeed ZeRO keeps weights (fp32 master, ZeRO-3 working copy) as flat 1-D slices of the flattened weight that
+# start and end anywhere inside a row. Projecting rows then needs the row norms of the whole weight, which are sums
+# of per-slice partial sums of squares: each rank reduces its slice to `num_rows` numbers, one all-reduce adds
+# them, and each rank scales its own slice. The alternative, all-gathering the weight, moves num_rows x row_len
+# values per step instead of num_rows.
+
+def _row_segments(n: int, start: int, row_len: int):
+    """The slice [start, start + n) of a row-major weight, split at row boundaries: (partial segments as
+    (row, lo, hi) offsets into the slice, and the block of whole rows as (offset, first_row, end_row))."""
+    end = start + n
+    lo_row, hi_row = -(-start // row_len), end // row_len  # first whole row, one past the last whole row
+    if lo_row > hi_row:  # inside one row
+        return [(start // row_len, 0, n)], None
+    head, tail = lo_row * row_len - start, end - hi_row * row_len
+    parts = ([(lo_row - 1, 0, head)] if head else []) + ([(hi_row, n - tail, n)] if tail else [])
+    return parts, ((head, lo_row, hi_row) if hi_row > lo_row else None)
+
+
+def flat_row_sumsq(flat: torch.Tensor, start: int, num_rows: int, row_len: int) -> torch.Tensor:
+    """Per-row sums of squares (fp32; fp64 for fp64) of the elements of a [num_rows, row_len] row-major weight that
+    lie in `flat` = weight.view(-1)[start : start + flat.numel()]; 0 for rows the slice does not touch. Summed over
+    slices that tile the weight (an all-reduce across ranks), they are the squared row norms."""
+    if flat.dim() != 1 or start < 0 or start + flat.numel() > num_rows * row_len:
+        raise ValueError(f"flat_row_sumsq: a 1-D slice [{start}, {start + flat.numel()}) of a {num_rows}x{row_len} "
+                         f"weight expected, got shape {tuple(flat.shape)}")
+    acc = torch.float64 if flat.dtype == torch.float64 else torch.float32
+    out = torch.zeros(num_rows, dtype=acc, device=flat.device)
+    if flat.numel() == 0:
+        return out
+    parts, block = _row_segments(flat.numel(), start, row_len)
+    for row, a, b in parts:
+        out[row] += torch.linalg.vector_norm(flat[a:b], dtype=acc).square()
+    if block is not None:
+        off, r0, r1 = block
+        rows = flat[off:off + (r1 - r0) * row_len].view(r1 - r0, row_len)
+        out[r0:r1] = torch.linalg.vector_norm(rows, dim=1, dtype=acc).square()
+    return out
+
+
+def maxnorm_scales(sumsq: torch.Tensor, radius, *, tau: float = 1.0) -> torch.Tensor:
+    """The MaxNorm factor of every row from its (all-reduced) sum of squares: r / ||w||^tau for the rows over the
+    radius, exactly 1.0 for the others (the same rule as `maxnorm_`)."""
+    return _scales(sumsq.sqrt(), _radius_on(sumsq, radius, sumsq.dtype), tau)
+
+
+def flat_rows_scale_(flat: torch.Tensor, start: int, row_len: int, scales: torch.Tensor) -> torch.Tensor:
+    """Multiply, in place, each element of the slice `flat` (as in `flat_row_sumsq`) by its row's factor."""
+    if flat.numel() == 0:
+        return flat
+    with torch.no_grad():
+        parts, block = _row_segments(flat.numel(), start, row_len)
+        for row, a, b in parts:
+            flat[a:b].mul_(scales[row])  # computed in the factor's precision, rounded once for half slices
+        if block is not None:
+            off, r0, r1 = block
+            flat[off:off + (r1 - r0) * row_len].view(r1 - r0, row_len).mul_(scales[r0:r1].unsqueeze(1))
+    return flat
 
 
 def _triton_module(weight: torch.Tensor):
