@@ -122,7 +122,8 @@ class Dist:
             # DeepSpeed picks its accelerator at import; without this it looks for CUDA and fails on CPU.
             os.environ.setdefault("DS_ACCELERATOR", "cuda" if use_cuda else "cpu")
             # DeepSpeed 0.19 calls torch collectives that torch 2.14 deprecates, once per call: keep logs readable
-            warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+            warnings.filterwarnings("ignore", message=r".*torch\.distributed\.\w+` is deprecated",
+                                    category=FutureWarning)
             try:
                 import deepspeed
             except ImportError:
@@ -324,7 +325,9 @@ class Dist:
 
         model_sd, optim_sd = get_state_dict(model, trainer.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        dcp.load(state, checkpoint_id=str(directory / "dcp"), no_dist=not self.distributed)
+        with warnings.catch_warnings():  # as in save: DCP warns on every single-process load
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+            dcp.load(state, checkpoint_id=str(directory / "dcp"), no_dist=not self.distributed)
         set_state_dict(model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     @staticmethod

@@ -36,7 +36,8 @@ def even_shards(tmp_path_factory):
 def _common(shards, batch):
     return ["recipe=tiny_test", f"data.root={shards}", "data.train_aug=none", "model.name=test_efficientnet_gn",
             "stage1.epochs=2", "stage2.epochs=2", f"stage1.batch_size={batch}", f"stage2.batch_size={batch}",
-            "stage1.lr=0.05", "stage2.lr=0.5", "stage2.maxnorm.radius=0.0", "dist.timeout_s=120", "log_every=1", "preempt_check_every=1"]
+            "stage1.lr=0.05", "stage2.lr=0.5", "stage2.maxnorm.radius=0.0", "dist.timeout_s=120", "log_every=1",
+            "preempt_check_every=1"]
 
 
 def _launch(cmd, env_extra, timeout=300):

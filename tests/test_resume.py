@@ -130,3 +130,47 @@ def test_signals_reach_the_workers_through_torchrun_and_accelerate(tiny_shards, 
             (name, log[-3000:])
         meta = _meta(run, "stage1")
         assert meta["world_size"] == 2 and (meta["epoch"], meta["batch"]) < (30, 0)
+
+
+def test_a_save_cut_short_leaves_the_previous_checkpoint(tmp_path):
+    """What a kill during a save leaves (a half-written temporary folder, a folder without meta.pt) is never
+    picked: resume=auto takes the previous complete checkpoint, which restores exactly what it saved (weights,
+    momentum, schedule, position), and the next complete save clears the debris and keeps the newest two."""
+    import torch.nn as nn
+
+    from bigltr.distributed import Dist, Trainable
+    from bigltr.engine.common import cosine_schedule
+    from bigltr.engine.resume import Progress
+
+    torch.manual_seed(0)
+    model, dist = nn.Linear(4, 3), Dist("ddp")
+
+    def progress():
+        trainer = Trainable(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+        sched = cosine_schedule(trainer.optimizer, 10)
+        return Progress(tmp_path, 1, {"recipe": "x"}, dist=dist, model=model, trainer=trainer, scheduler=sched)
+
+    prog = progress()
+    for _ in range(2):
+        model(torch.randn(2, 4)).sum().backward()
+        prog.trainer.step()
+        prog.scheduler.step()
+    prog.checkpoint(0, 2)
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    buf = prog.trainer.optimizer.state[model.weight]["momentum_buffer"].clone()
+    root = tmp_path / "resume"
+    (root / ".tmp-e00000-b00000003" / "dcp").mkdir(parents=True)  # a save killed while writing
+    (root / ".tmp-e00000-b00000003" / "dcp" / "__0_0.distcp").write_bytes(b"partial")
+    (root / "e00000-b00000004").mkdir()  # a folder with no meta.pt (never made by bigltr, but never trusted)
+    assert latest_checkpoint(tmp_path) == root / "e00000-b00000002"
+
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    again = progress().restore(latest_checkpoint(tmp_path))
+    assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
+    assert torch.equal(again.trainer.optimizer.state[model.weight]["momentum_buffer"], buf)
+    assert again.scheduler.last_epoch == 2 and (again.epoch, again.batch) == (0, 2) and again.resumed
+
+    again.checkpoint(0, 5)
+    again.checkpoint(1, 0)
+    assert sorted(p.name for p in root.iterdir()) == ["e00000-b00000005", "e00001-b00000000"]

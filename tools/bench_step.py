@@ -22,7 +22,8 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 from bigltr.distributed import Trainable  # noqa: E402
-from bigltr.engine.common import autocast, build_sgd, cosine_schedule, param_groups, peak_memory_mib, train_epoch  # noqa: E402
+from bigltr.engine.common import (autocast, build_sgd, cosine_schedule, param_groups, peak_memory_mib,  # noqa: E402
+                                  train_epoch)
 from bigltr.models import build_model  # noqa: E402
 
 

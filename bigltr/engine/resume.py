@@ -173,15 +173,19 @@ class Progress:
         save_checkpoint(rng_state(), tmp / "rng" / f"rank{d.rank}.pt")
         d.barrier()  # every rank's files are written
         if d.is_main:
-            save_checkpoint({"epoch": epoch, "batch": batch, "stage": self.stage, "scheduler": self.scheduler.state_dict(),
-                             "scaler": self.trainer.scaler.state_dict() if self.trainer.scaler else None,
+            scaler = self.trainer.scaler.state_dict() if self.trainer.scaler else None
+            save_checkpoint({"epoch": epoch, "batch": batch, "stage": self.stage,
+                             "scheduler": self.scheduler.state_dict(), "scaler": scaler,
                              "best": list(self.best) if self.best else None, "norms_per_epoch": self.norms_per_epoch,
                              "config": self.config, "world_size": d.world_size, "backend": d.backend}, tmp / "meta.pt")
             if final.exists():  # the same position saved again (a stop right after resuming)
                 shutil.rmtree(final)
             os.replace(tmp, final)
             _fsync_dir(self.root)
-            for old in sorted(p for p in self.root.iterdir() if _TAG.match(p.name))[:-KEEP]:
+            entries = list(self.root.iterdir())
+            done = sorted(p for p in entries if _TAG.match(p.name) and (p / "meta.pt").is_file())
+            partial = [p for p in entries if p.is_dir() and p not in done]  # debris of saves cut short
+            for old in done[:-KEEP] + partial:
                 shutil.rmtree(old, ignore_errors=True)
         d.barrier()  # the checkpoint is complete before any rank goes on (or exits)
         return final
