@@ -3,12 +3,14 @@
 survivors exit within the collective timeout, and the job resumes from its last checkpoint."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import Proc
 
@@ -174,3 +176,34 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint(tmp_path):
     again.checkpoint(0, 5)
     again.checkpoint(1, 0)
     assert sorted(p.name for p in root.iterdir()) == ["e00000-b00000005", "e00001-b00000000"]
+
+
+def test_a_checkpoint_the_run_cannot_read_is_a_clear_error(tmp_path):
+    """Checked from meta.pt before any collective: DCP vs DeepSpeed format, ZeRO stage, world size mid-epoch."""
+    import torch.nn as nn
+
+    from bigltr.config import ConfigError
+    from bigltr.distributed import Dist, Trainable
+    from bigltr.engine.common import cosine_schedule
+    from bigltr.engine.resume import Progress
+
+    model = nn.Linear(4, 3)
+
+    def progress(dist):
+        trainer = Trainable(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        return Progress(tmp_path, 1, {}, dist=dist, model=model, trainer=trainer,
+                        scheduler=cosine_schedule(trainer.optimizer, 10))
+
+    progress(Dist("ddp")).checkpoint(0, 3)  # one process, mid-epoch
+    ckpt = latest_checkpoint(tmp_path)
+    cases = [(Dist("deepspeed", world_size=2, zero_stage=2), "written by dist.backend=ddp on 1 process(es) (dcp"),
+             (Dist("fsdp2", world_size=2), "written by 1 process(es), this run has 2: a mid-epoch position")]
+    for dist, words in cases:
+        with pytest.raises(ConfigError, match=re.escape(words)):
+            progress(dist).restore(ckpt)
+    meta = torch.load(ckpt / "meta.pt", weights_only=True)
+    torch.save({**meta, "format": "deepspeed", "zero_stage": 3, "world_size": 2}, ckpt / "meta.pt")
+    with pytest.raises(ConfigError, match="written with ZeRO stage 3; resume it with dist.zero_stage=3"):
+        progress(Dist("deepspeed", world_size=2, zero_stage=1)).restore(ckpt)
+    with pytest.raises(ConfigError, match=re.escape("(deepspeed format)")):
+        progress(Dist("ddp")).restore(ckpt)

@@ -130,9 +130,13 @@ class Progress:
             return self
         meta = load_checkpoint(directory / "meta.pt")
         d = self.dist
-        if meta["backend"] != d.backend and d.distributed:
-            raise ConfigError(f"{directory} was written with dist.backend={meta['backend']}; resume it with the "
-                              f"same backend (now {d.backend})")
+        if meta["format"] != _format(d):  # DCP (one process, DDP, FSDP2: interchangeable) or DeepSpeed's own
+            raise ConfigError(f"{directory} was written by dist.backend={meta['backend']} on {meta['world_size']} "
+                              f"process(es) ({meta['format']} format); this run (dist.backend={d.backend}, "
+                              f"{d.world_size} process(es)) cannot read it: resume with dist.backend={meta['backend']}")
+        if d.deepspeed and meta.get("zero_stage") != d.zero_stage:
+            raise ConfigError(f"{directory} was written with ZeRO stage {meta.get('zero_stage')}; resume it with "
+                              f"dist.zero_stage={meta.get('zero_stage')} (DeepSpeed's partitions differ per stage)")
         if meta["world_size"] != d.world_size and (meta["batch"] or d.deepspeed):
             raise ConfigError(
                 f"{directory} was written by {meta['world_size']} process(es), this run has {d.world_size}: a "
@@ -177,7 +181,9 @@ class Progress:
             save_checkpoint({"epoch": epoch, "batch": batch, "stage": self.stage,
                              "scheduler": self.scheduler.state_dict(), "scaler": scaler,
                              "best": list(self.best) if self.best else None, "norms_per_epoch": self.norms_per_epoch,
-                             "config": self.config, "world_size": d.world_size, "backend": d.backend}, tmp / "meta.pt")
+                             "config": self.config, "world_size": d.world_size, "backend": d.backend,
+                             "format": _format(d), "zero_stage": d.zero_stage if d.deepspeed else None},
+                            tmp / "meta.pt")
             if final.exists():  # the same position saved again (a stop right after resuming)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -189,6 +195,10 @@ class Progress:
                 shutil.rmtree(old, ignore_errors=True)
         d.barrier()  # the checkpoint is complete before any rank goes on (or exits)
         return final
+
+
+def _format(dist) -> str:
+    return "deepspeed" if dist.deepspeed else "dcp"
 
 
 def _fsync_dir(path: Path) -> None:
