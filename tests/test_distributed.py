@@ -218,3 +218,30 @@ def test_launcher_config_disagreeing_with_bigltr_config_is_a_startup_error(args,
                                             f"stage1.amp={amp}"]) == 2
     assert words in capsys.readouterr().err
     assert not (tmp_path / "config.yaml").exists()
+
+
+def test_every_accelerate_config_loads_and_agrees_with_the_keys_it_documents():
+    """Each recipes/accelerate/*.yaml is read by Accelerate's own loader, and what it asks for (in the environment
+    `accelerate launch` exports from it) agrees with the bigltr keys on its first line."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    from bigltr.config import build_config
+    from bigltr.distributed import check_launcher
+
+    files = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
+    assert {f.stem for f in files} >= {"ddp", "fsdp2", "deepspeed_zero1", "deepspeed_zero2", "deepspeed_zero3", "bf16"}
+    for f in files:
+        c = load_config_from_file(str(f))
+        env = {"ACCELERATE_MIXED_PRECISION": str(c.mixed_precision)}
+        if c.distributed_type.value == "DEEPSPEED":
+            ds = c.deepspeed_config
+            env.update(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE=str(ds["zero_stage"]),
+                       ACCELERATE_GRADIENT_ACCUMULATION_STEPS=str(ds["gradient_accumulation_steps"]))
+        elif c.distributed_type.value == "FSDP":
+            env.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION=str(c.fsdp_config["fsdp_version"]))
+        lines = f.read_text().splitlines()
+        usage = lines[0] + (" " + lines[1].lstrip("# ") if lines[0].endswith("\\") else "")  # the launch command
+        keys = [w for w in usage.split() if "=" in w and not w.endswith("...")]
+        assert keys, f"{f.name}: no bigltr keys in its usage line"
+        cfg = build_config(["recipe=tiny_test", *keys])
+        check_launcher(cfg.dist.backend, cfg.dist.zero_stage, cfg.stage1.amp, cfg.stage1.accum_steps, env=env)
