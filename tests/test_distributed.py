@@ -48,16 +48,16 @@ def _launch(cmd, env_extra, timeout=300):
     return r
 
 
-def _interrupted_then_resumed(cmd, out: Path, env_extra: dict) -> None:
-    """Stop the run through RUN/PREEMPT during stage 1 (checkpoint, exit), then resume it to the end."""
+def _interrupted_then_resumed(cmd, out: Path, env_extra: dict, stage: int = 1) -> None:
+    """Stop the run through RUN/PREEMPT at the first step of `stage` (checkpoint, exit), then resume it to the end."""
     p = Proc(cmd + [f"out={out}"], env_extra)
-    p.wait_for("stage 1: ")  # the model is built and sharded: the first step's stop check sees the file
+    p.wait_for(f"stage {stage}: ")  # the stage's model is built and wrapped: its first stop check sees the file
     (out / "PREEMPT").touch()
     rc, log = p.finish()
     assert rc != 0 and "stop requested: checkpoint written at epoch 1" in log, log[-3000:]
     assert "75" in log  # the trainer's EX_TEMPFAIL, reported through the launcher
     r = _launch(cmd + [f"out={out}", "resume=auto"], env_extra)
-    assert "stage 1: resuming" in r.stderr and "resume/e00000-b" in r.stderr
+    assert f"stage {stage}: resuming" in r.stderr and f"stage{stage}/resume/e00000-b" in r.stderr
 
 
 def _weights(run: Path, stage: str, which: str) -> dict:
@@ -130,7 +130,8 @@ def test_deepspeed_zero_1_2_3_match_single_process(even_shards, single, tmp_path
     otherwise the next step (which starts from the master) undoes the projection and the weights diverge.
     ZeRO-2 runs through `accelerate launch` with 2-step gradient accumulation (2 x 39 per rank = the same
     full-batch gradient); ZeRO-3 partitions every parameter (persistence threshold 0), trains on cached
-    features, and is stopped in stage 1 and resumed from DeepSpeed's per-rank checkpoint."""
+    features, and is stopped in stage 1 and resumed from DeepSpeed's per-rank checkpoint; ZeRO-1 is stopped in
+    stage 2 and resumed (classifier engine + the frozen backbone saved outside it)."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "bigltr.train"]
     runs = {
@@ -145,7 +146,10 @@ def test_deepspeed_zero_1_2_3_match_single_process(even_shards, single, tmp_path
     for stage, cmd in runs.items():
         out = tmp_path / f"zero{stage}"
         cmd = cmd + ["dist.backend=deepspeed", "dist.world_size=2"]
-        if stage == 3:
+        if stage == 1:  # stage 2's checkpoint: the classifier engine + the frozen backbone outside it
+            _interrupted_then_resumed(cmd, out, {}, stage=2)
+            assert (next((out / "stage2" / "resume").glob("e*")) / "outside_engine.pt").is_file()
+        elif stage == 3:
             _interrupted_then_resumed(cmd, out, {})
             ckpt = next((out / "stage1" / "resume").glob("e*"))
             assert sorted(f.name for f in (ckpt / "deepspeed" / "state").glob("zero_pp_rank_*_optim_states.pt")) == \

@@ -7,7 +7,7 @@ asked to stop, as a folder `<out>/stage{N}/resume/e{epoch}-b{batch}/`:
   optimizer state;
 - `meta.pt` (rank 0): epoch and the number of batches of that epoch already trained, scheduler, grad scaler, best
   validation result so far, per-epoch norm history, the resolved config, world size and backend;
-- `rng/rank{R}.pt`: each rank's RNG states.
+- `rank/rank{R}.pt`: each rank's RNG states and per-rank counters (MaxNorm's clipped rows since the epoch began).
 The folder is written under a temporary name and renamed when every rank has finished, so a crash during a save
 leaves the previous checkpoint complete; the newest two are kept. `resume=auto` picks the newest complete one.
 Resuming replays the epoch's deterministic (seed, epoch) order and skips the batches already trained, so an
@@ -116,9 +116,13 @@ def latest_checkpoint(stage_dir: Path) -> Path | None:
 class Progress:
     """A stage's position and history, and the resume checkpoints that carry them."""
 
-    def __init__(self, stage_dir: Path, stage: int, config: dict, *, dist, model, trainer, scheduler):
+    def __init__(self, stage_dir: Path, stage: int, config: dict, *, dist, model, trainer, scheduler,
+                 stateful: dict | None = None):
+        """`stateful`: more objects with state_dict()/load_state_dict() to carry, per rank (stage 2's MaxNorm
+        counters, which count this rank's rows under FSDP2)."""
         self.root, self.stage, self.config = Path(stage_dir) / "resume", stage, config
         self.dist, self.model, self.trainer, self.scheduler = dist, model, trainer, scheduler
+        self.stateful = stateful or {}
         self.epoch, self.batch = 0, 0  # where training (re)starts
         self.best = None  # (epoch, val_all) of the best epoch so far
         self.norms_per_epoch: list = []
@@ -146,9 +150,12 @@ class Progress:
         self.scheduler.load_state_dict(meta["scheduler"])
         if self.trainer.scaler is not None and meta["scaler"]:
             self.trainer.scaler.load_state_dict(meta["scaler"])
-        rng = directory / "rng" / f"rank{d.rank}.pt"
-        if rng.is_file():
-            set_rng_state(_rng_from_file(load_checkpoint(rng)))
+        mine = directory / "rank" / f"rank{d.rank}.pt"
+        if mine.is_file():  # absent when resuming on more ranks (an epoch end of a DCP checkpoint): fresh state
+            state = load_checkpoint(mine)
+            set_rng_state(_rng_from_file(state["rng"]))
+            for name, obj in self.stateful.items():
+                obj.load_state_dict(state["stateful"][name])
         self.epoch, self.batch = meta["epoch"], meta["batch"]
         self.norms_per_epoch = meta["norms_per_epoch"]
         self.best = tuple(meta["best"]) if meta["best"] else None
@@ -171,10 +178,11 @@ class Progress:
         final, tmp = self.root / tag, self.root / f".tmp-{tag}"
         if d.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-            (tmp / "rng").mkdir(parents=True)
+            (tmp / "rank").mkdir(parents=True)
         d.barrier()
         d.save_train_state(tmp, self.model, self.trainer)
-        save_checkpoint(rng_state(), tmp / "rng" / f"rank{d.rank}.pt")
+        save_checkpoint({"rng": rng_state(), "stateful": {k: v.state_dict() for k, v in self.stateful.items()}},
+                        tmp / "rank" / f"rank{d.rank}.pt")
         d.barrier()  # every rank's files are written
         if d.is_main:
             scaler = self.trainer.scaler.state_dict() if self.trainer.scaler else None

@@ -111,8 +111,8 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
             maxnorm.apply(clf.weight, dist.row_projector)
 
     scheduler = cosine_schedule(trainer.optimizer, s2.epochs * steps)
-    prog = Progress(out, 2, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler).restore(
-        latest_checkpoint(out) if cfg.resume == "auto" else None)
+    prog = Progress(out, 2, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler,
+                    stateful={"maxnorm": maxnorm}).restore(latest_checkpoint(out) if cfg.resume == "auto" else None)
     summary = CsvLog(out / "summary.csv", resume=prog.resumed) if ctx.is_main else None
     log.info(f"stage 2: loss {s2.loss}, wd {s2.weight_decay}, MaxNorm {mn.when} radius {radius:.4f} "
              f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}")

@@ -65,6 +65,14 @@ class MaxNorm:
         self._clipped = over if self._clipped is None else self._clipped + over
         self._applications += 1
 
+    def state_dict(self) -> dict:
+        """The counters since the last `stats()` (a resumed epoch reports the projections made before the stop)."""
+        return {"clipped": int(self._clipped) if self._clipped is not None else 0, "applications": self._applications}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._clipped = state["clipped"] if state["applications"] else None  # an int; device tensors are added
+        self._applications = state["applications"]
+
     def after_step(self, weight: torch.Tensor) -> None:
         if self.when == "step":
             self.apply(weight)
@@ -77,7 +85,7 @@ class MaxNorm:
         """Clipped-row count and row-norm spread over ALL classes. `weight`: the rows this rank sees
         (`Dist.row_view`); `dist`: given when those are only this rank's rows (FSDP2), to reduce over all ranks."""
         n = row_norms(weight)
-        clipped = self._clipped if self._clipped is not None else torch.zeros((), device=n.device, dtype=torch.long)
+        clipped = torch.as_tensor(self._clipped if self._clipped is not None else 0, device=n.device)
         big = torch.finfo(torch.float32).max
         lo = n.min() if n.numel() else torch.tensor(big, device=n.device)  # an empty shard owns no rows
         hi = n.max() if n.numel() else torch.tensor(0.0, device=n.device)
