@@ -352,6 +352,9 @@ def validate(cfg: Config) -> None:
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
     need(cfg.dist.zero_stage in (1, 2, 3), "dist.zero_stage", "must be 1, 2 or 3")
     need(cfg.dist.zero3_persistence_threshold >= 0, "dist.zero3_persistence_threshold", "must be >= 0")
+    for s in ("stage1", "stage2"):
+        need(not (getattr(cfg, s).amp == "fp16" and cfg.dist.backend == "deepspeed"), f"{s}.amp",
+             "fp16 needs a GradScaler, which dist.backend=deepspeed does not take: use bf16 (or none)")
     need(not (mn.fused and cfg.dist.backend == "deepspeed"), "stage2.maxnorm.fused",
          "cannot run under dist.backend=deepspeed: ZeRO's optimizer steps flat 1-D partitions that cut across "
          "class rows; use the default (unfused) MaxNorm, which DeepSpeed projects on the fp32 master")

@@ -43,6 +43,7 @@ def test_overrides_are_typed_and_applied():
     ("dist.backend=horovod", "'dist.backend': 'horovod' is not one of ['ddp', 'fsdp2', 'deepspeed']"),
     ("dist.backend=deepspeed dist.zero_stage=4", "'dist.zero_stage': must be 1, 2 or 3"),
     ("dist.backend=deepspeed stage2.maxnorm.fused=true", "'stage2.maxnorm.fused': cannot run under dist.backend"),
+    ("dist.backend=deepspeed stage1.amp=fp16", "'stage1.amp': fp16 needs a GradScaler"),
 ])
 def test_bad_input_names_the_key(arg, expect):
     argv = arg.split() if arg.startswith("recipe=") else ["recipe=fmnist_lt", *arg.split()]
