@@ -5,7 +5,7 @@ Everything backend-specific lives here, behind `Dist` and the `Trainable` it ret
 backend runs. The interface the stages use:
 
 - `prepare(module, make_optimizer, ...)` -> `Trainable`: call it, `backward(loss, boundary)`, `step()`;
-- `row_projector` / `row_view(weight)`: MaxNorm's projection and the rows to read, as this backend stores them;
+- `row_projector`: MaxNorm's projection, as this backend stores the classifier;
 - `full_state_dict(model)`: whole weights for last.pt / best.pt; `save_train_state` / `load_train_state`: the
   sharded resume state; a few collectives (`all_reduce_`, `gather_objects`, `barrier`).
 
@@ -30,6 +30,7 @@ config: `check_launcher` turns a disagreement into a start-up error instead of a
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
@@ -159,9 +160,14 @@ class Dist:
         return self.distributed and self.backend == "fsdp2"
 
     @property
+    def checkpoint_format(self) -> str:
+        """How `save_train_state` writes: "dcp" (one process, DDP, FSDP2: interchangeable) or "deepspeed"."""
+        return "deepspeed" if self.deepspeed else "dcp"
+
+    @property
     def rows_sharded(self) -> bool:
-        """True when `row_view` (and the projector's count) cover only this rank's rows (FSDP2): statistics need a
-        reduction over ranks."""
+        """True when the projector's clipped-row count covers only this rank's rows (FSDP2): the counts are summed
+        over ranks."""
         return self.fsdp
 
     # ------------------------------------------------------------------------------------------ training
@@ -226,8 +232,9 @@ class Dist:
         return self._ds_project_rows if self.deepspeed else maxnorm_clipped_
 
     def _ds_project_rows(self, weight: nn.Parameter, radius: float, tau: float) -> torch.Tensor:
-        num_rows, row_len = weight.ds_shape if hasattr(weight, "ds_id") else weight.shape
-        if hasattr(weight, "ds_id"):  # ZeRO-3: rank r holds the r-th of equal, padded slices of the flat weight
+        zero3 = hasattr(weight, "ds_id")
+        num_rows, row_len = weight.ds_shape if zero3 else weight.shape
+        if zero3:  # rank r holds the r-th of equal, padded slices of the flat weight
             from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
 
             part = weight.ds_tensor.numel()
@@ -244,26 +251,11 @@ class Dist:
         scales = maxnorm_scales(self.all_reduce_(sumsq), radius, tau=tau)
         for flat in slices:
             flat_rows_scale_(flat, start, row_len, scales)
-        if hasattr(weight, "ds_id"):
+        if zero3:
             safe_set_local_fp32_param(weight, master)
-            if weight.data.numel() == num_rows * row_len:  # a persistent (unpartitioned) small parameter
-                weight.data.mul_(scales.view(-1, 1).to(weight.dtype))
-        else:
+        if weight.data.numel() == num_rows * row_len:  # whole on this rank: ZeRO-1/2, or a persistent ZeRO-3 param
             weight.data.mul_(scales.view(-1, 1).to(weight.dtype))
         return (scales < 1).sum()
-
-    def row_view(self, weight: nn.Parameter) -> torch.Tensor:
-        """The classifier rows this rank can read (statistics): the weight, FSDP2's local rows, or under
-        DeepSpeed the full fp32 master gathered on every rank (a collective; used once per epoch)."""
-        if self.deepspeed:
-            from deepspeed.utils import safe_get_full_fp32_param
-
-            full = safe_get_full_fp32_param(weight)
-            if full is None:
-                raise DistError("the classifier weight is not managed by the DeepSpeed engine")
-            return full
-        w = weight.detach()
-        return w.to_local() if hasattr(w, "to_local") else w
 
     # ------------------------------------------------------------------------------------------ state
     def full_state_dict(self, model: nn.Module) -> dict:
@@ -290,7 +282,7 @@ class Dist:
         """
         directory = Path(directory)
         if self.deepspeed:
-            trainer.engine.save_checkpoint(str(directory / "deepspeed"), tag="state", save_latest=False)
+            trainer.engine.save_checkpoint(str(directory / self.checkpoint_format), tag="state", save_latest=False)
             outside = self._outside_engine(model, trainer)
             if self.is_main and outside is not None:
                 torch.save(outside, directory / "outside_engine.pt")
@@ -299,35 +291,30 @@ class Dist:
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(model, trainer.optimizer)
-        with warnings.catch_warnings():  # DCP warns on every single-process save that it is single-process
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / "dcp"),
+        with _quiet_single_process_dcp():
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / self.checkpoint_format),
                      no_dist=not self.distributed)
 
     def load_train_state(self, directory: Path, model: nn.Module, trainer: "Trainable") -> None:
+        """The caller has checked that the checkpoint's format is this backend's (`checkpoint_format`)."""
         directory = Path(directory)
+        state_dir = directory / self.checkpoint_format
         if self.deepspeed:
-            if not (directory / "deepspeed").is_dir():
-                raise DistError(f"{directory} was not written by dist.backend=deepspeed; resume it with the "
-                                f"backend that wrote it")
-            path, _ = trainer.engine.load_checkpoint(str(directory / "deepspeed"), tag="state",
-                                                     load_optimizer_states=True, load_lr_scheduler_states=False)
+            path, _ = trainer.engine.load_checkpoint(str(state_dir), tag="state", load_optimizer_states=True,
+                                                     load_lr_scheduler_states=False)
             if path is None:
-                raise DistError(f"DeepSpeed could not load {directory / 'deepspeed'}")
+                raise DistError(f"DeepSpeed could not load {state_dir}")
             if (directory / "outside_engine.pt").is_file():
                 model.load_state_dict(torch.load(directory / "outside_engine.pt", map_location=self.device,
                                                  weights_only=True), strict=False)
             return
-        if not (directory / "dcp").is_dir():
-            raise DistError(f"{directory} was written by dist.backend=deepspeed; resume it with that backend")
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(model, trainer.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
-        with warnings.catch_warnings():  # as in save: DCP warns on every single-process load
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-            dcp.load(state, checkpoint_id=str(directory / "dcp"), no_dist=not self.distributed)
+        with _quiet_single_process_dcp():
+            dcp.load(state, checkpoint_id=str(state_dir), no_dist=not self.distributed)
         set_state_dict(model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     @staticmethod
@@ -397,6 +384,14 @@ class Trainable:
             self.engine.zero_grad()
         else:
             self.optimizer.zero_grad(set_to_none=True)
+
+
+@contextlib.contextmanager
+def _quiet_single_process_dcp():
+    """DCP warns on every single-process save and load that it is single-process."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
 
 
 def _blocks(backbone: nn.Module) -> list[nn.Module]:

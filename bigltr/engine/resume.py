@@ -134,7 +134,7 @@ class Progress:
             return self
         meta = load_checkpoint(directory / "meta.pt")
         d = self.dist
-        if meta["format"] != _format(d):  # DCP (one process, DDP, FSDP2: interchangeable) or DeepSpeed's own
+        if meta["format"] != d.checkpoint_format:  # DCP (one process, DDP, FSDP2: interchangeable) or DeepSpeed's
             raise ConfigError(f"{directory} was written by dist.backend={meta['backend']} on {meta['world_size']} "
                               f"process(es) ({meta['format']} format); this run (dist.backend={d.backend}, "
                               f"{d.world_size} process(es)) cannot read it: resume with dist.backend={meta['backend']}")
@@ -190,7 +190,7 @@ class Progress:
                              "scheduler": self.scheduler.state_dict(), "scaler": scaler,
                              "best": list(self.best) if self.best else None, "norms_per_epoch": self.norms_per_epoch,
                              "config": self.config, "world_size": d.world_size, "backend": d.backend,
-                             "format": _format(d), "zero_stage": d.zero_stage if d.deepspeed else None},
+                             "format": d.checkpoint_format, "zero_stage": d.zero_stage if d.deepspeed else None},
                             tmp / "meta.pt")
             if final.exists():  # the same position saved again (a stop right after resuming)
                 shutil.rmtree(final)
@@ -203,10 +203,6 @@ class Progress:
                 shutil.rmtree(old, ignore_errors=True)
         d.barrier()  # the checkpoint is complete before any rank goes on (or exits)
         return final
-
-
-def _format(dist) -> str:
-    return "deepspeed" if dist.deepspeed else "dcp"
 
 
 def _fsync_dir(path: Path) -> None:

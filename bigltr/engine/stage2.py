@@ -106,10 +106,6 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
                 feats = model.backbone(images)
             return trainer(feats.float())
 
-    def constrain(phase: str) -> None:
-        if maxnorm.applies(phase):  # on the local rows (FSDP2), or on the fp32 master and weights (DeepSpeed)
-            maxnorm.apply(clf.weight, dist.row_projector)
-
     scheduler = cosine_schedule(trainer.optimizer, s2.epochs * steps)
     prog = Progress(out, 2, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler,
                     stateful={"maxnorm": maxnorm}).restore(latest_checkpoint(out) if cfg.resume == "auto" else None)
@@ -124,16 +120,17 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
         model.classifier.train()
         tr = train_epoch(trainer=trainer, forward=forward, loader=train_loader, loss_fn=loss_fn,
                          scheduler=scheduler, device=device, amp=s2.amp, log_every=cfg.log_every,
-                         after_step=lambda: constrain("step"),
+                         # on the local rows (FSDP2), or on the fp32 master and the weights (DeepSpeed)
+                         after_step=lambda: maxnorm.after_step(clf.weight, dist.row_projector),
                          desc=f"stage2 {epoch + 1}/{s2.epochs}", start_batch=prog.start_batch(epoch),
                          step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b))
         if tr["stopped"]:
             raise Preempted(f"stage 2 stopped at epoch {epoch + 1}, batch {tr['batches']}")
-        constrain("epoch")
-        mstats = maxnorm.stats(dist.row_view(clf.weight), dist=dist if dist.rows_sharded else None)
+        maxnorm.after_epoch(clf.weight, dist.row_projector)
         model.eval()
         val = ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, s2.amp, "val")["m"]
-        state_model = dist.full_state_dict(model)  # collective under FSDP2
+        state_model = dist.full_state_dict(model)  # whole weights on every rank (a collective under FSDP2/ZeRO-3)
+        mstats = maxnorm.stats(state_model["classifier.weight"], dist=dist if dist.rows_sharded else None)
         prog.norms_per_epoch.append([round(float(n), 6) for n in row_norms(state_model["classifier.weight"])])
         is_best = prog.update_best(epoch + 1, val["all"])
         if ctx.is_main:

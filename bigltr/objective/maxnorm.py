@@ -53,10 +53,6 @@ class MaxNorm:
         self._clipped = None
         self._applications = 0
 
-    def applies(self, phase: str) -> bool:
-        """Whether the projection runs after each optimiser `step` or at each `epoch` end."""
-        return self.when == phase
-
     @torch.no_grad()
     def apply(self, weight: torch.Tensor, project: Callable = maxnorm_clipped_) -> None:
         """Project in place. `project(weight, radius, tau)` does it the way the weight is stored and returns the
@@ -73,28 +69,24 @@ class MaxNorm:
         self._clipped = state["clipped"] if state["applications"] else None  # an int; device tensors are added
         self._applications = state["applications"]
 
-    def after_step(self, weight: torch.Tensor) -> None:
+    def after_step(self, weight: torch.Tensor, project: Callable = maxnorm_clipped_) -> None:
         if self.when == "step":
-            self.apply(weight)
+            self.apply(weight, project)
 
-    def after_epoch(self, weight: torch.Tensor) -> None:
+    def after_epoch(self, weight: torch.Tensor, project: Callable = maxnorm_clipped_) -> None:
         if self.when == "epoch":
-            self.apply(weight)
+            self.apply(weight, project)
 
     def stats(self, weight: torch.Tensor, reset: bool = True, dist=None) -> MaxNormStats:
-        """Clipped-row count and row-norm spread over ALL classes. `weight`: the rows this rank sees
-        (`Dist.row_view`); `dist`: given when those are only this rank's rows (FSDP2), to reduce over all ranks."""
+        """Clipped-row count and row-norm spread over ALL classes, from the whole `weight`. `dist`: given when each
+        rank counted clipped rows of its own rows only (FSDP2, `Dist.rows_sharded`), to sum the counts."""
         n = row_norms(weight)
-        clipped = torch.as_tensor(self._clipped if self._clipped is not None else 0, device=n.device)
-        big = torch.finfo(torch.float32).max
-        lo = n.min() if n.numel() else torch.tensor(big, device=n.device)  # an empty shard owns no rows
-        hi = n.max() if n.numel() else torch.tensor(0.0, device=n.device)
-        at = (n.pow(self.tau) >= self.radius * (1 - 1e-5)).sum().float()
-        total = torch.stack([clipped.float(), n.sum(), torch.tensor(float(n.numel()), device=n.device), at])
-        if dist is not None:  # rows sharded over ranks: reduce over all of them
-            dist.all_reduce_(total, "sum"), dist.all_reduce_(lo, "min"), dist.all_reduce_(hi, "max")
-        s = MaxNormStats(self.radius, int(total[0]), self._applications, float(lo),
-                         float(total[1] / total[2].clamp_min(1)), float(hi), int(total[3]))
+        clipped = torch.as_tensor(self._clipped if self._clipped is not None else 0, device=n.device).float()
+        if dist is not None:
+            dist.all_reduce_(clipped, "sum")
+        at = (n.pow(self.tau) >= self.radius * (1 - 1e-5)).sum()
+        s = MaxNormStats(self.radius, int(clipped), self._applications, float(n.min()), float(n.mean()),
+                         float(n.max()), int(at))
         if reset:
             self._clipped, self._applications = None, 0
         return s
