@@ -45,6 +45,16 @@ def build_tiny_shards(base: Path, *, n_max: int = 40, maxcount: int = 64) -> Pat
     return out
 
 
+def stand_in_bin(directory: Path, scripts: dict[str, str]) -> Path:
+    """Executables named after real tools (srun, sbatch, python, ...) with the given script texts, in `directory`
+    (created), to put first on PATH."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in scripts.items():
+        (directory / name).write_text(text)
+        (directory / name).chmod(0o755)
+    return directory
+
+
 @pytest.fixture(scope="session")
 def tiny_shards(tmp_path_factory):
     """40 ... 4 train images per class (159), 3 train shards of at most 64."""

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import free_port
+from conftest import free_port, stand_in_bin
 
 ROOT = Path(__file__).resolve().parent.parent
 SLURM = ROOT / "slurm"
@@ -83,13 +83,12 @@ exit "${FAKE_RC:-0}"
 def cluster(tmp_path):
     """Stand-in executables on PATH, a fake checkout (its slurm/ is the real one, so default run directories land
     in tmp_path) and the environment of a 2-node x 4-GPU allocation."""
-    bin_dir, log, root = tmp_path / "bin", tmp_path / "log", tmp_path / "checkout"
-    for d in (bin_dir, log, root):
+    log, root = tmp_path / "log", tmp_path / "checkout"
+    for d in (log, root):
         d.mkdir()
     (root / "slurm").symlink_to(SLURM)
-    for name, text in (("srun", SRUN), ("scontrol", SCONTROL), ("sbatch", SBATCH), ("accelerate", ACCELERATE)):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
+    bin_dir = stand_in_bin(tmp_path / "bin", {"srun": SRUN, "scontrol": SCONTROL, "sbatch": SBATCH,
+                                              "accelerate": ACCELERATE})
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "BIGLTR_", "GPUS_PER_NODE"))}
     env.pop("ACCELERATE_USE_CPU", None)
     env.update(PATH=f"{bin_dir}:{env['PATH']}", FAKE_LOG=str(log), BIGLTR_ROOT=str(root),

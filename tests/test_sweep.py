@@ -5,16 +5,15 @@ import os
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from conftest import stand_in_bin
+
+import sweep  # tools/ is on sys.path (conftest)
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tools"))
-
-import sweep  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -137,12 +136,9 @@ def test_slurm_dry_run_and_array_task(tmp_path, capsys):
     assert not (out / "trials").exists()  # nothing ran
 
     # The array task: a stand-in python records its arguments (and sleeps when asked); a stand-in scontrol too.
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "fakepy").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\nexec sleep "${FAKE_SLEEP:-0}"\n')
-    (bin_dir / "scontrol").write_text('#!/bin/sh\necho "$@" > "$RECORD.scontrol"\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
+    bin_dir = stand_in_bin(tmp_path / "bin", {
+        "fakepy": '#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\nexec sleep "${FAKE_SLEEP:-0}"\n',
+        "scontrol": '#!/bin/sh\necho "$@" > "$RECORD.scontrol"\n'})
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "BIGLTR_PYTHON": str(bin_dir / "fakepy"),
            "SLURM_ARRAY_JOB_ID": "77", "RECORD": str(tmp_path / "argv")}
     script = [str(ROOT / "slurm" / "sweep.sh"), str(out / "trials.txt")]
@@ -173,12 +169,9 @@ def test_slurm_dry_run_and_array_task(tmp_path, capsys):
 
 
 def test_slurm_submit_and_no_second_array_while_one_runs(tmp_path, capsys, monkeypatch):
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "sbatch").write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\necho 4242\n')
-    (bin_dir / "squeue").write_text('#!/bin/sh\n[ -n "$QUEUED" ] && echo "4242_1 RUNNING"\nexit 0\n')
-    for f in bin_dir.iterdir():
-        f.chmod(0o755)
+    bin_dir = stand_in_bin(tmp_path / "bin", {
+        "sbatch": '#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD"\necho 4242\n',
+        "squeue": '#!/bin/sh\n[ -n "$QUEUED" ] && echo "4242_1 RUNNING"\nexit 0\n'})
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
     monkeypatch.setenv("RECORD", str(tmp_path / "sbatch_args"))
     out = tmp_path / "sl"
