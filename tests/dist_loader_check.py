@@ -27,6 +27,7 @@ def main(root: str, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(gathered, f)
+    dist.barrier()  # both ranks are done with the group before either destroys it
     dist.destroy_process_group()
 
 
