@@ -17,7 +17,7 @@ venv: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,deepspeed]'
+	$(PY) -m pip install -q -e '.[test,deepspeed,dali]'
 	touch $@
 
 data: $(DATA)/_info.json

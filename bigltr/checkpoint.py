@@ -1,24 +1,65 @@
-"""Checkpoints: atomic writes (tmp file in the same folder, then os.replace), loaded with weights_only=True.
+"""Checkpoints: atomic writes, and reads that never run code from a file.
 
-A crash during a save leaves the previous file intact: the final name only ever points at a complete file.
+Writes go to a temporary file in the same folder, then `os.replace`: a crash during a save leaves the previous file
+intact, and a full disk is reported as "no space left writing PATH" with the temporary file removed.
+
+Reads: `.pt` files are loaded with `torch.load(weights_only=True)` (tensors and plain containers only). The
+resume checkpoints' model/optimizer part is torch.distributed.checkpoint (DCP), whose `.metadata` file is a plain
+pickle and whose non-tensor items (optimizer hyper-parameters) are loaded by DCP's default planner with
+`weights_only=False`: both would execute whatever a crafted file asks. `dcp_load` therefore reads the metadata
+with an unpickler that accepts only DCP's own metadata classes (an allow-list, below) and loads the non-tensor items
+with `weights_only=True`. DeepSpeed loads its files with `weights_only=False` itself, so `verify_torch_files` checks
+every file of a DeepSpeed checkpoint with the safe loader before the folder is handed to DeepSpeed.
 """
 from __future__ import annotations
 
+import errno
+import io
 import os
+import pickle
+import shutil
 from pathlib import Path
 
 import torch
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the path."""
+
+
+def _no_space(e: BaseException, path) -> bool:
+    if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e):
+        return True
+    # torch.save's zip writer reports a short write as "enforce fail at inline_container.cc ... unexpected pos":
+    # ask the file system (called before the partial file is removed, so a full disk still reads as full)
+    for d in (Path(path), *Path(path).parents):
+        if d.exists():
+            try:
+                st = os.statvfs(d)
+            except OSError:
+                return False
+            return st.f_bavail * st.f_frsize < 1 << 20
+    return False
+
+
+def write_error(path, e: BaseException) -> CheckpointError:
+    """The error to raise for a failed write of `path` (a full disk says so in one line)."""
+    if _no_space(e, path):
+        return CheckpointError(f"no space left writing {path}")
+    return CheckpointError(f"could not write {path}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+
+
 def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(state, tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        raise write_error(path, e) from None
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -28,4 +69,177 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused a global: the file asks to build/run other objects
+        raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain values "
+                              f"({_unsupported_global(e)})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(e).__name__}: "
+                              f"{(str(e).splitlines() or [''])[0][:200]}") from None
+
+
+# ------------------------------------------------------------------------------------------ DCP without pickles
+def _dcp_allowed() -> dict[tuple[str, str], object]:
+    """Every global a DCP `.metadata` pickle of this torch version refers to (checked on one process, DDP and
+    FSDP2 checkpoints): DCP's metadata dataclasses, torch.Size, dtypes, layouts and paths."""
+    from torch.distributed.checkpoint import filesystem, metadata
+
+    allowed = {("torch.distributed.checkpoint.metadata", n): getattr(metadata, n) for n in (
+        "Metadata", "ChunkStorageMetadata", "TensorStorageMetadata", "BytesStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING") if hasattr(metadata, n)}
+    allowed[("torch.distributed.checkpoint.filesystem", "_StorageInfo")] = filesystem._StorageInfo
+    allowed[("torch", "Size")] = torch.Size
+    allowed[("torch.serialization", "_get_layout")] = torch.serialization._get_layout
+    allowed[("collections", "OrderedDict")] = __import__("collections").OrderedDict
+    for name in ("PosixPath", "PurePosixPath", "WindowsPath", "PureWindowsPath", "Path"):
+        allowed[("pathlib", name)] = getattr(__import__("pathlib"), name)
+    for name in dir(torch):
+        if isinstance(getattr(torch, name, None), torch.dtype):
+            allowed[("torch", name)] = getattr(torch, name)
+    return allowed
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    _allowed: dict | None = None
+
+    def find_class(self, module: str, name: str):
+        if _MetadataUnpickler._allowed is None:
+            _MetadataUnpickler._allowed = _dcp_allowed()
+        obj = _MetadataUnpickler._allowed.get((module, name))
+        if obj is None:
+            raise pickle.UnpicklingError(f"global '{module}.{name}' is not a DCP metadata class")
+        return obj
+
+
+def read_dcp_metadata(directory: str | os.PathLike):
+    """DCP's `.metadata` of a checkpoint folder, unpickled with the allow-list (never runs code)."""
+    path = Path(directory) / ".metadata"
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing (incomplete checkpoint)")
+    try:
+        with open(path, "rb") as f:
+            meta = _MetadataUnpickler(f).load()
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"refusing to load {path}: {e}") from None
+    except Exception as e:  # a truncated or garbled pickle raises many types
+        raise CheckpointError(f"cannot read {path} (truncated or corrupt?): {type(e).__name__}: {e}") from None
+    from torch.distributed.checkpoint.metadata import Metadata
+
+    if not isinstance(meta, Metadata) or not isinstance(getattr(meta, "storage_data", None), dict):
+        raise CheckpointError(f"{path} is not DCP metadata")
+    return meta
+
+
+def verify_dcp(directory: str | os.PathLike) -> None:
+    """Metadata readable, every data file it refers to present and long enough (catches truncation)."""
+    directory = Path(directory)
+    meta = read_dcp_metadata(directory)
+    need: dict[str, int] = {}
+    for info in meta.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for rel, size in need.items():
+        f = directory / rel
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing (incomplete checkpoint)")
+        if f.stat().st_size < size:
+            raise CheckpointError(f"{f} is truncated ({f.stat().st_size} bytes, the metadata needs {size})")
+
+
+def _safe_reader_and_planner(directory):
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            if kwargs.get("rank") is not None:  # per-rank metadata files are not used by bigltr
+                raise CheckpointError("per-rank DCP metadata is not supported")
+            meta = read_dcp_metadata(self.path)
+            if getattr(meta, "storage_meta", None) is None:
+                meta.storage_meta = StorageMeta()
+            meta.storage_meta.load_id = self.load_id
+            return meta
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            # DCP's default loads non-tensor items with weights_only=False; ours are floats/ints/strings/lists
+            obj = torch.load(value, weights_only=True)
+            if self.flatten_state_dict:
+                from torch.distributed.checkpoint._traverse import set_element
+
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = obj
+
+    return SafeReader(str(directory)), SafePlanner()
+
+
+def dcp_load(state: dict, directory: str | os.PathLike, *, no_dist: bool) -> None:
+    """`torch.distributed.checkpoint.load` into `state` without unpickling anything but the allow-list."""
+    import torch.distributed.checkpoint as dcp
+
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
+
+    reader, planner = _safe_reader_and_planner(directory)
+    try:
+        dcp.load(state, storage_reader=reader, planner=planner, no_dist=no_dist)
+    except CheckpointError:
+        raise
+    except (Exception, CheckpointException) as e:
+        causes = [w[0] if isinstance(w, tuple) else w for w in getattr(e, "failures", {}).values()] or [e]
+        for c in causes:  # our own refusal / weights_only's refusal, said in one line
+            if isinstance(c, CheckpointError):
+                raise c from None
+            if isinstance(c, pickle.UnpicklingError):
+                raise CheckpointError(f"refusing to load {directory}: an item holds objects other than tensors "
+                                      f"and plain values ({_unsupported_global(c)})") from None
+        c = causes[0]
+        raise CheckpointError(f"cannot load {directory}: {type(c).__name__}: "
+                              f"{(str(c).splitlines() or [''])[0][:300]}") from None
+
+
+def _unsupported_global(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if "Unsupported global" in ln or "Unsupported operand" in ln]
+    return (lines[0] if lines else (str(e).splitlines() or [""])[0])[:200]
+
+
+def dcp_save(state: dict, directory: str | os.PathLike, *, no_dist: bool) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        dcp.save(state, checkpoint_id=str(directory), no_dist=no_dist)
+    except Exception as e:
+        raise write_error(directory, e) from None
+
+
+# ------------------------------------------------------------------------------------------ DeepSpeed's files
+# Globals DeepSpeed 0.19's ZeRO-1/2/3 checkpoints of a torch SGD optimizer hold beyond weights_only's defaults.
+# (checked with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1 and ZeRO-3 checkpoints)
+_DEEPSPEED_GLOBALS = ["deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+                      "deepspeed.utils.tensor_fragment.fragment_address"]
+
+
+def verify_torch_files(directory: str | os.PathLike) -> None:
+    """Load every `.pt` file under `directory` with the safe loader (weights_only=True and a short allow-list): a
+    file that asks for any other object is refused before DeepSpeed, which loads with weights_only=False, sees it.
+    (DeepSpeed also writes zero_to_fp32.py beside its files; its loader never runs it.)"""
+    directory = Path(directory)
+    files = [p for p in sorted(directory.rglob("*.pt")) if p.is_file()]
+    if not files:
+        raise CheckpointError(f"{directory} holds no files (incomplete checkpoint)")
+    extra = [g for g in (_resolve(n) for n in _DEEPSPEED_GLOBALS) if g is not None]
+    with torch.serialization.safe_globals(extra):
+        for p in files:
+            load_checkpoint(p)
+
+
+def _resolve(dotted: str):
+    mod, _, name = dotted.rpartition(".")
+    try:
+        return getattr(__import__(mod, fromlist=[name]), name)
+    except (ImportError, AttributeError):
+        return None
+
+
+def remove_tree(path: str | os.PathLike) -> None:
+    shutil.rmtree(path, ignore_errors=True)

@@ -7,13 +7,20 @@ A recipe is a YAML mapping whose keys mirror the dataclasses below. A recipe may
 Every key is checked: an unknown key or a value of the wrong type raises ConfigError naming the key and, for
 unknown keys, the closest valid one. The resolved config is written to `<out>/config.yaml` by the trainer.
 
-Why hand-written and not Hydra/OmegaConf: the brief asks for a typed schema with a "closest valid key" message
-and two tiny dependencies' worth of behaviour; dataclasses + difflib do exactly that in one readable file.
+Every field carries its one-line description (`opt(default, "help")`, kept in `field.metadata["help"]`):
+`bigltr-train --help` (bigltr.cli) lists all keys with type, default and description from these dataclasses.
+Comments next to a field say *why* a default is what it is.
+
+Why hand-written and not Hydra/OmegaConf: what bigltr needs is a typed schema checked before torch is imported,
+an error that names the bad key and the closest valid one, and a help listing generated from the schema.
+Dataclasses + difflib do that in one readable file, with no extra dependency and no config framework between a
+user's `key=value` and the trainer.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -32,123 +39,179 @@ class ConfigError(ValueError):
     """A bad recipe or override; the message names the key."""
 
 
+def opt(default: Any, help: str) -> Any:
+    """A config field with its one-line description (shown by `bigltr-train --help`). A list default is copied
+    for every instance."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def section(cls: type, help: str) -> Any:
+    """A nested config section (a dataclass) with its description."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
 @dataclass
 class DataConfig:
-    root: str = "data/fmnist_lt"  # folder with _info.json and the train/val/test shards
-    img_size: int = 28
-    in_chans: int = 1
-    mean: list[float] = field(default_factory=lambda: [0.2860])
-    std: list[float] = field(default_factory=lambda: [0.3530])
-    train_aug: Literal["none", "cifar", "imagenet"] = "cifar"
-    num_workers: int = 2
-    shuffle_buffer: int = 2000
-    pin_memory: bool = True  # only takes effect on CUDA
-    # Class groups for reporting: Many > many_thr training images, Few < few_thr, Medium in between (paper: 100/20).
-    many_thr: int = 100
-    few_thr: int = 20
+    root: str = opt("data/fmnist_lt", "folder with _info.json and the train/val/test shards")
+    img_size: int = opt(28, "side of the square network input; images of another size are resized")
+    in_chans: int = opt(1, "image channels: 1 (grey, read as L) or 3 (RGB)")
+    mean: list[float] = opt([0.2860], "per-channel normalisation mean (data.in_chans values)")
+    std: list[float] = opt([0.3530], "per-channel normalisation std (data.in_chans values)")
+    train_aug: Literal["none", "cifar", "imagenet"] = opt(
+        "cifar", "training augmentation: none; cifar (random crop with 4 px padding + horizontal flip); imagenet "
+        "(timm's create_transform)")
+    num_workers: int = opt(2, "data-loading worker processes per rank (DALI: CPU threads); 0 reads in the main "
+                              "process")
+    shuffle_buffer: int = opt(2000, "training samples held in the shuffle buffer (shards are shuffled too)")
+    pin_memory: bool = opt(True, "pinned host memory for batches (only takes effect on CUDA)")
+    # Paper: 100/20 (CIFAR/ImageNet-LT); a dataset with fewer images per class needs its own (see fmnist_lt).
+    many_thr: int = opt(100, "Many group: classes with more than many_thr training images (reporting only)")
+    few_thr: int = opt(20, "Few group: classes with fewer than few_thr training images; Medium is in between")
+    # Data faults: docs/data.md "Failure behaviour".
+    max_skip_fraction: float = opt(
+        0.01, "stop when more than this fraction of the train split is skipped (corrupt) or lost (truncated or "
+              "unreadable shard) in one epoch, all ranks together")
+    eval_partial: bool = opt(False, "evaluate what is readable of a truncated val/test split (results then say "
+                                    "'N of M') instead of stopping")
+    # DALI is optional (pip install -e '.[dali]'): auto falls back to torch wherever it is absent.
+    pipeline: Literal["torch", "dali", "auto"] = opt(
+        "torch", "reader: torch (webdataset + PIL + torchvision in DataLoader workers); dali (NVIDIA DALI reads the "
+                 "same shards, decodes and augments on the GPU, or on CPU threads without one); auto (dali when "
+                 "DALI is importable and the device is CUDA, else torch)")
+    dali_index_dir: str = opt("", "data.pipeline=dali: cache of shard indexes (empty: ~/.cache/bigltr/dali_index)")
 
 
 @dataclass
 class ModelConfig:
-    name: str = "resnet32_cifar"  # any timm model name, or resnet32_cifar / resnet34_cifar (bigltr.models)
-    pretrained: bool = False  # no hub access on the project's machines: weights are never fetched by default
-    drop_rate: float = 0.0
+    name: str = opt("resnet32_cifar", "any timm model name, or resnet32_cifar / resnet34_cifar (bigltr.models)")
+    # No hub access on the project's machines: weights are never fetched unless asked for.
+    pretrained: bool = opt(False, "start stage 1 from timm's pretrained weights (downloads them)")
+    drop_rate: float = opt(0.0, "dropout on the pooled features before the classifier (stage 1 training only)")
 
 
 @dataclass
 class Stage1Config:
-    epochs: int = 200
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 5e-3  # the paper's tuned value for CIFAR-100-LT; 0 gives the naive baseline
-    wd_scope: Literal["all", "no_norm_bias"] = "all"  # all: official code; no_norm_bias: timm convention
-    warmup_epochs: int = 0
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    accum_steps: int = 1  # gradient accumulation: one optimiser step every accum_steps batches
-    channels_last: bool = False
-    compile: bool = False  # torch.compile the model (needs a working compiler toolchain for inductor)
+    epochs: int = opt(200, "stage-1 training epochs (paper: 200 on CIFAR)")
+    batch_size: int = opt(64, "images per process per step")
+    lr: float = opt(0.01, "peak learning rate of SGD; per-step cosine decay to 0")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(5e-3, "weight decay: the paper's tuned value for CIFAR-100-LT; 0 gives the naive "
+                                    "baseline")
+    # p != 2 is the paper's open question; 2 is plain torch SGD weight decay, bit for bit.
+    wd_p: float = opt(2.0, "Lp weight decay exponent p in [1, inf): the step adds weight_decay * sign(w) |w|^(p-1), "
+                           "the gradient of (weight_decay/p) sum |w|^p, before momentum")
+    wd_scope: Literal["all", "no_norm_bias"] = opt(
+        "all", "parameters decayed: all (official code) or no_norm_bias (timm convention: no decay on 1-D params)")
+    warmup_epochs: int = opt(0, "epochs of linear learning-rate warm-up before the cosine")
+    amp: Literal["none", "bf16", "fp16"] = opt("none", "autocast precision (fp16 needs CUDA; bf16 works on CPU)")
+    accum_steps: int = opt(1, "gradient accumulation: one optimiser step every accum_steps batches")
+    channels_last: bool = opt(False, "channels-last memory format for model and images (faster convs on GPU)")
+    compile: bool = opt(False, "torch.compile the model (needs a working compiler toolchain for inductor)")
 
 
 @dataclass
 class MaxNormConfig:
-    when: Literal["step", "epoch", "off"] = "step"  # step: the paper's eq. 5; epoch: the official code
-    radius_mode: Literal["relative", "absolute"] = "relative"
-    # relative: t in delta = min + t * (max - min) of the stage-1 row norms (official t = 0.1); absolute: delta.
-    radius: float = 0.1
-    tau: float = 1.0  # the official code's exponent: rows with ||w||^tau > delta are scaled by delta/||w||^tau
-    # when=step only: fuse the SGD update and the projection into one op (one Triton kernel on GPU). The clipped-
-    # row count is then not measured (logged as -1); rows_at_radius at epoch end still shows whether it binds.
-    fused: bool = False
+    when: Literal["step", "epoch", "off"] = opt(
+        "step", "when MaxNorm projects the classifier rows: step (the paper's eq. 5), epoch (the official code), off")
+    radius_mode: Literal["relative", "absolute"] = opt(
+        "relative", "relative: radius is t in delta = min + t (max - min) of the stage-1 row norms; absolute: "
+                    "radius is delta")
+    radius: float = opt(0.1, "MaxNorm radius: t (relative; official t = 0.1) or delta (absolute)")
+    tau: float = opt(1.0, "exponent of the constraint ||w_c||^tau <= delta, i.e. ||w_c|| <= delta^(1/tau)")
+    # Both projections agree at tau = 1; the official one misses the ball for tau != 1.
+    projection: Literal["exact", "official"] = opt(
+        "exact", "exact: rows with ||w|| > delta^(1/tau) scaled onto the ball; official: the official code's scale "
+                 "delta/||w||^(tau^2)")
+    # The clipped-row count is then not measured (logged as -1); rows_at_radius at epoch end still shows whether
+    # the constraint binds.
+    fused: bool = opt(False, "when=step only: fuse the SGD update and the projection into one op (one Triton "
+                             "kernel on GPU)")
 
 
 @dataclass
 class FeatureCacheConfig:
-    # Views computed once per training image by the frozen backbone: "center" (the eval transform),
-    # "center_flip" (it and its horizontal flip), "augment" (num_aug draws of the training transform).
-    views: Literal["center", "center_flip", "augment"] = "center_flip"
-    num_aug: int = 4
-    dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    location: Literal["memory", "disk"] = "memory"
-    dir: str = ""  # for location=disk; default <out>/stage2/feature_cache
+    views: Literal["center", "center_flip", "augment"] = opt(
+        "center_flip", "views of each training image the frozen backbone computes once: center (the eval "
+                       "transform), center_flip (and its horizontal flip), augment (num_aug training-transform draws)")
+    num_aug: int = opt(4, "views=augment: draws of the training transform per image")
+    dtype: Literal["bf16", "fp16", "fp32"] = opt("bf16", "precision the cached features are stored in")
+    location: Literal["memory", "disk"] = opt("memory", "keep the cached features in memory or on disk")
+    # One folder per split (train, val, test) and key (checkpoint, data, views, dtype, ...): runs with the same
+    # stage-1 checkpoint (a tuner's trials) can share it.
+    dir: str = opt("", "location=disk: cache folder (empty: <out>/stage2/feature_cache)")
 
 
 @dataclass
 class Stage2Config:
-    epochs: int = 10
-    batch_size: int = 64
-    lr: float = 0.01
-    momentum: float = 0.9
-    weight_decay: float = 0.1
-    loss: Literal["ce", "cb_ce", "cb_official_bce"] = "cb_ce"
-    cb_beta: float = 0.9999
-    bn_mode: Literal["eval", "train"] = "eval"  # train: BatchNorm statistics keep moving (official code)
-    classifier_init: Literal["keep", "reinit"] = "keep"
-    amp: Literal["none", "bf16", "fp16"] = "none"
-    # online: run the frozen backbone on every batch of every epoch (reference code); cached: compute backbone
-    # features once (stage2.cache), then train the classifier on them.
-    features: Literal["online", "cached"] = "online"
-    cache: FeatureCacheConfig = field(default_factory=FeatureCacheConfig)
-    maxnorm: MaxNormConfig = field(default_factory=MaxNormConfig)
+    epochs: int = opt(10, "stage-2 (classifier) training epochs (paper: 10)")
+    batch_size: int = opt(64, "images (or cached feature vectors) per process per step")
+    lr: float = opt(0.01, "peak learning rate of SGD; per-step cosine decay to 0")
+    momentum: float = opt(0.9, "SGD momentum")
+    weight_decay: float = opt(0.1, "weight decay on the classifier")
+    wd_p: float = opt(2.0, "Lp weight decay exponent, as stage1.wd_p (2: torch SGD's own weight decay)")
+    loss: Literal["ce", "cb_ce", "cb_official_bce"] = opt(
+        "cb_ce", "ce (plain cross-entropy); cb_ce (class-balanced weighted softmax CE, the paper); cb_official_bce "
+                 "(BCE on softmax probabilities, the official code)")
+    cb_beta: float = opt(0.9999, "beta of the effective number of samples (1 - beta^n) / (1 - beta), in (0, 1)")
+    bn_mode: Literal["eval", "train"] = opt(
+        "eval", "BatchNorm of the frozen backbone: eval (frozen statistics, paper) or train (statistics keep "
+                "moving, official code)")
+    classifier_init: Literal["keep", "reinit"] = opt(
+        "keep", "start stage 2 from stage 1's classifier (keep) or a freshly initialised one (reinit)")
+    amp: Literal["none", "bf16", "fp16"] = opt("none", "autocast precision (fp16 needs CUDA; bf16 works on CPU)")
+    # online is what the reference code does; cached needs bn_mode=eval (a fixed backbone).
+    features: Literal["online", "cached"] = opt(
+        "online", "online: run the frozen backbone on every batch of every epoch; cached: compute backbone "
+                  "features once (stage2.cache), then train the classifier on them")
+    cache: FeatureCacheConfig = section(FeatureCacheConfig, "stage2.features=cached: what is cached and where")
+    maxnorm: MaxNormConfig = section(MaxNormConfig, "MaxNorm: per-class norm ball on the classifier rows")
 
 
 @dataclass
 class EvalConfig:
-    tta_flip: bool = False  # average logits with a horizontal flip (official code's reported numbers)
-    # Post-hoc classifier normalisation, evaluated in addition after each stage (paper's ablation rows).
-    posthoc: Literal["none", "l2", "tau_norm"] = "none"
-    posthoc_tau: float = 1.0
+    tta_flip: bool = opt(False, "average logits with a horizontal flip (the official code's reported numbers)")
+    # The paper's ablation rows (L2-normalised classifier, tau-norm).
+    posthoc: Literal["none", "l2", "tau_norm"] = opt(
+        "none", "post-hoc classifier normalisation, evaluated in addition after each stage: l2 or tau_norm")
+    posthoc_tau: float = opt(1.0, "posthoc=tau_norm: rows scaled by 1/||w_c||^tau")
 
 
 @dataclass
 class DistConfig:
-    backend: Literal["ddp", "fsdp2", "deepspeed"] = "ddp"  # used when the launcher starts more than one process
-    zero_stage: int = 2  # deepspeed only: ZeRO stage 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)
-    # deepspeed ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's default 1e5)
-    zero3_persistence_threshold: int = 100000
-    world_size: int = 0  # expected number of processes (0: whatever the launcher started); a mismatch fails
-    timeout_s: float = 600.0  # collective timeout: survivors of a dead rank exit after this long
+    backend: Literal["ddp", "fsdp2", "deepspeed"] = opt(
+        "ddp", "data-parallel backend, used when the launcher starts more than one process")
+    zero_stage: int = opt(2, "backend=deepspeed: ZeRO stage 1 (optimizer state), 2 (+ gradients), 3 (+ parameters)")
+    zero3_persistence_threshold: int = opt(
+        100000, "backend=deepspeed, ZeRO-3: parameters with fewer elements stay whole on every rank (DeepSpeed's "
+                "default 1e5)")
+    world_size: int = opt(0, "expected number of processes (0: whatever the launcher started); a mismatch fails")
+    timeout_s: float = opt(600.0, "collective timeout in seconds: survivors of a dead rank exit after this long")
 
 
 @dataclass
 class Config:
-    recipe: str = ""
-    stage: Literal["1", "2", "all"] = "all"
-    out: str = ""  # run directory; default runs/<recipe>
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    log_every: int = 50  # steps between loss/accuracy reads (the only host syncs in the hot loop)
-    stage1_checkpoint: str = ""  # for stage=2: default <out>/stage1/best.pt
-    # auto: continue from the newest <out>/stage{1,2}/resume/ checkpoint (a finished stage is not rerun)
-    resume: Literal["none", "auto"] = "none"
-    ckpt_every_steps: int = 0  # resume checkpoint every N optimiser steps (0: at epoch ends and on stop only)
-    preempt_check_every: int = 10  # steps between checks for a stop request (signal or <out>/PREEMPT)
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    stage1: Stage1Config = field(default_factory=Stage1Config)
-    stage2: Stage2Config = field(default_factory=Stage2Config)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    dist: DistConfig = field(default_factory=DistConfig)
+    recipe: str = opt("", "a recipe name in recipes/ or a path to a YAML file; its keys replace the defaults")
+    stage: Literal["1", "2", "all"] = opt("all", "which stages to run (2: from <out>/stage1/best.pt or "
+                                                 "stage1_checkpoint)")
+    out: str = opt("", "run directory (empty: runs/<recipe>)")
+    seed: int = opt(0, "seed of weights, data order and augmentation (stage 2 uses seed + 1)")
+    device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available, else cpu")
+    # Reading the loss forces a host sync: these reads are the only ones in the hot loop.
+    log_every: int = opt(50, "steps between loss/accuracy reads for the progress bar")
+    stage1_checkpoint: str = opt("", "stage=2: the stage-1 checkpoint to start from (empty: <out>/stage1/best.pt)")
+    resume: Literal["none", "auto"] = opt(
+        "none", "auto: continue from the newest <out>/stage{1,2}/resume/ checkpoint (a finished stage is not rerun)")
+    ckpt_every_steps: int = opt(0, "resume checkpoint every N optimiser steps (0: at epoch ends and on stop only)")
+    preempt_check_every: int = opt(10, "steps between checks for a stop request (signal or <out>/PREEMPT)")
+    data: DataConfig = section(DataConfig, "the shards (WebDataset + _info.json), transforms and class groups")
+    model: ModelConfig = section(ModelConfig, "the backbone; the classifier is one nn.Linear on its pooled features")
+    stage1: Stage1Config = section(Stage1Config, "stage 1: features, cross-entropy + weight decay")
+    stage2: Stage2Config = section(Stage2Config, "stage 2: classifier only, class-balanced loss + weight decay + "
+                                                 "MaxNorm")
+    eval: EvalConfig = section(EvalConfig, "evaluation after each stage")
+    dist: DistConfig = section(DistConfig, "several processes: DDP, FSDP2 or DeepSpeed ZeRO")
 
 
 # ----------------------------------------------------------------------------------------------- schema helpers
@@ -206,6 +269,8 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if value is None:
@@ -286,17 +351,21 @@ def _deep_update(dst: dict, src: dict) -> None:
 
 
 def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    out = {}
-    for arg in argv:
-        if "=" not in arg or arg.startswith("="):
-            raise ConfigError(f"argument '{arg}' is not of the form key=value (e.g. stage1.epochs=10)")
-        key, raw = arg.split("=", 1)
-        key = key.strip().lstrip("-")
-        try:
-            out[key] = yaml.safe_load(raw) if raw != "" else ""
-        except yaml.YAMLError:
-            out[key] = raw
-    return out
+    """[`key=value`, ...] -> {key: value}: the one parser every command uses, `bigltr.cli.parse_overrides`."""
+    from bigltr.cli import parse_overrides as parse  # bigltr.cli imports this module: import at call time
+
+    return parse(argv)
+
+
+def config_from_dict(data: dict, overrides: dict[str, Any] | None = None, *, where: str) -> Config:
+    """A validated Config from a nested mapping (a saved config.yaml, a checkpoint's `config`) and then dotted
+    overrides ({"data.root": ...}, as parse_overrides returns them). Keys are checked as in build_config."""
+    cfg = Config()
+    _apply(cfg, data, "", where)
+    for key, value in (overrides or {}).items():
+        _set_dotted(cfg, key, value, "command line")
+    validate(cfg)
+    return cfg
 
 
 def build_config(argv: list[str]) -> Config:
@@ -304,7 +373,7 @@ def build_config(argv: list[str]) -> Config:
     overrides = parse_overrides(argv)
     cfg = Config()
     recipe = overrides.pop("recipe", None)
-    if recipe is not None:
+    if recipe not in (None, ""):  # `recipe=` (the default, as --help shows it): no recipe
         recipe = str(recipe)
         data = load_recipe(recipe)
         _apply(cfg, data, "", f"recipe {recipe_path(recipe)}")
@@ -315,6 +384,16 @@ def build_config(argv: list[str]) -> Config:
     if not cfg.out:
         cfg.out = os.path.join("runs", Path(cfg.recipe).stem or "default")
     return cfg
+
+
+def _dali_importable() -> bool:
+    """Whether NVIDIA DALI is installed, without importing it (the loader imports it when it is used)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("nvidia.dali") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def validate(cfg: Config) -> None:
@@ -329,6 +408,7 @@ def validate(cfg: Config) -> None:
         need(sc.batch_size >= 1, f"{s}.batch_size", "must be >= 1")
         need(sc.lr > 0, f"{s}.lr", "must be > 0")
         need(sc.weight_decay >= 0, f"{s}.weight_decay", "must be >= 0")
+        need(1 <= sc.wd_p < math.inf, f"{s}.wd_p", "must be a finite number >= 1 (p in [1, inf))")
         need(0 <= sc.momentum < 1, f"{s}.momentum", "must be in [0, 1)")
     need(cfg.stage1.accum_steps >= 1, "stage1.accum_steps", "must be >= 1")
     need(0 <= cfg.stage1.warmup_epochs < cfg.stage1.epochs, "stage1.warmup_epochs", "must be in [0, stage1.epochs)")
@@ -345,6 +425,9 @@ def validate(cfg: Config) -> None:
     need(len(cfg.data.mean) == cfg.data.in_chans, "data.mean", f"needs {cfg.data.in_chans} values (data.in_chans)")
     need(len(cfg.data.std) == cfg.data.in_chans, "data.std", f"needs {cfg.data.in_chans} values (data.in_chans)")
     need(cfg.data.num_workers >= 0, "data.num_workers", "must be >= 0")
+    need(cfg.data.pipeline != "dali" or _dali_importable(), "data.pipeline",
+         "'dali' needs NVIDIA DALI, which is not installed: pip install -e '.[dali]' (or data.pipeline=torch/auto)")
+    need(0 <= cfg.data.max_skip_fraction < 1, "data.max_skip_fraction", "must be in [0, 1)")
     need(cfg.log_every >= 1, "log_every", "must be >= 1")
     need(cfg.ckpt_every_steps >= 0, "ckpt_every_steps", "must be >= 0")
     need(cfg.preempt_check_every >= 1, "preempt_check_every", "must be >= 1")

@@ -42,6 +42,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from bigltr.checkpoint import (CheckpointError, dcp_load, dcp_save, load_checkpoint, save_checkpoint, verify_dcp,
+                               verify_torch_files, write_error)
 from bigltr.ops import flat_row_sumsq, flat_rows_scale_, maxnorm_clipped_, maxnorm_scales
 
 log = logging.getLogger("bigltr")
@@ -220,7 +222,8 @@ class Dist:
 
     @property
     def row_projector(self) -> Callable:
-        """`project(weight, radius, tau) -> rows clipped`: MaxNorm on the classifier as this backend stores it.
+        """`project(weight, radius, tau, projection) -> rows clipped`: MaxNorm on the classifier as this backend
+        stores it (`projection`: the rule of `bigltr.ops.maxnorm_`).
 
         DDP / one process: the weight. FSDP2: this rank's whole rows (Shard(0)), no communication; the count is
         this rank's. DeepSpeed: the flat partitions of the fp32 master (and, under ZeRO-3, of the working copy)
@@ -231,7 +234,8 @@ class Dist:
         """
         return self._ds_project_rows if self.deepspeed else maxnorm_clipped_
 
-    def _ds_project_rows(self, weight: nn.Parameter, radius: float, tau: float) -> torch.Tensor:
+    def _ds_project_rows(self, weight: nn.Parameter, radius: float, tau: float = 1.0,
+                         projection: str = "exact") -> torch.Tensor:
         zero3 = hasattr(weight, "ds_id")
         num_rows, row_len = weight.ds_shape if zero3 else weight.shape
         if zero3:  # rank r holds the r-th of equal, padded slices of the flat weight
@@ -248,7 +252,7 @@ class Dist:
             slices = [mapping.get_hp_fragment()] if mapping is not None else []
         sumsq = flat_row_sumsq(slices[0] if slices else weight.new_empty(0, dtype=torch.float32), start, num_rows,
                                row_len)
-        scales = maxnorm_scales(self.all_reduce_(sumsq), radius, tau=tau)
+        scales = maxnorm_scales(self.all_reduce_(sumsq), radius, tau=tau, projection=projection)
         for flat in slices:
             flat_rows_scale_(flat, start, row_len, scales)
         if zero3:
@@ -282,39 +286,52 @@ class Dist:
         """
         directory = Path(directory)
         if self.deepspeed:
-            trainer.engine.save_checkpoint(str(directory / self.checkpoint_format), tag="state", save_latest=False)
+            try:
+                trainer.engine.save_checkpoint(str(directory / self.checkpoint_format), tag="state",
+                                               save_latest=False)
+            except (OSError, RuntimeError) as e:
+                raise write_error(directory, e) from None
             outside = self._outside_engine(model, trainer)
             if self.is_main and outside is not None:
-                torch.save(outside, directory / "outside_engine.pt")
+                save_checkpoint(outside, directory / "outside_engine.pt")
             return
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
         model_sd, optim_sd = get_state_dict(model, trainer.optimizer)
         with _quiet_single_process_dcp():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory / self.checkpoint_format),
+            dcp_save({"model": model_sd, "optim": optim_sd}, directory / self.checkpoint_format,
                      no_dist=not self.distributed)
+
+    def verify_train_state(self, directory: Path) -> None:
+        """Raise CheckpointError unless the model/optimizer part of a resume folder is complete and safe to load
+        (no rank collective: every rank checks the same files)."""
+        state_dir = Path(directory) / self.checkpoint_format
+        if self.deepspeed:
+            verify_torch_files(state_dir)
+        else:
+            verify_dcp(state_dir)
 
     def load_train_state(self, directory: Path, model: nn.Module, trainer: "Trainable") -> None:
         """The caller has checked that the checkpoint's format is this backend's (`checkpoint_format`)."""
         directory = Path(directory)
         state_dir = directory / self.checkpoint_format
         if self.deepspeed:
+            # DeepSpeed unpickles its files with weights_only=False: they pass bigltr's safe loader first
+            verify_torch_files(state_dir)
             path, _ = trainer.engine.load_checkpoint(str(state_dir), tag="state", load_optimizer_states=True,
                                                      load_lr_scheduler_states=False)
             if path is None:
-                raise DistError(f"DeepSpeed could not load {state_dir}")
+                raise CheckpointError(f"DeepSpeed could not load {state_dir}")
             if (directory / "outside_engine.pt").is_file():
-                model.load_state_dict(torch.load(directory / "outside_engine.pt", map_location=self.device,
-                                                 weights_only=True), strict=False)
+                model.load_state_dict(load_checkpoint(directory / "outside_engine.pt", map_location=self.device),
+                                      strict=False)
             return
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         model_sd, optim_sd = get_state_dict(model, trainer.optimizer)
         state = {"model": model_sd, "optim": optim_sd}
         with _quiet_single_process_dcp():
-            dcp.load(state, checkpoint_id=str(state_dir), no_dist=not self.distributed)
+            dcp_load(state, state_dir, no_dist=not self.distributed)  # never unpickles anything but DCP metadata
         set_state_dict(model, trainer.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     @staticmethod

@@ -1,8 +1,11 @@
 """Entry point: `python -m bigltr.train recipe=NAME key=value ...` or `accelerate launch bigltr/train.py ...`."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (accelerate launch bigltr/train.py): make `bigltr` importable
@@ -10,19 +13,29 @@ if __package__ in (None, ""):  # run as a script (accelerate launch bigltr/train
 
 from bigltr.config import ConfigError, build_config  # noqa: E402
 
+# Exit codes (docs/distributed.md "Failure behaviour"): 0 done; 1 an unexpected error (traceback); 2 bad input
+# (config, data, run directory in use); 3 the loss became non-finite; 4 a checkpoint could not be written or read;
+# 75 stopped on request (preemption), resume with resume=auto.
+EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CHECKPOINT = 2, 3, 4
+
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if any(a in ("-h", "--help") for a in argv):
-        print(__doc__ + "\nKeys: see recipes/*.yaml and bigltr/config.py")
+        from bigltr.cli import train_help  # every config key, from the dataclasses (no torch import)
+
+        print(train_help())
         return 0
     try:
         cfg = build_config(argv)  # validated before torch or data are touched
     except ConfigError as e:
         print(f"bigltr: config error: {e}", file=sys.stderr)
         return 2
-    from bigltr.distributed import Dist, DistError  # heavy imports only after the config is known to be good
-    from bigltr.engine.resume import EXIT_PREEMPTED, Preempted
+    from bigltr.checkpoint import CheckpointError  # heavy imports only after the config is known to be good
+    from bigltr.data.errors import DataError
+    from bigltr.distributed import Dist, DistError
+    from bigltr.engine.resume import EXIT_PREEMPTED, Preempted, TrainingDiverged
+    from bigltr.engine.rundir import RunLocked
     from bigltr.engine.run import run
 
     try:
@@ -37,20 +50,48 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, force=True,
                         format="%(asctime)s %(message)s" if not dist.distributed else
                         f"%(asctime)s [rank {dist.rank}] %(message)s", datefmt="%H:%M:%S")
+    code = 1
     try:
         run(cfg, dist)
-    except FileNotFoundError as e:
-        print(f"bigltr: {e}", file=sys.stderr)
-        return 2
-    except ConfigError as e:  # found once the data or a checkpoint is read (model name, checkpoint mismatch)
-        print(f"bigltr: config error: {e}", file=sys.stderr)
-        return 2
+        code = 0
     except Preempted as e:
-        print(f"bigltr: preempted ({e}); resume with the same command and resume=auto", file=sys.stderr)
-        return EXIT_PREEMPTED
+        code = _fail(f"preempted ({e}); resume with the same command and resume=auto", EXIT_PREEMPTED)
+    except RunLocked as e:
+        code = _fail(str(e), EXIT_BAD_INPUT)
+    except ConfigError as e:  # found once the data or a checkpoint is read (model name, checkpoint mismatch)
+        code = _fail(f"config error: {e}", EXIT_BAD_INPUT)
+    except DataError as e:
+        code = _fail(f"data error: {e}", EXIT_BAD_INPUT)
+    except FileNotFoundError as e:
+        code = _fail(str(e), EXIT_BAD_INPUT)
+    except CheckpointError as e:
+        code = _fail(f"checkpoint error: {e}", EXIT_CHECKPOINT)
+    except TrainingDiverged as e:
+        code = _fail(f"training diverged: {e}", EXIT_DIVERGED)
+    except OSError as e:  # results, logs, plots: a full disk is said in one line, like a checkpoint's
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        code = _fail(f"no space left writing {e.filename or cfg.out}", EXIT_CHECKPOINT)
+    except BaseException:
+        if not dist.distributed:
+            raise
+        traceback.print_exc()
+        code = 1
     finally:
+        if code not in (0, EXIT_PREEMPTED) and dist.distributed:
+            # Another rank may still be inside a collective: tearing the process group down now can abort this
+            # process (SIGABRT, "terminate called without an active exception") and hide the message and code.
+            # Leave at once with the code; the launcher stops the other ranks.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
         dist.shutdown()
-    return 0
+    return code
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"bigltr: {message}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

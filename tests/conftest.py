@@ -80,6 +80,7 @@ class Proc:
                 self.seen.set()
 
     def wait_for(self, text, timeout=240):
+        self.seen.clear()  # an earlier wait_for set it
         self.wanted = text
         if any(text in ln for ln in self.lines):
             return

@@ -93,7 +93,8 @@ def test_feature_cache_matches_online_stage2(tiny_shards, tmp_path):
     assert main(common + ["stage=2", f"stage1_checkpoint={ckpt}", f"out={tmp_path / 'disk'}",
                           "stage2.features=cached", "stage2.cache.views=augment", "stage2.cache.num_aug=2",
                           "stage2.cache.location=disk", "data.train_aug=cifar"]) == 0
-    cache_dir = tmp_path / "disk" / "stage2" / "feature_cache"
+    cache_root = tmp_path / "disk" / "stage2" / "feature_cache"
+    (cache_dir,) = cache_root.glob("train-*")  # one folder per split and key (val-*, test-* too)
     assert (cache_dir / "features.bin").stat().st_size > 0 and (cache_dir / "meta.json").is_file()
     first = json.loads((tmp_path / "disk" / "results.json").read_text())["stage2"]
     # a second run with the same checkpoint/data/views reuses the disk cache (no backbone pass) -> same model
@@ -102,7 +103,7 @@ def test_feature_cache_matches_online_stage2(tiny_shards, tmp_path):
                           "stage2.features=cached", "stage2.cache.views=augment", "stage2.cache.num_aug=2",
                           "stage2.cache.location=disk", "data.train_aug=cifar"]) == 0
     second = json.loads((tmp_path / "disk" / "results.json").read_text())["stage2"]
-    assert (cache_dir / "features.bin").stat().st_mtime_ns == before
+    assert (cache_dir / "features.bin").stat().st_mtime_ns == before and len(list(cache_root.iterdir())) == 3
     assert second["weight_norms"] == first["weight_norms"]
     from bigltr.config import ConfigError, build_config
 

@@ -26,12 +26,14 @@ DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # allowed error, in units in the last place of the exact (float64) result. bf16/fp16: the op rounds once, to
 # nearest, from an fp32 value a few fp32 ulps off, so half an ulp plus ~0.001 (this catches truncation, which
 # Triton's interpreter does by default for fp32 -> bf16). fp32: the summed squares, sqrt, power, division and
-# product each add error, the power multiplying the norm's by tau (measured: <= 3.2 ulp at tau=1, 6.3 at tau=2).
+# product each add error, the power in the scale multiplying the norm's: the exact rule divides by ||w|| (power 1;
+# measured <= 3.2 ulp), the official one by ||w||**(tau*tau) (measured 6.3 ulp at tau*tau = 2).
 MAX_ULPS = {torch.float32: 8, torch.bfloat16: 0.51, torch.float16: 0.51}
 
 
-def max_ulps(dtype: torch.dtype, tau: float) -> float:
-    return MAX_ULPS[dtype] * max(1.0, tau) if dtype == torch.float32 else MAX_ULPS[dtype]
+def max_ulps(dtype: torch.dtype, tau: float, projection: str = "exact") -> float:
+    power = tau * tau if projection == "official" else 1.0
+    return MAX_ULPS[dtype] * max(1.0, power) if dtype == torch.float32 else MAX_ULPS[dtype]
 INT_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
 
 
@@ -46,14 +48,20 @@ def _seed(gen: torch.Generator) -> str:
     return f"(seed {gen.initial_seed()}; rerun with MAXNORM_TEST_SEED={gen.initial_seed()})"
 
 
-def reference(w: torch.Tensor, radius: float, tau: float) -> tuple[np.ndarray, np.ndarray]:
-    """float64 row loop, independent of the op: returns (expected values, clipped-row mask)."""
+def reference(w: torch.Tensor, radius: float, tau: float, projection: str = "exact") -> tuple[np.ndarray, np.ndarray]:
+    """float64 row loop, independent of the op: returns (expected values, clipped-row mask).
+    exact: onto the ball {||w||**tau <= radius}; official: ShadeAlsha/LTR-weight-balancing's MaxNorm_via_PGD.PGD
+    (n = ||w||**tau; rows with n > radius are multiplied by radius / n**tau)."""
     out = w.double().numpy().copy()
     clipped = np.zeros(out.shape[0], dtype=bool)
     for i in range(out.shape[0]):
         norm = math.sqrt(float(np.dot(out[i], out[i])))
-        if norm**tau > radius:
-            out[i] *= radius / norm**tau
+        if projection == "exact":
+            if norm > radius ** (1 / tau):
+                out[i] *= radius ** (1 / tau) / norm
+                clipped[i] = True
+        elif norm**tau > radius:
+            out[i] *= radius / (norm**tau) ** tau
             clipped[i] = True
     return out, clipped
 
@@ -93,13 +101,14 @@ def make_case(gen, m: int, n: int, dtype: torch.dtype, tau: float):
     return w.to(dtype), radius, kind
 
 
-def check(out: torch.Tensor, w_in: torch.Tensor, radius: float, tau: float, gen, what: str = ""):
+def check(out: torch.Tensor, w_in: torch.Tensor, radius: float, tau: float, gen, what: str = "",
+          projection: str = "exact"):
     """Compare `out` (the op's result) with the float64 reference computed from `w_in` (a copy of the input)."""
-    ref, clipped = reference(w_in, radius, tau)
+    ref, clipped = reference(w_in, radius, tau, projection)
     got = out.double().numpy()
     err_ulps = np.abs(got - ref) / ulp(ref, out.dtype)
     worst = float(err_ulps.max()) if err_ulps.size else 0.0
-    limit = max_ulps(out.dtype, tau)
+    limit = max_ulps(out.dtype, tau, projection)
     assert worst <= limit, f"{what}: max error {worst:.2f} ulp > {limit} {_seed(gen)}"
     keep = torch.from_numpy(~clipped)
     assert torch.equal(bits(out[keep]), bits(w_in[keep])), f"{what}: an unclipped row changed {_seed(gen)}"
@@ -124,12 +133,62 @@ def test_matches_float64_reference(gen, backend, dtype, shape):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("tau", [2.0, 0.5])
-def test_tau(gen, backend, dtype, tau):
-    w, radius, _ = make_case(gen, 61, 77, dtype, tau)
+@pytest.mark.parametrize("tau", [0.5, 1.0, 1.5, 2.0])
+@pytest.mark.parametrize("projection", ["exact", "official"])
+@pytest.mark.parametrize("shape", [(61, 77), (5, 1100)], ids=lambda s: f"{s[0]}x{s[1]}")  # 1100: two-pass kernel
+def test_tau_and_projection_rules(gen, backend, dtype, tau, projection, shape):
+    """Both rules against the float64 reference, rows below / above / at the radius and zero rows, with a float and
+    a tensor radius. The exact rule lands every clipped row on the sphere
+    ||w|| = radius**(1/tau), i.e. ||w||**tau = radius."""
+    w, radius, kind = make_case(gen, *shape, dtype, tau)
     out = w.clone()
-    maxnorm_(out, radius, tau=tau, backend=backend)
-    check(out, w, radius, tau, gen, f"{backend} tau={tau}")
+    maxnorm_(out, radius, tau=tau, projection=projection, backend=backend)
+    what = f"{backend} {projection} tau={tau}"
+    check(out, w, radius, tau, gen, what, projection)
+    # a tensor radius (radius**(1/tau) then computed in fp32 on its device, with no host sync)
+    by_tensor = maxnorm_(w.clone(), torch.tensor(radius), tau=tau, projection=projection, backend=backend)
+    check(by_tensor, w, radius, tau, gen, what + " tensor radius", projection)
+    if projection == "exact":
+        norms = out.double().norm(dim=1)
+        tol = 4 * torch.finfo(dtype).eps
+        assert bool((norms**tau <= radius * (1 + tau * tol)).all()), f"{what}: a row outside the ball {_seed(gen)}"
+        on = torch.from_numpy(reference(w, radius, tau)[1])
+        torch.testing.assert_close(norms[on], torch.full_like(norms[on], radius ** (1 / tau)), rtol=tol, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_rules_agree_bitwise_at_tau_1(gen, backend, dtype):
+    """At tau = 1 both rules are the plain projection: same bits as each other and, on the torch path, as the
+    formula this op used before the rules existed (w * where(||w|| > r, r / ||w||, 1), fp32, one rounding)."""
+    w, radius, _ = make_case(gen, 45, 130, dtype, 1.0)
+    exact = maxnorm_(w.clone(), radius, projection="exact", backend=backend)
+    official = maxnorm_(w.clone(), radius, tau=1, projection="official", backend=backend)
+    assert torch.equal(bits(exact), bits(official)), f"{backend}: the rules differ at tau=1 {_seed(gen)}"
+    if backend == "torch":
+        w32 = w.float()
+        n = torch.linalg.vector_norm(w32, dim=1)
+        before = (w32 * torch.where(n > radius, radius / n, 1.0).unsqueeze(1)).to(dtype)
+        assert torch.equal(bits(exact), bits(before)), f"tau=1 result changed {_seed(gen)}"
+
+
+def test_official_rule_matches_the_official_code(gen):
+    """The official repo's PGD step (utils/regularizers.py, MaxNorm_via_PGD.PGD), reduced to its tensor operations,
+    against projection="official"; and how far it is from the exact projection at tau = 1.5."""
+    tau, w = 1.5, torch.randn(100, 64, generator=gen) * torch.linspace(0.2, 2.0, 100).unsqueeze(1)
+    n0 = w.norm(dim=1)
+    radius = float(n0.min() + 0.1 * (n0.max() - n0.min()))
+    official = w.clone()
+    n = (torch.linalg.norm(official, ord=2, dim=1) ** tau).unsqueeze(-1)
+    idx = (n > radius).squeeze()
+    official[idx] = official[idx] * (radius / n[idx].squeeze() ** tau).unsqueeze(-1)
+    ours = maxnorm_(w.clone(), radius, tau=tau, projection="official", backend="torch")
+    torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-6)
+    exact = maxnorm_(w.clone(), radius, tau=tau, backend="torch")
+    print(f"tau=1.5: max |exact - official| = {float((exact - official).abs().max()):.3g}, "
+          f"row norms after: exact max {float(exact.norm(dim=1).max()):.4f} (radius**(1/tau) = "
+          f"{radius ** (1 / tau):.4f}), official max {float(official.norm(dim=1).max()):.4f}")
+    assert float((exact - official).abs().max()) > 1e-2  # the rules really differ for tau != 1
 
 
 def _strided(kind: str, m: int, n: int, dtype):
@@ -265,6 +324,8 @@ def test_errors(backend):
         maxnorm_(torch.randn(1, 5).expand(4, 5), 1.0, backend=backend)
     with pytest.raises(ValueError, match="unknown backend"):
         maxnorm_(w, 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="unknown projection"):
+        maxnorm_(w, 1.0, projection="paper", backend=backend)
 
 
 @needs_triton
@@ -331,6 +392,30 @@ def test_sgd_maxnorm_matches_torch_sgd_then_maxnorm(gen, backend, config, shape)
     assert bool((w.norm(dim=1) <= radius * (1 + 1e-5)).all())
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("projection", ["exact", "official"])
+@pytest.mark.parametrize("shape", [(37, 129), (5, 1100)], ids=lambda s: f"{s[0]}x{s[1]}")  # 1100: two-pass kernel
+def test_sgd_maxnorm_projection_rules(gen, backend, projection, shape):
+    """The fused step with tau != 1 under both rules equals torch.optim.SGD then maxnorm_ (torch path, already
+    checked against the float64 reference above)."""
+    from bigltr.ops import sgd_maxnorm_
+
+    tau = 1.5
+    w0 = torch.randn(*shape, generator=gen)
+    radius = float(w0.norm(dim=1).median()) ** tau
+    p = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=5e-4)
+    w, buf = w0.clone(), torch.zeros_like(w0)
+    for step in range(2):
+        g = torch.randn(*shape, generator=gen)
+        p.grad = g.clone()
+        opt.step()
+        maxnorm_(p.data, radius, tau=tau, projection=projection, backend="torch")
+        sgd_maxnorm_(w, g, buf, lr=0.1, radius=radius, momentum=0.9, weight_decay=5e-4, first_step=step == 0,
+                     tau=tau, projection=projection, backend=backend)
+        torch.testing.assert_close(w, p.detach(), rtol=1e-5, atol=1e-6, msg=f"{backend} step {step} {_seed(gen)}")
+
+
 @needs_triton
 @pytest.mark.parametrize("shape", [(40, 70), (6, 1100)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_sgd_maxnorm_bf16_backends_agree(gen, shape):
@@ -366,9 +451,10 @@ def test_sgd_maxnorm_errors():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("tau", [1.0, 2.0])
+@pytest.mark.parametrize("tau", [1.0, 2.0, 1.5])
+@pytest.mark.parametrize("projection", ["exact", "official"])
 @pytest.mark.parametrize("shape", [(37, 19), (5, 300), (1, 7), (64, 3)])
-def test_flat_partitions_match_the_float64_reference(gen, dtype, tau, shape):
+def test_flat_partitions_match_the_float64_reference(gen, dtype, tau, projection, shape):
     """MaxNorm over flat 1-D slices (DeepSpeed ZeRO partitions): per-slice partial row sums of squares, added (what
     the all-reduce does), then every slice scaled in place. Same result as the float64 reference, unclipped rows
     bit for bit. Tilings: ZeRO's equal, padded partitions for 1-5 ranks (the last ones short or empty), and random
@@ -386,10 +472,10 @@ def test_flat_partitions_match_the_float64_reference(gen, dtype, tau, shape):
         out = w.clone()
         flat = out.view(-1)
         total = sum(flat_row_sumsq(flat[a:b], a, m, n) for a, b in tiling)
-        scales = maxnorm_scales(total, torch.tensor(radius), tau=tau)
+        scales = maxnorm_scales(total, torch.tensor(radius), tau=tau, projection=projection)
         for a, b in tiling:
             flat_rows_scale_(flat[a:b], a, n, scales)
-        check(out, w, radius, tau, gen, f"{tuple(shape)} tiling {tiling}")
+        check(out, w, radius, tau, gen, f"{projection} {tuple(shape)} tiling {tiling}", projection)
 
 
 def test_flat_row_sumsq_rejects_a_slice_outside_the_weight():

@@ -84,9 +84,37 @@ def test_maxnorm_epoch_mode_and_tau():
     mn.after_step(w)
     assert w[0, 0] == 3.0
     mn.after_epoch(w)
-    # official semantics: ||w||^tau = 25 > 2 -> w * 2 / 25
-    assert torch.allclose(w[0], torch.tensor([3.0, 4.0]) * 2 / 25)
+    # exact (default): ||w||^2 = 25 > 2 -> onto the ball ||w|| <= sqrt(2): w * sqrt(2) / 5
+    assert torch.allclose(w[0], torch.tensor([3.0, 4.0]) * 2 ** 0.5 / 5)
     assert torch.equal(w[1], torch.tensor([0.3, 0.4]))
+    s = mn.stats(w)
+    assert (s.clipped_rows, s.rows_at_radius) == (1, 1)  # row 0 sits on ||w|| = 2**(1/2) now
+
+    w = torch.tensor([[3.0, 4.0], [0.3, 0.4]])
+    mn = MaxNorm(2.0, tau=2.0, when="epoch", projection="official")
+    mn.after_epoch(w)
+    # official code: n = ||w||^tau = 25 > 2 -> w * 2 / n^tau = w * 2 / 625 (norm 0.016: not on the sphere)
+    assert torch.allclose(w[0], torch.tensor([3.0, 4.0]) * 2 / 625)
+    s = mn.stats(w)
+    assert (s.clipped_rows, s.rows_at_radius) == (1, 0)
+    with pytest.raises(ValueError, match="projection"):
+        MaxNorm(1.0, projection="paper")
+
+
+@pytest.mark.parametrize("tau", [0.5, 1.0, 1.5, 2.0])
+def test_maxnorm_rows_at_radius_follow_the_rule(tau):
+    """rows_at_radius counts the rows within 1e-5 relative of the rule's threshold: ||w|| = r^(1/tau) (exact),
+    ||w||^tau = r (official); at tau = 1 both are ||w|| = r."""
+    r = 1.7
+    edge = r ** (1 / tau)
+    w = torch.tensor([[edge, 0.0], [0.0, edge * (1 - 1e-6)], [edge * 0.9, 0.0], [0.0, 0.0]])
+    for projection in ("exact", "official"):
+        s = MaxNorm(r, tau=tau, projection=projection).stats(w)
+        assert s.rows_at_radius == 2, (projection, tau)
+    if tau > 1:  # r > 1: the threshold is r^(1/tau) < r, so a row just below r^(1/tau) is not at the radius
+        below = torch.tensor([[edge * (1 - 1e-4), 0.0]])
+        assert MaxNorm(r, tau=tau).stats(below).rows_at_radius == 0
+        assert MaxNorm(r, tau=1.0).stats(below).rows_at_radius == 0
 
 
 def test_posthoc_tau_norm():

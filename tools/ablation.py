@@ -14,6 +14,11 @@ Rows (as in the paper):
 Stage 2 uses cached backbone features (one disk cache shared by rows 5-7) unless --online is given. A run whose
 results.json is already complete is reused (an interrupted ablation resumes). Writes ablation.md, ablation.csv and
 ablation.png in `out`.
+
+With --tuned DIR (a bigltr-tune output, DIR/tune_result.json) the rows use the values tuned on validation: row 2
+(and row 1, with WD 0) the phase-1 best, row 7 the phase-2 best, row 5 its values without the MaxNorm ones, row 6
+without the stage-2 weight decay. --tuned-row5 DIR / --tuned-row6 DIR take rows 5 / 6 from studies tuned for that
+row (MaxNorm off / WD 0); docs/tuning.md has the commands.
 """
 from __future__ import annotations
 
@@ -47,6 +52,34 @@ def run_or_reuse(train, run: Path, stage: str, argv: list[str]) -> dict:
         if rc != 0:
             raise SystemExit(f"[ablation] run {run} failed with exit code {rc}")
     return _results(run)[f"stage{stage}"]
+
+
+def tuned_overrides(tuned: str | None, row5: str | None = None, row6: str | None = None) -> dict[int, list[str]]:
+    """key=value overrides per ablation row (2, 5, 6, 7) from bigltr-tune's tune_result.json files."""
+    def load(d: str, phase: int) -> dict | None:
+        f = Path(d) / "tune_result.json"
+        if not f.is_file():
+            raise SystemExit(f"[ablation] {f} not found: run bigltr-tune with out={d} first")
+        sel = json.loads(f.read_text()).get(f"phase{phase}")
+        return sel["params"] if sel else None
+
+    def kv(params: dict) -> list[str]:
+        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items()]
+
+    rows: dict[int, list[str]] = {2: [], 5: [], 6: [], 7: []}
+    if tuned:
+        rows[2] = kv(load(tuned, 1) or {})
+        p2 = load(tuned, 2) or {}
+        rows[7] = kv(p2)
+        rows[5] = kv({k: v for k, v in p2.items() if not k.startswith("stage2.maxnorm.")})
+        rows[6] = kv({k: v for k, v in p2.items() if k != "stage2.weight_decay"})
+    for row, d in ((5, row5), (6, row6)):
+        if d:
+            params = load(d, 2)
+            if params is None:
+                raise SystemExit(f"[ablation] {d}/tune_result.json has no phase-2 result for row {row}")
+            rows[row] = kv(params)
+    return rows
 
 
 def posthoc_rows(argv: list[str], checkpoint: Path) -> dict:
@@ -122,10 +155,24 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--online", action="store_true", help="stage 2 with online backbone features")
+    ap.add_argument("--tuned", metavar="DIR", help="take rows 2 and 5-7 from a bigltr-tune output (tune_result.json)")
+    ap.add_argument("--tuned-row5", metavar="DIR", help="row 5 from a phase-2 study tuned with MaxNorm off")
+    ap.add_argument("--tuned-row6", metavar="DIR", help="row 6 from a phase-2 study tuned with stage-2 WD 0")
     args, rest = ap.parse_known_args(argv)
-    overrides = [a for a in rest if "=" in a and not a.startswith("out=")]
-    outs = [a.split("=", 1)[1] for a in rest if a.startswith("out=")]
-    if not any(a.startswith("recipe=") for a in overrides):
+    from bigltr.cli import split_override  # the key=value parser every bigltr command uses
+    from bigltr.config import ConfigError
+
+    overrides, outs = [], []
+    for a in rest:
+        try:
+            key, value = split_override(a)
+        except ConfigError as e:
+            ap.error(str(e))
+        if key == "out":
+            outs.append(value)
+        else:
+            overrides.append(a)
+    if not any(split_override(a)[0] == "recipe" for a in overrides):
         ap.error("recipe=NAME is required")
     out = Path(outs[0] if outs else "runs/ablation")
     out.mkdir(parents=True, exist_ok=True)
@@ -133,31 +180,38 @@ def main(argv=None):
     from bigltr.config import build_config
     from bigltr.train import main as train
 
-    cfg = build_config(overrides)  # fail fast on a typo, before any training
-    wd1, wd2 = cfg.stage1.weight_decay, cfg.stage2.weight_decay
+    tuned = tuned_overrides(args.tuned, args.tuned_row5, args.tuned_row6)
+    cfg = build_config(overrides + tuned[2])  # fail fast on a typo, before any training
+    for row in (5, 6, 7):
+        build_config(overrides + tuned[row])
+    wd1 = cfg.stage1.weight_decay
+    wd2 = build_config(overrides + tuned[5]).stage2.weight_decay
+    radius = build_config(overrides + tuned[6]).stage2.maxnorm.radius
+    tag = ", tuned" if args.tuned else ""
     if wd1 == 0:
         raise SystemExit("[ablation] the recipe's stage1.weight_decay is 0: row 2 (CE + WD) needs a tuned value")
     s2 = [] if args.online else ["stage2.features=cached", "stage2.cache.location=disk",
                                  f"stage2.cache.dir={out / 'feature_cache'}"]
 
     rows = []
-    rows.append(("naive CE (WD 0)", run_or_reuse(train, out / "s1_naive", "1", overrides + ["stage1.weight_decay=0"])))
-    rows.append((f"CE + WD ({wd1:g})", run_or_reuse(train, out / "s1_wd", "1", overrides)))
+    s1 = overrides + tuned[2]
+    rows.append(("naive CE (WD 0)", run_or_reuse(train, out / "s1_naive", "1", s1 + ["stage1.weight_decay=0"])))
+    rows.append((f"CE + WD ({wd1:g}{tag})", run_or_reuse(train, out / "s1_wd", "1", s1)))
     ckpt = out / "s1_wd" / "stage1" / "best.pt"
     ph_file = out / "posthoc.json"
     if ph_file.is_file():
         ph = json.loads(ph_file.read_text())
     else:
-        ph = posthoc_rows(overrides, ckpt)
+        ph = posthoc_rows(s1, ckpt)
         ph_file.write_text(json.dumps(ph, indent=1))
     rows.append(("+ L2-normalised classifier", ph["l2"]))
     rows.append((f"+ tau-norm (tau={ph['best_tau']}, on val)", ph["tau"]))
     base2 = overrides + s2 + [f"stage1_checkpoint={ckpt}"]
-    rows.append((f"+ stage 2 CB & WD ({wd2:g})",
-                 run_or_reuse(train, out / "s2_cb_wd", "2", base2 + ["stage2.maxnorm.when=off"])))
-    rows.append(("+ stage 2 CB & MaxNorm",
-                 run_or_reuse(train, out / "s2_cb_maxnorm", "2", base2 + ["stage2.weight_decay=0"])))
-    rows.append(("+ stage 2 CB & WD & MaxNorm (full)", run_or_reuse(train, out / "s2_full", "2", base2)))
+    rows.append((f"+ stage 2 CB & WD ({wd2:g}{tag})",
+                 run_or_reuse(train, out / "s2_cb_wd", "2", base2 + tuned[5] + ["stage2.maxnorm.when=off"])))
+    rows.append((f"+ stage 2 CB & MaxNorm{f' (radius {radius:g}{tag})' if args.tuned else ''}",
+                 run_or_reuse(train, out / "s2_cb_maxnorm", "2", base2 + tuned[6] + ["stage2.weight_decay=0"])))
+    rows.append(("+ stage 2 CB & WD & MaxNorm (full)", run_or_reuse(train, out / "s2_full", "2", base2 + tuned[7])))
     table = write_outputs(rows, out, f"Ablation on {cfg.recipe} (balanced top-1 %, best epoch on validation)")
     print("\n" + table)
     return rows

@@ -57,11 +57,13 @@ def official_pgd(weight: torch.Tensor, thresh: float) -> None:
 
 
 def _ref_f64(w: torch.Tensor, radius: float, tau: float):
-    """float64 reference: (expected values, clipped-row mask)."""
+    """float64 reference of maxnorm_'s default (exact) projection onto {||w||^tau <= radius}: rows with
+    ||w|| > radius^(1/tau) scaled by radius^(1/tau) / ||w||. Returns (expected values, clipped-row mask)."""
     w64 = w.double()
-    n = torch.linalg.vector_norm(w64, dim=1) ** tau
-    clip = n > radius
-    scale = torch.where(clip, radius / torch.where(clip, n, torch.ones_like(n)), torch.ones_like(n))
+    n = torch.linalg.vector_norm(w64, dim=1)
+    r = radius ** (1.0 / tau)
+    clip = n > r
+    scale = torch.where(clip, r / torch.where(clip, n, torch.ones_like(n)), torch.ones_like(n))
     return w64 * scale.unsqueeze(1), clip
 
 

@@ -3,11 +3,16 @@
 
 Runs stage 2 twice from the same stage-1 checkpoint (same seed, same loss / weight decay / MaxNorm): once with
 `stage2.features=online` (the frozen backbone runs on every batch of every epoch, as the reference code) and once
-with `stage2.features=cached` (backbone once per view). Prints the training time of each (train loops + cache
-build, without the per-epoch validation that both modes share) and the balanced test accuracy difference.
+with `stage2.features=cached` (backbone once per view over the training split, once over the validation split).
+Timed per mode: the train loops, the per-epoch validation and the cache build, i.e. everything stage 2 does before
+its final evaluation (`wall_time_s.train_incl_val`), which is the cost of one stage-2 trial of a tuner; the final
+val/test evaluation (shared by both modes up to the test split's one backbone pass) is reported apart. Also prints
+the balanced test accuracy difference.
 
     # on the demo data, reusing the demo's stage 1
     python tools/bench_stage2.py --data data/fmnist_lt --stage1-checkpoint runs/demo/stage1/best.pt
+    # on the demo data, a 1-epoch stage 1 trained first
+    python tools/bench_stage2.py --data data/fmnist_lt --stage1-epochs 1
     # anywhere (e.g. a lent GPU): synthetic idx data through the real converter, stage 1 trained first
     python tools/bench_stage2.py --synthetic 3000 --stage1-epochs 1
 """
@@ -38,7 +43,7 @@ def main(argv=None):
     ap.add_argument("--stage1-epochs", type=int, default=1)
     ap.add_argument("--recipe", default="fmnist_lt")
     ap.add_argument("--epochs", type=int, default=10, help="stage-2 epochs (paper: 10)")
-    ap.add_argument("--views", default="center_flip", choices=["center", "center_flip", "augment"])
+    ap.add_argument("--views", default="center", choices=["center", "center_flip", "augment"])
     ap.add_argument("--num-aug", type=int, default=4)
     ap.add_argument("--out", default="runs/bench_stage2")
     ap.add_argument("--device", default="auto")
@@ -73,20 +78,21 @@ def main(argv=None):
         run = out / mode
         assert train(s2 + [f"out={run}"] + extra) == 0
         r = json.loads((run / "results.json").read_text())["stage2"]
-        res[mode] = {"train_s": train_seconds(run) + r["wall_time_s"]["feature_cache_build"],
-                     "cache_s": r["wall_time_s"]["feature_cache_build"], "incl_val_s": r["wall_time_s"]["train_incl_val"],
-                     "test": r["test"]}
+        w = r["wall_time_s"]
+        res[mode] = {"total_s": w["train_incl_val"], "loops_s": train_seconds(run), "val_s": w["per_epoch_val"],
+                     "cache_s": w["feature_cache_build"], "final_s": w["final_eval"], "test": r["test"]}
     on, ca = res["online"], res["cached"]
     print(f"\nstage 2, {args.epochs} epochs, views={args.views}, data={data}")
-    print("| mode | train loops + cache build (s) | of which cache build (s) | incl. per-epoch val (s) | "
-          "test All | Many | Medium | Few |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| mode | trial: loops + per-epoch val + cache build (s) | train loops (s) | per-epoch val (s) | "
+          "cache build (s) | final val+test eval, apart (s) | test All | Many | Medium | Few |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mode, r in res.items():
         t = r["test"]
-        print(f"| {mode} | {r['train_s']:.1f} | {r['cache_s']:.1f} | {r['incl_val_s']:.1f} | {t['all']:.2f} | "
-              f"{t['many']} | {t['medium']} | {t['few']} |")
-    print(f"speed-up (train loops + cache build): {on['train_s'] / ca['train_s']:.1f}x (target >= 20x); "
-          f"test All difference cached - online: {ca['test']['all'] - on['test']['all']:+.2f} points (target |d| <= 0.3)")
+        print(f"| {mode} | {r['total_s']:.1f} | {r['loops_s']:.1f} | {r['val_s']:.1f} | {r['cache_s']:.1f} | "
+              f"{r['final_s']:.1f} | {t['all']:.2f} | {t['many']} | {t['medium']} | {t['few']} |")
+    print(f"speed-up (loops + per-epoch val + cache build): {on['total_s'] / ca['total_s']:.1f}x (target >= 8x); "
+          f"train loops alone: {on['loops_s'] / max(ca['loops_s'], 1e-9):.0f}x; "
+          f"test All difference cached - online: {ca['test']['all'] - on['test']['all']:+.2f} points")
     return res
 
 

@@ -5,6 +5,8 @@
 #    and the device's measured copy bandwidth), and the fused SGD+MaxNorm kernel.
 # 2. Stage-1 step: bigltr's loop vs a plain PyTorch loop, resnet50 224px bf16 channels_last, synthetic data.
 # 3. Stage 2: online vs cached features through the real trainer, on synthetic shards.
+# 4. data.pipeline=dali: eval outputs vs the torch path, decode + augment throughput on the GPU with 4 CPU threads
+#    (500x375 JPEGs -> 224 px ImageNet-style), and resnet50 bf16 steps fed by it vs on a synthetic batch.
 set -u
 OUT=${1:-gpu_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1; unset TRITON_INTERPRET
@@ -16,3 +18,10 @@ echo "== step"; timeout 150 python3 tools/bench_step.py --device cuda --model re
   --classes 1000 --amp bf16 --channels-last --steps 15 --rounds 5 2>&1 | tee "$OUT/step.txt"
 echo "== stage2"; timeout 200 python3 tools/bench_stage2.py --synthetic 3000 --stage1-epochs 1 --epochs 10 \
   --out /tmp/bench_stage2 data.num_workers=6 2>&1 | grep -v "it/s\]" | tail -25 | tee "$OUT/stage2.txt"
+echo "== dali"
+if python3 -c "import nvidia.dali" 2>/dev/null; then
+  timeout 300 python3 tools/bench_dali.py --device cuda --threads 4 --count 1024 --epochs 4 --batch-size 128 2>&1 \
+    | grep -v "Warning" | tee "$OUT/dali.txt"
+else
+  echo "NVIDIA DALI is not installed on this machine (pip install nvidia-dali-cuda130==2.4.0): skipped" | tee "$OUT/dali.txt"
+fi

@@ -9,6 +9,8 @@ Subcommands (one per source format; the shared machinery lives in ``bigltr.data`
   cifar        CIFAR-10 / CIFAR-100 python pickles -> CIFAR-LT (LDAM-DRW or official weight-balancing subset)
   idx          MNIST / Fashion-MNIST idx files -> long-tailed train (LDAM-DRW profile), balanced val held out
                from the official training set, and the official test set
+  verify       check an existing shard folder: every shard present, sizes/sha256 as recorded, sample counts
+               and labels as _info.json says (exit 1 and one line per problem otherwise)
 
 Every image is decoded once during conversion: a file that exists but does not decode is skipped and listed
 in OUT/conversion_report.json (the conversion fails if more than --max-skip-fraction of a split is skipped);
@@ -757,12 +759,31 @@ def build_parser() -> argparse.ArgumentParser:
                                  "leaves unused; 0 = no val split", val_default_text="20 CIFAR-100, 200 CIFAR-10")
     add_output_args(p, formats=("png", "jpg"), default_format="png")
     p.set_defaults(func=cmd_cifar)
+
+    p = sub.add_parser("verify", help="check a shard folder against its _info.json",
+                       description="Check every shard listed in DIR/_info.json: present, byte size and sha256 as "
+                                   "recorded, and exactly shard_lengths[i] samples with a label in range. Prints "
+                                   "one line per problem and a summary; exit status 0 when clean, 1 otherwise.")
+    p.add_argument("dir", metavar="DIR", help="folder holding _info.json and the shards")
+    p.add_argument("--split", action="append", default=None, help="check only this split (repeatable)")
+    p.add_argument("--decode", action="store_true", help="also decode every image (slow on large data)")
+    p.set_defaults(func=cmd_verify)
     return parser
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from bigltr.data.verify import verify_dataset
+
+    report = verify_dataset(args.dir, args.split, decode=args.decode, report=print)
+    print(report.summary())
+    return 0 if report.ok else 1
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Entry point; returns the ``_info.json`` dict written. User errors exit with a one-line message."""
     args = build_parser().parse_args(argv)
+    if args.command == "verify":  # checks, writes nothing: exit status 0 (clean) or 1 (problems)
+        raise SystemExit(cmd_verify(args))
     t0 = time.perf_counter()
     try:
         info = args.func(args)

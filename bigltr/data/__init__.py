@@ -3,12 +3,13 @@
 ``ShardLoader`` / ``build_transform`` import torch; they are loaded lazily so that converters
 (``tools/make_shards.py``) start without paying for ``import torch``.
 """
-from .info import INFO_NAME, read_info, validate_info, write_info
+from .errors import DataError, DataMissingError
+from .info import INFO_NAME, check_trainable, read_info, validate_info, write_info
 from .longtail import holdout_and_longtail, longtail_counts
 from .writer import encode_image, prepare_output_dir, shard_name, write_dataset, write_split
 
 __all__ = [
-    "INFO_NAME", "read_info", "validate_info", "write_info",
+    "INFO_NAME", "read_info", "validate_info", "write_info", "check_trainable", "DataError", "DataMissingError",
     "longtail_counts", "holdout_and_longtail",
     "write_split", "write_dataset", "prepare_output_dir", "encode_image", "shard_name",
     "ShardLoader", "build_transform",

@@ -28,6 +28,19 @@ Equal batch counts across ranks (``world_size > 1``): a collective hangs if one 
   prediction per ``__key__``. With ``drop_last=True`` all ranks are truncated to ``min_r floor(n_r / B)``.
 * If corrupt samples make a rank run short of ``len(loader)``, it pads with repeats of its last batch and
   counts them in ``padded_batches``. With ``world_size == 1`` nothing is padded: the epoch just ends early.
+
+Data faults (table in docs/data.md, "Failure behaviour"); nothing is lost silently:
+
+* corrupt sample (image does not decode, no image, no ``.cls``): skipped with a warning naming shard, key and
+  error; counted in ``epoch_skipped``.
+* bad label (``.cls`` not an integer, or outside ``[0, num_classes)``): :class:`DataError` naming shard and key.
+  The worker sends it as an error record and the main process raises it, so the user sees one line rather
+  than torch's re-raised worker traceback.
+* short shard (truncated, unreadable): each worker counts the raw samples it reads per shard and reports any
+  shortfall against ``shard_lengths``; counted in ``epoch_lost`` / ``lost_shards`` and logged (train), or a
+  :class:`DataError` (eval, unless ``allow_partial``). ``read_info`` already refuses shards whose byte size
+  differs from the recorded ``sizes``; this is the backstop for old ``_info.json`` files without sizes and
+  for shards damaged while the run reads them.
 """
 from __future__ import annotations
 
@@ -44,13 +57,15 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .info import read_info
+from .errors import DataError
+from .info import INFO_NAME, read_info
 
-__all__ = ["build_transform", "ShardLoader"]
+__all__ = ["build_transform", "ShardLoader", "DataError"]
 
 _log = logging.getLogger(__name__)
 
 IMAGE_KEYS = "png;jpg;jpeg;webp"
+_IMAGE_EXTS = tuple(IMAGE_KEYS.split(";"))
 
 
 # ----------------------------------------------------------------------------------------------- transforms
@@ -127,10 +142,15 @@ def build_transform(
 _PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, ImportError, RuntimeError, MemoryError)
 
 
-class _SkipCounter:
-    """webdataset exception handler: log, count and skip a bad sample (like ``wds.warn_and_continue``).
+class _BadSample(Exception):
+    """One sample cannot be used (its message names shard, key and cause): skip it and count it."""
 
-    Errors that point at code or configuration rather than data (TypeError, RuntimeError, ...) are raised.
+
+class _SkipCounter:
+    """webdataset exception handler for per-sample errors: log, count and skip a bad sample.
+
+    Errors that point at code or configuration rather than data (TypeError, RuntimeError, ...) are raised, and
+    so is DataError (a fault that must stop the run, e.g. a label out of range).
     """
 
     def __init__(self, where: str):
@@ -138,14 +158,79 @@ class _SkipCounter:
         self.count = 0
 
     def __call__(self, exn: BaseException) -> bool:
-        if isinstance(exn, _PROGRAMMING_ERRORS):
+        if isinstance(exn, (DataError, *_PROGRAMMING_ERRORS)):
             raise exn
         self.count += 1
         if self.count <= 5:
-            _log.warning("%s: skipping a bad sample (%s: %s)", self.where, type(exn).__name__, exn)
+            _log.warning("%s: skipping a bad sample: %s", self.where, _describe(exn))
         elif self.count == 6:
             _log.warning("%s: more bad samples; further messages suppressed", self.where)
         return True
+
+
+def _describe(exn: BaseException) -> str:
+    """One-line text of an exception, never empty (some PIL/zlib errors have an empty message)."""
+    if isinstance(exn, _BadSample):
+        return str(exn)
+    return f"{type(exn).__name__}: {exn}" if str(exn) else type(exn).__name__
+
+
+class _ShardReads:
+    """Counts the raw samples each shard of one worker yields, to find shards that end early.
+
+    ``on_error`` is the handler of webdataset's tar-level stages (open, tar reading, grouping): a read error
+    ends that shard (webdataset moves on to the next one). It is not counted as a skipped sample: the samples
+    it costs are counted by ``count`` as missing from the shard (``short``), against ``shard_lengths``.
+    """
+
+    def __init__(self, urls: list[str], lengths: dict[str, int]):
+        self.urls, self.lengths = urls, lengths
+        self.index = {u: i for i, u in enumerate(urls)}
+        self.got: dict[str, int] = {u: 0 for u in urls}
+        self.errors: dict[str, str] = {}
+        self.short: dict[str, tuple[int, int, Optional[str]]] = {}  # url -> (read, recorded, read error)
+
+    def on_error(self, exn: BaseException) -> bool:
+        if isinstance(exn, _PROGRAMMING_ERRORS):
+            raise exn
+        # webdataset appends the url to the args (or " @ <file object naming the path>" to the first arg)
+        url = next((a for a in exn.args if isinstance(a, str) and a in self.index), None)
+        if url is None:
+            url = next((u for u in self.urls if any(isinstance(a, str) and u in a for a in exn.args)), None)
+        if url is not None and url not in self.errors:
+            first = str(exn.args[0]).split(" @ ")[0] if exn.args else ""
+            self.errors[url] = f"{type(exn).__name__}: {first}" if first else type(exn).__name__
+        return True  # go on with the next shard
+
+    def _close(self, url: str) -> None:
+        got, recorded = self.got[url], self.lengths[url]
+        if got < recorded:
+            self.short[url] = (got, recorded, self.errors.get(url))
+
+    def count(self, src: Iterator[dict]) -> Iterator[dict]:
+        """Pass raw samples through; when a shard is done (a later shard's sample arrives, or the stream
+        ends), compare what it yielded with its recorded length. Shards are read in ``urls`` order."""
+        pos = 0
+        for sample in src:
+            i = self.index.get(sample.get("__url__"), pos)
+            while pos < i:
+                self._close(self.urls[pos])
+                pos += 1
+            self.got[self.urls[i]] += 1
+            yield sample
+        for url in self.urls[pos:]:
+            self._close(url)
+
+
+def _parse_label(data: Any, where: str, num_classes: int) -> int:
+    """The ``.cls`` payload (ASCII digits) as an int in [0, num_classes), else DataError naming ``where``."""
+    try:
+        label = int(data)
+    except (TypeError, ValueError):
+        raise DataError(f"{where}: label {bytes(data)[:20]!r} in .cls is not an integer") from None
+    if not 0 <= label < num_classes:
+        raise DataError(f"{where}: label {label} outside [0, {num_classes}) (num_classes in {INFO_NAME})")
+    return label
 
 
 def _decode_image_native(key: str, data: bytes):
@@ -180,26 +265,58 @@ def _sub_seed(*parts: int) -> int:
 
 
 class _EpochStream(IterableDataset):
-    """One epoch of one rank: yields chunks ``(images|None, labels|None, keys, worker_id, skipped_so_far)``."""
+    """One epoch of one rank: yields chunks ``(images|None, labels|None, keys, worker_id, status)``.
+
+    ``status`` is cumulative for the worker: ``{"skipped": int, "short": {url: (read, recorded, read error)},
+    "error": str|None}``. The last message of a worker has no images; ``error`` is set when a DataError
+    stopped it (the main process raises it).
+    """
 
     def __init__(self, urls: list[str], *, transform: Callable, train: bool, shuffle_buffer: int,
-                 seed: int, epoch: int, rank: int, chunk: int, stride: Optional[tuple[int, int]] = None):
+                 seed: int, epoch: int, rank: int, chunk: int, lengths: dict[str, int], num_classes: int,
+                 stride: Optional[tuple[int, int]] = None):
         super().__init__()
         self.urls, self.transform, self.train, self.stride = urls, transform, train, stride
         self.shuffle_buffer, self.seed, self.epoch, self.rank, self.chunk = shuffle_buffer, seed, epoch, rank, chunk
+        self.lengths, self.num_classes = lengths, num_classes
 
-    def _apply(self, sample):
-        key, img, label = sample
-        label = int(label)
-        return self.transform(img), label, key
+    def _apply(self, sample: dict):
+        """Raw webdataset sample -> (tensor, label, key). Decoding here (not with ``.decode``) keeps the shard
+        and key at hand for every message."""
+        key = sample.get("__key__", "?")
+        where = f"{sample.get('__url__', '?')}: sample {key}"
+        if "cls" not in sample:
+            raise _BadSample(f"{where}: no .cls label")
+        label = _parse_label(sample["cls"], where, self.num_classes)
+        ext = next((e for e in _IMAGE_EXTS if e in sample), None)
+        if ext is None:
+            raise _BadSample(f"{where}: no image ({', '.join('.' + e for e in _IMAGE_EXTS)})")
+        try:
+            img = _decode_image_native(ext, sample[ext])
+        except _PROGRAMMING_ERRORS:
+            raise
+        except Exception as e:
+            raise _BadSample(f"{where}: .{ext} does not decode ({_describe(e)})") from e
+        try:
+            return self.transform(img), label, key
+        except _PROGRAMMING_ERRORS:
+            raise
+        except Exception as e:
+            raise _BadSample(f"{where}: transform failed ({_describe(e)})") from e
 
     def __iter__(self):
         info = get_worker_info()
         wid, nw = (info.id, info.num_workers) if info is not None else (0, 1)
         urls = self.urls[wid::nw]
         counter = _SkipCounter(f"rank {self.rank} worker {wid}")
-        ds = wds.WebDataset(urls, handler=counter, shardshuffle=False, nodesplitter=None,
+        reads = _ShardReads(urls, self.lengths)
+
+        def status(error: Optional[str] = None) -> dict:
+            return {"skipped": counter.count, "short": dict(reads.short), "error": error}
+
+        ds = wds.WebDataset(urls, handler=reads.on_error, shardshuffle=False, nodesplitter=None,
                             workersplitter=None, empty_check=False)
+        ds = ds.compose(reads.count)  # before the sample split and the shuffle: counts whole shards
         if self.stride is not None:  # sample-level split: every rank reads the shards, keeps every W-th sample
             r, w = self.stride
             ds = ds.compose(lambda src: itertools.islice(src, r, None, w))
@@ -207,20 +324,24 @@ class _EpochStream(IterableDataset):
             rng = random.Random(_sub_seed(self.seed, self.epoch, self.rank, wid))
             bufsize = self.shuffle_buffer
             ds = ds.compose(lambda src: _buffer_shuffle(src, bufsize, rng))
-        ds = (ds.decode(_decode_image_native, handler=counter)
-                .to_tuple("__key__", IMAGE_KEYS, "cls", handler=counter)
-                .map(self._apply, handler=counter))
+        ds = ds.map(self._apply, handler=counter)
         xs, ys, ks = [], [], []
-        for x, y, k in ds:
-            xs.append(x)
-            ys.append(y)
-            ks.append(k)
-            if len(ks) >= self.chunk:
-                yield torch.stack(xs), torch.tensor(ys, dtype=torch.long), ks, wid, counter.count
-                xs, ys, ks = [], [], []
+        try:
+            for x, y, k in ds:
+                xs.append(x)
+                ys.append(y)
+                ks.append(k)
+                if len(ks) >= self.chunk:
+                    yield torch.stack(xs), torch.tensor(ys, dtype=torch.long), ks, wid, status()
+                    xs, ys, ks = [], [], []
+        except DataError as e:
+            # an error record instead of an exception: torch would re-raise it in the main process wrapped in
+            # a worker traceback; the main process raises DataError(message) itself
+            yield None, None, [], wid, status(str(e))
+            return
         if ks:
-            yield torch.stack(xs), torch.tensor(ys, dtype=torch.long), ks, wid, counter.count
-        yield None, None, [], wid, counter.count  # final message: this worker's skip count
+            yield torch.stack(xs), torch.tensor(ys, dtype=torch.long), ks, wid, status()
+        yield None, None, [], wid, status()  # final message: this worker's counts
 
 
 # ----------------------------------------------------------------------------------------------- loader
@@ -233,8 +354,16 @@ class ShardLoader:
     ``drop_last`` defaults to ``train``. See the module docstring for how ranks are kept in step.
 
     Attributes: ``info`` (parsed ``_info.json``), ``num_samples`` (samples this rank reads per epoch, before
-    ``drop_last``), ``skipped`` (bad samples skipped since construction), ``epoch_skipped`` (in the last
-    epoch), ``padded_batches`` (batches repeated in the last epoch to keep ranks in step).
+    ``drop_last``), ``expected_samples`` (the split's ``num_samples``: whole split, all ranks),
+    ``skipped`` / ``epoch_skipped`` (corrupt samples skipped since construction / in the last epoch),
+    ``lost`` / ``epoch_lost`` (samples missing because a shard ended early or could not be read) and
+    ``lost_shards`` (their file names, last epoch), ``padded_batches`` (batches repeated in the last epoch to
+    keep ranks in step). The per-epoch counters are this rank's; sum them over ranks. When the split is
+    divided by sample (every rank reads every shard), lost samples are counted on rank 0 only.
+
+    Faults (see the module docstring): a bad label raises DataError (any loader); a shard that yields fewer
+    samples than ``shard_lengths`` records is logged and counted (``train=True``) or raises DataError
+    (``train=False``), unless ``allow_partial=True`` (then logged and counted only).
     """
 
     def __init__(
@@ -253,6 +382,7 @@ class ShardLoader:
         drop_last: Optional[bool] = None,
         pin_memory: bool = False,
         prefetch_factor: Optional[int] = None,
+        allow_partial: bool = False,
     ):
         self.root = os.fspath(root)
         self.info = read_info(self.root)
@@ -279,9 +409,14 @@ class ShardLoader:
         self.drop_last = self.train if drop_last is None else bool(drop_last)
         self.pin_memory = bool(pin_memory)
         self.prefetch_factor = prefetch_factor
+        self.allow_partial = bool(allow_partial)
+        self.expected_samples = int(self.entry["num_samples"])
         self.epoch = 0
         self.skipped = 0
         self.epoch_skipped = 0
+        self.lost = 0
+        self.epoch_lost = 0
+        self.lost_shards: list[str] = []
         self.padded_batches = 0
 
         self._files = [os.path.join(self.root, f) for f in self.entry["filenames"]]
@@ -341,7 +476,8 @@ class ShardLoader:
     def _dataloader(self, urls: list[str]) -> DataLoader:
         stream = _EpochStream(urls, transform=self.transform, train=self.train,
                               shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch,
-                              rank=self.rank, chunk=self.batch_size,
+                              rank=self.rank, chunk=self.batch_size, lengths=dict(zip(self._files, self._lengths)),
+                              num_classes=int(self.info["num_classes"]),
                               stride=(self.rank, self.world_size) if self._split_samples else None)
         workers = min(self.num_workers, len(urls))
         kw: dict[str, Any] = {}
@@ -355,7 +491,7 @@ class ShardLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         B, target = self.batch_size, self._len
         cap = self._cap
-        skips: dict[int, int] = {}
+        status: dict[int, dict] = {}  # worker id -> its latest (cumulative) status
         self.padded_batches = 0
         emitted = 0
         taken = 0  # samples taken from the stream (<= cap)
@@ -366,9 +502,17 @@ class ShardLoader:
         last = None
         loader = self._dataloader(self.shards_for_epoch())
         it = iter(loader)
+        failed = False
         try:
-            for x, y, keys, wid, skipped in it:
-                skips[wid] = skipped
+            for x, y, keys, wid, st in it:
+                status[wid] = st
+                if st["error"]:
+                    failed = True
+                    raise DataError(st["error"])
+                if st["short"] and not (self.train or self.allow_partial):
+                    failed = True
+                    raise DataError(self._short_message(*next(iter(st["short"].items())))
+                                    + "; set data.eval_partial=true to evaluate the readable part")
                 if x is None:
                     continue
                 if cap is not None and taken + len(keys) > cap:
@@ -395,7 +539,7 @@ class ShardLoader:
                 emitted += 1
             if self.world_size > 1 and emitted < target:
                 if last is None:
-                    raise RuntimeError(
+                    raise DataError(
                         f"rank {self.rank}: split '{self.split}' yielded no usable sample this epoch "
                         f"(all corrupt?); cannot keep {self.world_size} ranks in step"
                     )
@@ -407,5 +551,26 @@ class ShardLoader:
                     emitted += 1
         finally:
             del it
-            self.epoch_skipped = sum(skips.values())
-            self.skipped += self.epoch_skipped
+            self._end_epoch(status, log=not failed)
+
+    @staticmethod
+    def _short_message(url: str, short: tuple) -> str:
+        got, recorded, error = short
+        return (f"{url} yielded {got} of {recorded} samples recorded in {INFO_NAME}"
+                + (f" (read error: {error})" if error else "")
+                + "; the shard is truncated or damaged: re-copy it or re-run tools/make_shards.py "
+                  f"(`tools/make_shards.py verify {os.path.dirname(url)}` checks every shard)")
+
+    def _end_epoch(self, status: dict[int, dict], *, log: bool = True) -> None:
+        """Per-epoch counters from the workers' last status; log shards that ended early."""
+        self.epoch_skipped = sum(st["skipped"] for st in status.values())
+        self.skipped += self.epoch_skipped
+        short = {u: sh for st in status.values() for u, sh in st["short"].items()}  # workers read disjoint shards
+        if self._split_samples and self.rank != 0:
+            short = {}  # every rank read the same shards: rank 0 counts (and logs) the loss once
+        self.epoch_lost = sum(rec - got for got, rec, _ in short.values())
+        self.lost += self.epoch_lost
+        self.lost_shards = sorted(os.path.basename(u) for u in short)
+        for url, sh in sorted(short.items()) if log else ():
+            _log.warning("rank %d, split '%s', epoch %d: %s; %d sample(s) missing from this epoch", self.rank,
+                         self.split, self.epoch, self._short_message(url, sh), sh[1] - sh[0])

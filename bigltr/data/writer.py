@@ -93,6 +93,7 @@ class _ShardSink:
         self.lengths: list[int] = []
         self.hists: list[dict[int, int]] = []
         self.checksums: list[str] = []
+        self.sizes: list[int] = []  # bytes per shard file: read_info compares them (cheap truncation check)
 
     def open(self) -> None:
         import webdataset as wds  # imported here: webdataset imports torch (seconds), only needed to write
@@ -120,6 +121,7 @@ class _ShardSink:
         self.stream.close()
         final = shard_name(self.split, self.index)
         digest = sha256_file(self.tmp_path)  # from the page cache: cheap next to encoding
+        self.sizes.append(os.path.getsize(self.tmp_path))
         os.replace(self.tmp_path, os.path.join(self.out_dir, final))
         self.filenames.append(final)
         self.checksums.append(digest)
@@ -165,8 +167,9 @@ def write_split(
     if shards should mix classes).
 
     Returns the split entry for ``_info.json``: ``{"name", "num_samples", "filenames", "shard_lengths",
-    "class_hist", "checksums"}``, ``class_hist`` holding per-shard per-class counts (length ``num_classes``,
-    or max label + 1 when not given), ``checksums`` the hex sha256 of each shard file.
+    "class_hist", "checksums", "sizes"}``, ``class_hist`` holding per-shard per-class counts (length
+    ``num_classes``, or max label + 1 when not given), ``checksums`` the hex sha256 and ``sizes`` the byte size
+    of each shard file.
     """
     if not isinstance(split, str) or not re.match(r"^[A-Za-z0-9_]+$", split):
         raise ValueError(f"split name must be alphanumeric/underscore, got {split!r}")
@@ -229,6 +232,7 @@ def write_split(
         "shard_lengths": list(sink.lengths),
         "class_hist": class_hist,
         "checksums": list(sink.checksums),
+        "sizes": list(sink.sizes),
     }
 
 

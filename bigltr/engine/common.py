@@ -53,8 +53,14 @@ def param_groups(model: nn.Module, weight_decay: float, scope: str) -> list[dict
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_sgd(groups: list[dict], lr: float, momentum: float) -> torch.optim.SGD:
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+def build_sgd(groups: list[dict], lr: float, momentum: float, wd_p: float = 2.0) -> torch.optim.SGD:
+    """SGD with coupled weight decay. wd_p = 2: torch.optim.SGD itself (its own L2 decay, bit for bit as before);
+    otherwise LpSGD, whose decay is the gradient of (weight_decay / wd_p) * sum |w|^wd_p."""
+    if wd_p == 2:
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    from bigltr.objective.lp_decay import LpSGD
+
+    return LpSGD(groups, lr=lr, momentum=momentum, wd_p=wd_p)
 
 
 def cosine_schedule(optimizer, total_steps: int, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
@@ -77,7 +83,7 @@ def _progress(iterable, total: int, desc: str):
 def train_epoch(*, trainer, loader, loss_fn: nn.Module, scheduler, device: torch.device, amp: str,
                 forward: Callable | None = None, after_step: Callable[[], None] | None = None, log_every: int = 50,
                 desc: str = "train", accum_steps: int = 1, channels_last: bool = False, start_batch: int = 0,
-                step_hook: Callable[[int], bool] | None = None) -> dict:
+                step_hook: Callable[[int], bool] | None = None, guard=None, epoch: int = 0) -> dict:
     """One pass over `loader`. `trainer` is the backend's Trainable (`bigltr.distributed`): backward and step;
     `forward(x)` returns logits (default: the trainer itself; stage 2 passes a frozen-backbone forward).
 
@@ -85,6 +91,7 @@ def train_epoch(*, trainer, loader, loss_fn: nn.Module, scheduler, device: torch
     optimiser step; a trailing group of fewer than k batches still steps. `after_step` runs after each step.
     Resuming: the first `start_batch` batches are read and skipped (the order is deterministic per epoch).
     `step_hook(batches_done)` runs after each optimiser step; if it returns True the epoch stops there.
+    `guard.observe(loss, epoch, batch)` (the run's StopFlag) records a non-finite loss on the device, without a sync.
     """
     forward = forward or trainer
     loss_sum = torch.zeros((), device=device)
@@ -105,6 +112,8 @@ def train_epoch(*, trainer, loader, loss_fn: nn.Module, scheduler, device: torch
         with autocast(device, amp):
             logits = forward(images)
             loss = loss_fn(logits, labels)
+        if guard is not None:
+            guard.observe(loss, epoch, batches)
         boundary = (batches + 1) % accum_steps == 0 or batches + 1 == total
         trainer.backward(loss / accum_steps if accum_steps > 1 else loss, boundary)
         batches += 1
@@ -155,17 +164,26 @@ def evaluate(*, backbone: nn.Module, classifiers: dict[str, nn.Module], loader, 
     Distributed (`dist.distributed`): every rank predicts its own shards, predictions are gathered by sample key
     and de-duplicated (the loader pads short ranks with repeated batches), so each sample counts exactly once
     and the result equals the single-process evaluation.
+    A loader with `yields_features` (bigltr.engine.feature_cache.EvalFeatures: stage 2 with a frozen backbone)
+    yields backbone features instead of images; `backbone` is then not run.
     """
     exact = dist is not None and dist.distributed
     correct = {k: torch.zeros(num_classes, dtype=torch.long, device=device) for k in classifiers}
     total = torch.zeros(num_classes, dtype=torch.long, device=device)
     records = {}  # key -> (label, {classifier: pred}) when distributed
+    cached = getattr(loader, "yields_features", False)  # EvalFeatures: backbone features computed once
     for images, labels, keys in _progress(loader, len(loader), desc):
-        images = images.to(device, non_blocking=True)
         labels = labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            feats = backbone(images)
-            feats_flip = backbone(torch.flip(images, dims=[3])) if tta_flip else None
+        if cached:  # (centre, flipped or None): the flipped view comes from flipped images, as below
+            feats, feats_flip = (None if v is None else v.to(device, non_blocking=True) for v in images)
+            if tta_flip and feats_flip is None:
+                raise ValueError(f"{desc}: eval.tta_flip needs cached features of the flipped images")
+            feats_flip = feats_flip if tta_flip else None
+        else:
+            images = images.to(device, non_blocking=True)
+            with autocast(device, amp):
+                feats = backbone(images)
+                feats_flip = backbone(torch.flip(images, dims=[3])) if tta_flip else None
         preds = {}
         for name, clf in classifiers.items():
             logits = clf(feats.float())

@@ -9,7 +9,10 @@ import torch
 
 from bigltr.atomic import write_json_atomic
 from bigltr.config import Config
+from bigltr.data.errors import DataError
 from bigltr.data.info import read_info
+from bigltr.data import check_trainable
+from bigltr.data.dali import DaliShardLoader, resolve_pipeline
 from bigltr.data.loader import ShardLoader, build_transform
 from bigltr.distributed import Dist
 from bigltr.engine.common import evaluate
@@ -41,6 +44,7 @@ class RunContext:
     @classmethod
     def create(cls, cfg: Config, dist: Dist) -> "RunContext":
         info = read_info(cfg.data.root)
+        check_trainable(info)  # every class needs a training image: found now, not after stage 1
         for split in ("train", "val", "test"):
             if split not in info["splits"]:
                 raise FileNotFoundError(f"{cfg.data.root}/_info.json has no '{split}' split; bigltr needs train, "
@@ -51,24 +55,65 @@ class RunContext:
         """train: shuffled, drop_last; augment (default = train): the training transform."""
         d = self.cfg.data
         augment = train if augment is None else augment
+        if resolve_pipeline(d.pipeline, self.device.type) == "dali":  # same shards, order rules and transforms
+            return DaliShardLoader(d.root, split, batch_size=batch_size, train=train, img_size=d.img_size,
+                                   in_chans=d.in_chans, mean=tuple(d.mean), std=tuple(d.std),
+                                   aug=d.train_aug if augment else "none", augment=augment, seed=self.cfg.seed,
+                                   num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer, rank=self.dist.rank,
+                                   world_size=self.dist.world_size, allow_partial=d.eval_partial and split != "train",
+                                   device=self.device, index_dir=d.dali_index_dir or None)
         tf = build_transform(img_size=d.img_size, in_chans=d.in_chans, mean=tuple(d.mean), std=tuple(d.std),
                              train=augment, aug=d.train_aug if augment else "none")
         return ShardLoader(d.root, split, batch_size=batch_size, transform=tf, train=train, seed=self.cfg.seed,
                            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
                            pin_memory=d.pin_memory and self.device.type == "cuda", rank=self.dist.rank,
-                           world_size=self.dist.world_size)
+                           world_size=self.dist.world_size, allow_partial=d.eval_partial and split != "train")
 
     def evaluate(self, backbone, classifiers: dict, split_loader, amp: str, desc: str) -> dict:
         """Metrics per named classifier on one split (exact under several ranks)."""
         out = evaluate(backbone=backbone, classifiers=classifiers, loader=split_loader, num_classes=self.num_classes,
                        device=self.device, amp=amp, desc=desc, dist=self.dist)
-        return {k: self.metrics(*v) for k, v in out.items()}
+        return {k: self.metrics(*v, split=split_loader.split) for k, v in out.items()}
 
-    def metrics(self, correct: torch.Tensor, total: torch.Tensor) -> dict:
-        return summarize(correct, total, self.class_counts, self.cfg.data.many_thr, self.cfg.data.few_thr)
+    def data_losses(self, loader) -> dict:
+        """Training samples skipped as corrupt or lost to a shard that ended early in the last epoch, summed over
+        ranks. More than `data.max_skip_fraction` of the split stops the run (on every rank alike)."""
+        local = torch.tensor([int(getattr(loader, "epoch_skipped", 0)), int(getattr(loader, "epoch_lost", 0))],
+                             dtype=torch.long, device=self.device)
+        skipped, lost = (int(v) for v in self.dist.all_reduce_(local, "sum").tolist())
+        split = getattr(loader, "split", "train")
+        total = self.info["splits"][split]["num_samples"]
+        limit = self.cfg.data.max_skip_fraction
+        if skipped + lost > limit * total:
+            raise DataError(f"{split} split of {self.cfg.data.root}: {skipped} corrupt sample(s) skipped and {lost} "
+                            f"lost to shards that ended early in one epoch, {skipped + lost} of {total} > "
+                            f"data.max_skip_fraction={limit}; check the shards with `tools/make_shards.py verify "
+                            f"{self.cfg.data.root}`")
+        return {"skipped": skipped, "lost": lost}
 
-    def final_eval(self, model, batch_size: int, amp: str) -> dict:
-        """Val and test metrics of `model` (and of its post-hoc normalised classifier when configured)."""
+    def metrics(self, correct: torch.Tensor, total: torch.Tensor, split: str | None = None) -> dict:
+        """Group accuracies; with `split`, also checks that every sample of the split was evaluated: a partial
+        val/test set is an error unless data.eval_partial, and is then reported as "N of M"."""
+        m = summarize(correct, total, self.class_counts, self.cfg.data.many_thr, self.cfg.data.few_thr)
+        if split is None:
+            return m
+        n, expected = int(total.sum()), int(self.info["splits"][split]["num_samples"])
+        m["samples"] = n
+        if n < expected:
+            if not self.cfg.data.eval_partial:
+                raise DataError(f"{split} split of {self.cfg.data.root}: only {n} of {expected} samples could be "
+                                f"evaluated (truncated shard or corrupt images); results over a partial {split} set "
+                                f"are not comparable. Repair the shards (`tools/make_shards.py verify "
+                                f"{self.cfg.data.root}`) or set data.eval_partial=true to report them as "
+                                f"'{n} of {expected}'")
+            m["expected_samples"] = expected
+        return m
+
+
+    def final_eval(self, model, batch_size: int, amp: str, features=None) -> dict:
+        """Val and test metrics of `model` (and of its post-hoc normalised classifier when configured).
+        `features(split)`, when given, returns the split's cached backbone features (EvalFeatures, stage 2 with a
+        frozen backbone): only the classifiers then run."""
         ev = self.cfg.eval
         classifiers = {"model": model.classifier}
         if ev.posthoc != "none":
@@ -76,13 +121,14 @@ class RunContext:
         model.eval()
         res = {}
         for split in ("val", "test"):
-            out = evaluate(backbone=model.backbone, classifiers=classifiers,
-                           loader=self.loader(split, train=False, batch_size=batch_size), num_classes=self.num_classes,
-                           device=self.device, amp=amp, tta_flip=ev.tta_flip, desc=f"eval {split}", dist=self.dist)
-            res[split] = self.metrics(*out["model"])
+            loader = features(split) if features else self.loader(split, train=False, batch_size=batch_size)
+            out = evaluate(backbone=model.backbone, classifiers=classifiers, loader=loader,
+                           num_classes=self.num_classes, device=self.device, amp=amp, tta_flip=ev.tta_flip,
+                           desc=f"eval {split}", dist=self.dist)
+            res[split] = self.metrics(*out["model"], split=split)
             if "posthoc" in out:
                 res.setdefault("posthoc", {"method": ev.posthoc, "tau": ev.posthoc_tau})[split] = \
-                    self.metrics(*out["posthoc"])
+                    self.metrics(*out["posthoc"], split=split)
         return res
 
 

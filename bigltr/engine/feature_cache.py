@@ -12,19 +12,36 @@ random, in batches of `batch_size` (last partial batch dropped, like the trainin
 The cache yields `(features [B, D], labels [B], None)` batches so the ordinary training loop runs unchanged with
 `forward = model.classifier`. Storage: host memory or a file on local disk (numpy memmap), in bf16/fp16/fp32,
 after a size check against available memory or free disk space that fails with a clear message.
+
+`EvalFeatures` does the same for a validation/test split (centre view, plus its flip for eval.tta_flip): it
+records the batches the split's eval loader yields (same samples, order, keys, and the padding repeats of short
+ranks) and replays them, so `evaluate` gives on it what it gives on the images, without the backbone.
+
+On disk (`location=disk`) each cached split is one folder `<dir>/<split>-<digest of its key>/` (features.bin,
+labels.npy, ..., meta.json with the key). A builder writes into a private `.<split>.building-*` folder in the same
+directory and renames it into place when complete (atomic); a builder that loses the race to another one with the
+same key drops its own copy and uses the winner's. A reader uses only a folder whose meta.json holds its exact key,
+so concurrent stage-2 runs (a tuner's trials) can share one `stage2.cache.dir`. Caches made from an older version
+of the same checkpoint file (its mtime and size are in the key) are removed after a new build.
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import logging
 import os
 import shutil
+import tempfile
+import time
+import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from bigltr.atomic import write_json_atomic
+from bigltr.data.errors import DataError
 
 log = logging.getLogger("bigltr")
 
@@ -68,6 +85,77 @@ def _storage(shape: tuple, dtype: torch.dtype, location: str, directory: Path | 
     return (t.view(torch.bfloat16) if dtype == torch.bfloat16 else t), mm
 
 
+# ---------------------------------------------------------------------------------------------- disk entries
+def entry_name(split: str, key: dict) -> str:
+    """The folder of one cached split inside the cache directory: the split and a digest of its key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{split}-{digest}"
+
+
+def _read_key(entry: Path):
+    try:
+        return json.loads((entry / "meta.json").read_text()).get("key")
+    except (OSError, ValueError):
+        return None
+
+
+def _new_build_dir(root: Path, split: str) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{split}.building-", dir=root))
+
+
+def _discard(entry: Path) -> None:
+    """Remove a cache folder, renamed away first so that no reader opens a half-deleted one (a reader that has
+    already mapped its files keeps them)."""
+    trash = entry.with_name(f".{entry.name}.removing-{uuid.uuid4().hex[:8]}")
+    try:
+        os.rename(entry, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _publish(tmp: Path, entry: Path, key: dict) -> bool:
+    """Rename the complete folder `tmp` to `entry` (atomic). False: another builder published the same key first;
+    `tmp` is dropped. A folder at `entry` that is not a complete cache of `key` is removed and replaced."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, entry)
+            return True
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if _read_key(entry) == key:
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
+        _discard(entry)
+    raise RuntimeError(f"feature cache: could not rename {tmp} to {entry}")
+
+
+def _prune(root: Path, split: str, key: dict) -> None:
+    """After a build: remove caches of `split` made from an older version of the same checkpoint file (same path,
+    older mtime: their key can never match again) and build folders left behind by a crash (older than 2 days)."""
+    now = time.time()
+    for p in list(root.iterdir()):
+        try:
+            if p.name.startswith(".") and (".building-" in p.name or ".removing-" in p.name):
+                if now - p.stat().st_mtime > 2 * 86400:
+                    shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(f"{split}-") and p.name != entry_name(split, key):
+                other = _read_key(p)
+                if (other and other.get("checkpoint") == key.get("checkpoint")
+                        and other.get("checkpoint_mtime_ns", 0) < key.get("checkpoint_mtime_ns", 0)):
+                    log.info(f"feature cache: removing {p} (made from an older version of {key['checkpoint']})")
+                    _discard(p)
+        except FileNotFoundError:  # removed meanwhile by another process
+            pass
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    """numpy has no bfloat16: its bytes are stored as int16."""
+    return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
 class FeatureCache:
     def __init__(self, features: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int):
         self.features, self.labels = features, labels  # [V, N, D], [N]
@@ -107,17 +195,20 @@ class FeatureCache:
             yield self.features[views[idx], idx], self.labels[idx], None
 
     @classmethod
-    def load(cls, directory: Path, key: dict, *, batch_size: int, seed: int) -> "FeatureCache | None":
-        """A disk cache written earlier for the same key (checkpoint, data, views, dtype), else None."""
-        meta = directory / "meta.json"
-        if not meta.is_file() or json.loads(meta.read_text()).get("key") != key:
+    def load(cls, entry: Path, key: dict, *, batch_size: int, seed: int) -> "FeatureCache | None":
+        """The complete disk cache in folder `entry` if it was written for the same key (checkpoint, data, views,
+        dtype), else None."""
+        if _read_key(entry) != key:
             return None
-        arr = np.load(directory / "features.bin", mmap_mode="r+", allow_pickle=False)
+        try:  # copy-on-write mapping: writable for torch, never written back (other runs may share the file)
+            arr = np.load(entry / "features.bin", mmap_mode="c", allow_pickle=False)
+            labels = torch.from_numpy(np.load(entry / "labels.npy"))
+        except FileNotFoundError:  # removed meanwhile: build anew
+            return None
         feats = torch.from_numpy(arr)
         if key["dtype"] == "bf16":
             feats = feats.view(torch.bfloat16)
-        labels = torch.from_numpy(np.load(directory / "labels.npy"))
-        log.info(f"feature cache: reusing {directory} ({tuple(feats.shape)})")
+        log.info(f"feature cache: reusing {entry} ({tuple(feats.shape)})")
         return cls(feats, labels, batch_size=batch_size, seed=seed)
 
     @classmethod
@@ -127,15 +218,18 @@ class FeatureCache:
               amp_ctx, key: dict | None = None) -> "FeatureCache":
         """`make_loader(augment: bool)` returns an unshuffled ShardLoader over the training split.
 
-        On disk, a cache whose meta.json holds the same `key` is reused instead of recomputed (stage-2 sweeps
-        over weight decay or the MaxNorm radius share one cache); meta.json is written last, so a cache cut off
-        while being built is never reused.
+        On disk (`directory` = the cache directory), the complete cache of the same `key` is reused instead of
+        recomputed (stage-2 sweeps over weight decay or the MaxNorm radius share one cache); a new one is built in
+        a private folder and renamed into place when complete, so a cache cut off while being built is never used.
         """
-        if location == "disk" and key is not None:
-            cached = cls.load(directory, key, batch_size=batch_size, seed=seed)
+        entry = tmp = None
+        if location == "disk":
+            if key is None:
+                raise ValueError("a disk feature cache needs a key")
+            entry = directory / entry_name("train", key)
+            cached = cls.load(entry, key, batch_size=batch_size, seed=seed)
             if cached is not None:
                 return cached
-            (directory / "meta.json").unlink(missing_ok=True)
         backbone.eval()
         passes = ["center"] if views == "center" else ["center"] if views == "center_flip" else ["augment"] * num_aug
         flip = views == "center_flip"
@@ -145,7 +239,30 @@ class FeatureCache:
         torch_dtype = _DTYPES[dtype]
         nbytes = num_views * n * feat_dim * torch.finfo(torch_dtype).bits // 8
         check_space(nbytes, location, directory)
-        store, mm = _storage((num_views, n, feat_dim), torch_dtype, location, directory)
+        tmp = _new_build_dir(directory, "train") if location == "disk" else None
+        try:
+            store, labels = cls._compute(backbone, make_loader, first, passes, flip, (num_views, n, feat_dim),
+                                         torch_dtype, location, tmp, device, amp_ctx)
+            if location == "disk":
+                np.save(tmp / "labels.npy", labels.numpy())
+                write_json_atomic(tmp / "meta.json", {"key": key, "shape": list(store.shape)})  # written last
+                if not _publish(tmp, entry, key):  # another run built the same cache meanwhile: use that one
+                    other = cls.load(entry, key, batch_size=batch_size, seed=seed)
+                    if other is not None:
+                        return other
+                _prune(directory, "train", key)
+        finally:
+            if tmp is not None and tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        log.info(f"feature cache: {num_views} view(s) x {n} images x {feat_dim} dims in {dtype} "
+                 f"({nbytes / 2**20:.1f} MiB, {location}{f', {entry}' if entry else ''})")
+        return cls(store, labels, batch_size=batch_size, seed=seed)
+
+    @staticmethod
+    def _compute(backbone, make_loader, first, passes, flip, shape, torch_dtype, location, tmp, device, amp_ctx):
+        """Run the backbone over the training split once per pass; (features [V, N, D], labels [N])."""
+        n = shape[1]
+        store, mm = _storage(shape, torch_dtype, location, tmp)
         labels = torch.empty(n, dtype=torch.long)
         keys0 = None
         for p, kind in enumerate(passes):
@@ -165,17 +282,120 @@ class FeatureCache:
                 keys += list(k)
                 pos += b
             if pos != n:
-                raise RuntimeError(f"feature cache pass {p}: expected {n} training samples, read {pos} "
-                                   f"(corrupt samples skipped: {loader.epoch_skipped})")
+                raise DataError(f"feature cache pass {p}: expected {n} training samples, read {pos} (corrupt "
+                                f"samples skipped: {loader.epoch_skipped}, lost to short shards: "
+                                f"{getattr(loader, 'epoch_lost', 0)}); check the shards with `tools/make_shards.py "
+                                f"verify`")
             if keys0 is None:
                 keys0 = keys
             elif keys != keys0:
                 raise RuntimeError("feature cache: training samples came in a different order on a later pass")
-        if location == "disk":
+        if mm is not None:
             mm.flush()
-            np.save(directory / "labels.npy", labels.numpy())
-            if key is not None:
-                write_json_atomic(directory / "meta.json", {"key": key, "shape": list(store.shape)})
-        log.info(f"feature cache: {num_views} view(s) x {n} images x {feat_dim} dims in {dtype} "
-                 f"({nbytes / 2**20:.1f} MiB, {location})")
-        return cls(store, labels, batch_size=batch_size, seed=seed)
+        return store, labels
+
+
+class EvalFeatures:
+    """Backbone features of one evaluation split, replayed in the batches its eval loader yielded.
+
+    Built from `loader` (the split's ordinary eval loader, eval transform): for every batch it keeps the centre
+    features, the features of the horizontally flipped images when `flip` (eval.tta_flip), the labels and the
+    sample keys, including the batches a short rank repeats to stay in step with the others. Iterating yields
+    `((centre [B, D], flipped [B, D] or None), labels [B], keys)`; `evaluate` recognises `yields_features` and
+    skips the backbone, so the exact-distributed evaluation (gather by key, de-duplicate) works unchanged and, with
+    an fp32 cache, the predictions are those of the online evaluation. `.split` names the split (metrics check
+    that every sample of it was evaluated).
+    """
+
+    yields_features = True
+
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, keys: list[str], sizes: list[int],
+                 split: str):
+        self.features, self.labels, self.keys, self.sizes, self.split = features, labels, keys, sizes, split
+
+    @property
+    def flip(self) -> bool:
+        return self.features.shape[0] == 2
+
+    def __len__(self) -> int:
+        return len(self.sizes)
+
+    def set_epoch(self, epoch: int) -> None:  # the order of an eval split never changes
+        pass
+
+    def __iter__(self):
+        pos = 0
+        for b in self.sizes:
+            f = self.features[:, pos:pos + b]
+            yield (f[0], f[1] if self.flip else None), self.labels[pos:pos + b], self.keys[pos:pos + b]
+            pos += b
+
+    @classmethod
+    def load(cls, entry: Path, key: dict) -> "EvalFeatures | None":
+        """The complete disk cache in folder `entry` if it was written for the same key, else None."""
+        if _read_key(entry) != key:
+            return None
+        try:
+            arr = np.load(entry / "features.bin", mmap_mode="c", allow_pickle=False)
+            labels = torch.from_numpy(np.load(entry / "labels.npy"))
+            index = json.loads((entry / "index.json").read_text())
+        except FileNotFoundError:  # removed meanwhile: build anew
+            return None
+        feats = torch.from_numpy(arr)
+        if key["dtype"] == "bf16":
+            feats = feats.view(torch.bfloat16)
+        log.info(f"eval feature cache: reusing {entry} ({index['split']}, {tuple(feats.shape)})")
+        return cls(feats, labels, index["keys"], index["sizes"], index["split"])
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, backbone: torch.nn.Module, loader, *, flip: bool, dtype: str, location: str,
+              directory: Path | None, device: torch.device, amp_ctx, key: dict | None = None) -> "EvalFeatures":
+        """Features of `loader`'s split (an eval ShardLoader / DaliShardLoader, unshuffled). On disk the complete
+        cache of the same `key` in `directory` is reused; a new one is written to a private folder and renamed into
+        place (see the module docstring)."""
+        split = loader.split
+        entry = None
+        if location == "disk":
+            if key is None:
+                raise ValueError("a disk feature cache needs a key")
+            entry = directory / entry_name(split, key)
+            cached = cls.load(entry, key)
+            if cached is not None:
+                return cached
+        torch_dtype = _DTYPES[dtype]
+        views = 2 if flip else 1
+        bound = views * len(loader) * loader.batch_size * backbone.num_features * torch.finfo(torch_dtype).bits // 8
+        check_space(2 * bound if location == "disk" else bound, location, directory)  # on disk: also held in memory
+        backbone.eval()
+        feats, labels, keys, sizes = [], [], [], []
+        for images, y, k in loader:
+            images = images.to(device, non_blocking=True)
+            with amp_ctx():  # the same calls as evaluate() makes on the images
+                f = backbone(images)
+                f_flip = backbone(torch.flip(images, dims=[3])) if flip else None
+            feats.append(torch.stack([v.to("cpu", torch_dtype) for v in ([f, f_flip] if flip else [f])]))
+            labels.append(y.cpu())
+            keys += list(k)
+            sizes.append(len(k))
+        if not feats:
+            raise DataError(f"eval feature cache: the {split} loader yielded no batch")
+        out = cls(torch.cat(feats, dim=1), torch.cat(labels), keys, sizes, split)
+        if location == "disk":
+            tmp = _new_build_dir(directory, split)
+            try:
+                with open(tmp / "features.bin", "wb") as fh:  # .npy format, named as the training cache's
+                    np.save(fh, _np(out.features), allow_pickle=False)
+                np.save(tmp / "labels.npy", out.labels.numpy())
+                write_json_atomic(tmp / "index.json", {"split": split, "keys": keys, "sizes": sizes})
+                write_json_atomic(tmp / "meta.json", {"key": key, "shape": list(out.features.shape)})  # last
+                if _publish(tmp, entry, key):
+                    _prune(directory, split, key)
+            finally:
+                if tmp.exists():
+                    shutil.rmtree(tmp, ignore_errors=True)
+        log.info(f"eval feature cache: {split}, {views} view(s) x {out.features.shape[1]} samples "
+                 f"({len(set(keys))} distinct) x {out.features.shape[2]} dims in {dtype} "
+                 f"({out.features.numel() * out.features.element_size() / 2**20:.1f} MiB, {location}"
+                 f"{f', {entry}' if entry else ''})")
+        return out

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bigltr.checkpoint import load_checkpoint, save_checkpoint
+from bigltr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_error
 from bigltr.config import ConfigError
 
 log = logging.getLogger("bigltr")
@@ -45,11 +45,24 @@ class Preempted(Exception):
     """Raised after the stop checkpoint is written; the entry point turns it into EXIT_PREEMPTED."""
 
 
+class TrainingDiverged(RuntimeError):
+    """The loss became non-finite; no checkpoint was written after it, so the newest resume checkpoint is finite."""
+
+
 class StopFlag:
+    """Stop requests and the non-finite-loss guard, checked together every `check_every` optimiser steps (counted
+    over the whole run, not per epoch) and at every epoch end, with one all-reduce so that every rank agrees.
+
+    The loss is checked without a host sync per step: `observe(loss)` records, on the device, where the loss
+    first became non-finite; `poll` reads it with the stop request.
+    """
+
     def __init__(self, run_dir: Path, dist, check_every: int = 10):
         self.file = Path(run_dir) / PREEMPT_FILE
         self.dist, self.check_every = dist, max(1, check_every)
         self.requested = False
+        self.steps = 0  # optimiser steps taken by this process (all stages, all epochs)
+        self._bad_at = torch.full((), -1, dtype=torch.long, device=dist.device)  # epoch * 2**32 + batch, or -1
         self._previous = {}
         if threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGUSR1, signal.SIGTERM):
@@ -62,7 +75,8 @@ class StopFlag:
         self._previous = {}
 
     def _handler(self, signum, frame):
-        log.warning(f"received signal {signal.Signals(signum).name}: checkpointing at the next step boundary")
+        log.warning(f"received signal {signal.Signals(signum).name}: checkpointing at the next check "
+                    f"(every {self.check_every} steps and at the epoch end)")
         self.requested = True
 
     def clear_stale(self) -> None:
@@ -71,12 +85,32 @@ class StopFlag:
             self.file.unlink()
         self.dist.barrier()
 
-    def should_stop(self, step: int) -> bool:
-        if step % self.check_every:
-            return False
-        local = self.requested or self.file.exists()
-        flag = torch.tensor(float(local), device=self.dist.device)
-        return bool(self.dist.all_reduce_(flag, "max") > 0)
+    def observe(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
+        """Remember (on the device, no sync) the first batch whose loss is not finite."""
+        bad = ~torch.isfinite(loss.detach()) & (self._bad_at < 0)
+        self._bad_at.masked_fill_(bad, epoch * 2**32 + batch)
+
+    def step_taken(self) -> bool:
+        """Count an optimiser step; True when a check is due."""
+        self.steps += 1
+        return self.steps % self.check_every == 0
+
+    def poll(self, where: str) -> bool:
+        """Collective. Raise TrainingDiverged if any rank saw a non-finite loss; return True if a stop is asked."""
+        local = torch.stack([torch.tensor(int(self.requested or self.file.exists()), device=self.dist.device),
+                             self._bad_at])
+        stop, bad_at = (int(v) for v in self.dist.all_reduce_(local, "max").tolist())
+        if bad_at >= 0:
+            epoch, batch = divmod(bad_at, 2**32)
+            raise TrainingDiverged(
+                f"{where}: the training loss became non-finite (nan/inf) at epoch {epoch + 1}, batch {batch + 1}; "
+                f"nothing was saved after it, so the newest resume checkpoint holds finite weights. Lower the "
+                f"learning rate (or use amp=none / bf16 instead of fp16) and resume with resume=auto, or start over")
+        return bool(stop)
+
+    def should_stop(self, where: str = "training") -> bool:
+        """After an optimiser step: count it, and poll when a check is due (collective then)."""
+        return self.step_taken() and self.poll(where)
 
 
 def rng_state() -> dict:
@@ -104,13 +138,18 @@ KEEP = 2  # complete resume checkpoints kept per stage
 _TAG = re.compile(r"^e(\d{5})-b(\d{8})$")
 
 
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete resume checkpoint of a stage (a folder with meta.pt), or None."""
+def resume_candidates(stage_dir: Path) -> list[Path]:
+    """Complete resume checkpoints of a stage (folders with meta.pt), newest first."""
     root = Path(stage_dir) / "resume"
     if not root.is_dir():
-        return None
-    done = sorted(p for p in root.iterdir() if _TAG.match(p.name) and (p / "meta.pt").is_file())
-    return done[-1] if done else None
+        return []
+    return sorted((p for p in root.iterdir() if _TAG.match(p.name) and (p / "meta.pt").is_file()), reverse=True)
+
+
+def latest_checkpoint(stage_dir: Path) -> Path | None:
+    """The newest complete resume checkpoint of a stage (a folder with meta.pt), or None."""
+    found = resume_candidates(stage_dir)
+    return found[0] if found else None
 
 
 class Progress:
@@ -127,6 +166,46 @@ class Progress:
         self.best = None  # (epoch, val_all) of the best epoch so far
         self.norms_per_epoch: list = []
         self.resumed = False
+        self._steps = 0
+
+    def steps_taken(self) -> int:
+        self._steps += 1
+        return self._steps
+
+    def restore_newest(self, candidates: list[Path]) -> "Progress":
+        """Restore the newest readable checkpoint of `candidates` (newest first). An unreadable one (truncated,
+        corrupt, or refused by the safe loader) is skipped with a warning naming it; all ranks agree on the one
+        they load. None readable: an error (starting the stage over silently would discard the run)."""
+        skipped = []
+        for directory in candidates:
+            problem = self._check_readable(directory)
+            ok = torch.tensor(0 if problem else 1, device=self.dist.device)
+            if int(self.dist.all_reduce_(ok, "min")) == 1:
+                if skipped:
+                    log.warning(f"stage {self.stage}: resuming from {directory}; skipped newer unreadable "
+                                f"checkpoint(s): " + "; ".join(skipped))
+                return self.restore(directory)
+            skipped.append(f"{directory.name} ({problem or 'unreadable on another rank'})")
+            log.warning(f"stage {self.stage}: skipping resume checkpoint {directory}: {problem or 'unreadable on another rank'}")
+        if candidates:
+            raise CheckpointError(f"no readable resume checkpoint in {self.root}: " + "; ".join(skipped)
+                                  + f". Remove {self.root} to start stage {self.stage} over")
+        return self
+
+    def _check_readable(self, directory: Path) -> str:
+        """'' if the folder's files load safely and completely on this rank, else the reason."""
+        try:
+            meta = load_checkpoint(directory / "meta.pt")
+            if not isinstance(meta, dict) or "format" not in meta or "epoch" not in meta:
+                return "meta.pt is not a bigltr resume checkpoint"
+            if meta["format"] == self.dist.checkpoint_format:  # a foreign format is refused by restore, by name
+                self.dist.verify_train_state(directory)
+            mine = directory / "rank" / f"rank{self.dist.rank}.pt"
+            if mine.is_file():
+                load_checkpoint(mine)
+        except (CheckpointError, FileNotFoundError) as e:
+            return str(e)
+        return ""
 
     def restore(self, directory: Path | None) -> "Progress":
         """Load model, optimizer, scheduler, scaler, RNG and position from a resume checkpoint folder."""
@@ -172,26 +251,49 @@ class Progress:
             return True
         return False
 
+    def check_finite(self, epoch: int, batch: int) -> None:
+        """Collective: raise TrainingDiverged if any weight is nan/inf (a finite loss can still end in a step that
+        overflows the weights). Called before anything is saved, so every checkpoint holds finite weights."""
+        local = [getattr(p, "ds_tensor", p) for p in self.model.parameters()]
+        local += [b for b in self.model.buffers() if b.is_floating_point()]  # BatchNorm statistics too
+        local = [t.to_local() if hasattr(t, "to_local") else t for t in local]
+        ok = torch.stack([torch.isfinite(t).all() for t in local if t.numel()] or [torch.tensor(True)]).all()
+        ok = ok.to(device=self.dist.device, dtype=torch.long)
+        if int(self.dist.all_reduce_(ok, "min")) == 0:
+            raise TrainingDiverged(
+                f"stage {self.stage}: the weights became non-finite (nan/inf) by the "
+                + (f"end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch}")
+                + "; nothing was saved after it, so the newest resume checkpoint holds finite weights. "
+                f"Lower the learning rate and resume with resume=auto, or start over")
+
     def checkpoint(self, epoch: int, batch: int) -> Path:
         """Collective: every rank writes its part into a temporary folder; rank 0 renames it when all are done."""
+        self.check_finite(epoch, batch)
         d, tag = self.dist, f"e{epoch:05d}-b{batch:08d}"
         final, tmp = self.root / tag, self.root / f".tmp-{tag}"
         if d.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-            (tmp / "rank").mkdir(parents=True)
+            try:
+                (tmp / "rank").mkdir(parents=True)
+            except OSError as e:
+                raise write_error(tmp, e) from None
         d.barrier()
-        d.save_train_state(tmp, self.model, self.trainer)
-        save_checkpoint({"rng": rng_state(), "stateful": {k: v.state_dict() for k, v in self.stateful.items()}},
-                        tmp / "rank" / f"rank{d.rank}.pt")
-        d.barrier()  # every rank's files are written
+        err = None
+        try:
+            d.save_train_state(tmp, self.model, self.trainer)
+            save_checkpoint({"rng": rng_state(), "stateful": {k: v.state_dict() for k, v in self.stateful.items()}},
+                            tmp / "rank" / f"rank{d.rank}.pt")
+        except CheckpointError as e:
+            err = e
+        self._agree_written(err, tmp)  # every rank's files are written, or every rank raises
+        err = None
         if d.is_main:
-            scaler = self.trainer.scaler.state_dict() if self.trainer.scaler else None
-            save_checkpoint({"epoch": epoch, "batch": batch, "stage": self.stage,
-                             "scheduler": self.scheduler.state_dict(), "scaler": scaler,
-                             "best": list(self.best) if self.best else None, "norms_per_epoch": self.norms_per_epoch,
-                             "config": self.config, "world_size": d.world_size, "backend": d.backend,
-                             "format": d.checkpoint_format, "zero_stage": d.zero_stage if d.deepspeed else None},
-                            tmp / "meta.pt")
+            try:
+                self._write_meta(tmp, epoch, batch)
+            except CheckpointError as e:
+                err = e
+        self._agree_written(err, tmp)
+        if d.is_main:
             if final.exists():  # the same position saved again (a stop right after resuming)
                 shutil.rmtree(final)
             os.replace(tmp, final)
@@ -203,6 +305,26 @@ class Progress:
                 shutil.rmtree(old, ignore_errors=True)
         d.barrier()  # the checkpoint is complete before any rank goes on (or exits)
         return final
+
+    def _agree_written(self, err: Exception | None, tmp: Path) -> None:
+        """Collective: if any rank failed to write (e.g. a full disk), remove the temporary folder and raise on
+        every rank (a rank that raised alone would leave the others waiting in the next collective)."""
+        ok = torch.tensor(0 if err else 1, device=self.dist.device)
+        if int(self.dist.all_reduce_(ok, "min")) == 1:
+            return
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # leave no half-written folder behind
+        raise err or CheckpointError(f"another rank failed writing {tmp}")
+
+    def _write_meta(self, tmp: Path, epoch: int, batch: int) -> None:
+        d = self.dist
+        scaler = self.trainer.scaler.state_dict() if self.trainer.scaler else None
+        save_checkpoint({"epoch": epoch, "batch": batch, "stage": self.stage,
+                         "scheduler": self.scheduler.state_dict(), "scaler": scaler,
+                         "best": list(self.best) if self.best else None, "norms_per_epoch": self.norms_per_epoch,
+                         "config": self.config, "world_size": d.world_size, "backend": d.backend,
+                         "format": d.checkpoint_format, "zero_stage": d.zero_stage if d.deepspeed else None},
+                        tmp / "meta.pt")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -220,17 +342,34 @@ def _rng_from_file(state: dict) -> dict:
     return state
 
 
-def step_hook(ctx, progress: Progress, epoch: int, batches: int, accum_steps: int = 1) -> bool:
-    """After an optimiser step: periodic resume checkpoint, and the (rank-agreed) stop check.
+def step_hook(ctx, progress: Progress, epoch: int, batches: int) -> bool:
+    """After an optimiser step: the rank-agreed stop / non-finite-loss check (every `preempt_check_every` steps of
+    the run) and the periodic resume checkpoint (every `ckpt_every_steps` steps of the run; the loss is checked
+    first, so no checkpoint ever holds weights trained on a non-finite loss).
 
     Returns True when the stage must stop; the stop checkpoint is then already written."""
-    step = batches // accum_steps if batches % accum_steps == 0 else batches // accum_steps + 1
-    every = ctx.cfg.ckpt_every_steps
-    if ctx.stop is not None and ctx.stop.should_stop(step):
+    stop, every = ctx.stop, ctx.cfg.ckpt_every_steps
+    if stop is None:  # a stage driven outside `run` (benchmarks): periodic checkpoints only
+        if every and progress.steps_taken() % every == 0:
+            progress.checkpoint(epoch, batches)
+        return False
+    check_due = stop.step_taken()
+    ckpt_due = bool(every) and stop.steps % every == 0
+    if not (check_due or ckpt_due):
+        return False
+    if stop.poll(f"stage {progress.stage}"):
         progress.checkpoint(epoch, batches)
         log.warning(f"stop requested: checkpoint written at epoch {epoch + 1}, batch {batches}; exiting with "
                     f"{EXIT_PREEMPTED}")
         return True
-    if every and step % every == 0:
+    if ckpt_due:
         progress.checkpoint(epoch, batches)
     return False
+
+
+def epoch_end_stop(ctx, progress: Progress, epoch: int) -> bool:
+    """At an epoch end, before anything is written: raise if the loss went non-finite in the epoch; True if a stop
+    was asked (the caller writes the epoch-end checkpoint, then raises Preempted)."""
+    stop = ctx.stop is not None and ctx.stop.poll(f"stage {progress.stage}")
+    progress.check_finite(epoch + 1, 0)
+    return stop

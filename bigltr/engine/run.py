@@ -8,12 +8,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from bigltr import plots
-from bigltr.config import Config, save_config
+from bigltr.config import Config, ConfigError, save_config, to_dict
 from bigltr.engine.common import resolve_device
 from bigltr.engine.context import RunContext, write_json
-from bigltr.engine.resume import StopFlag
+from bigltr.engine.resume import StopFlag, resume_candidates
+from bigltr.engine.rundir import RunLock, RunLocked, compare_for_resume
 from bigltr.engine.stage1 import run_stage1
 from bigltr.engine.stage2 import run_stage2
 from bigltr.distributed import Dist
@@ -32,9 +34,30 @@ def run(cfg: Config, dist: Dist | None = None) -> dict:
     dist = dist or Dist("ddp", device=resolve_device(cfg.device))
     ctx = RunContext.create(cfg, dist)  # reads _info.json: fails fast with a how-to if shards are missing
     out = Path(cfg.out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={cfg.out} exists and is not a directory")
+    lock, err = None, None
+    if dist.is_main:  # one run per directory: a second one started into it stops here
+        try:
+            lock = RunLock(out).acquire()
+        except RunLocked as e:
+            err = e
+    if int(dist.all_reduce_(torch.tensor(0 if err else 1, device=dist.device), "min")) == 0:
+        raise err or RunLocked(f"{out} is in use by another run (rank 0 says why)")
+    try:
+        return _run_locked(cfg, ctx, out)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _run_locked(cfg: Config, ctx: RunContext, out: Path) -> dict:
+    dist = ctx.dist
     results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.exists() else {}
-    dist.barrier()  # every rank has read the old results before rank 0 rewrites them
+    results = _read_results(results_path)
+    if cfg.resume == "auto":
+        _check_resume_config(cfg, out, results)
+    dist.barrier()  # every rank has read the old results and config before rank 0 rewrites them
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
@@ -50,6 +73,44 @@ def run(cfg: Config, dist: Dist | None = None) -> dict:
         return _run_stages(cfg, ctx, results, results_path)
     finally:
         ctx.stop.close()
+
+
+def _read_results(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        results = json.loads(path.read_text())
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path} is not readable JSON ({e}); it is rewritten atomically, so something else "
+                          f"damaged it: remove it, and resume=auto re-evaluates the finished stages from their "
+                          f"checkpoints") from None
+    if not isinstance(results, dict):
+        raise ConfigError(f"{path} does not hold a JSON object; remove it (see above)")
+    return results
+
+
+def _check_resume_config(cfg: Config, out: Path, results: dict) -> None:
+    """resume=auto continues checkpoints trained with out/config.yaml: a key that changes the model, data or
+    method of a stage that has started is an error; keys that may change are listed."""
+    saved_path = out / "config.yaml"
+    if not saved_path.exists():
+        return
+    try:
+        saved = yaml.safe_load(saved_path.read_text())
+    except (yaml.YAMLError, OSError) as e:
+        raise ConfigError(f"resume=auto: {saved_path} is not readable ({e})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"resume=auto: {saved_path} does not hold a config mapping")
+    started = {s for s in ("stage1", "stage2") if s in results or resume_candidates(out / s)}
+    if not started:
+        return
+    errors, allowed = compare_for_resume(saved, to_dict(cfg), to_dict(Config()), started)
+    if errors:
+        raise ConfigError(f"resume=auto in {out}: the checkpoints there were trained with {saved_path}, and these "
+                          f"keys change the model, data or method: " + "; ".join(errors)
+                          + ". Use another out= for a new run, or resume with the saved values")
+    if allowed:
+        log.info("resume=auto: changed since the run started: " + "; ".join(allowed))
 
 
 def _run_stages(cfg: Config, ctx: RunContext, results: dict, results_path: Path) -> dict:
@@ -89,7 +150,11 @@ def summary_table(results: dict) -> str:
             rows[f"stage 1 + {results['stage1']['posthoc']['method']}"] = results["stage1"]["posthoc"]["test"]
     if "stage2" in results:
         rows["stage 2 (CB + WD + MaxNorm)"] = results["stage2"]["test"]
-    return format_table(rows, "Test top-1 (%), balanced test set")
+    title = "Test top-1 (%), balanced test set"
+    partial = [r for r in rows.values() if r.get("expected_samples")]
+    if partial:  # data.eval_partial: a truncated test split was evaluated as far as it could be read
+        title += f", {partial[0]['samples']} of {partial[0]['expected_samples']} test samples (partial)"
+    return format_table(rows, title)
 
 
 def write_plots(results: dict, out: Path) -> None:

@@ -11,11 +11,11 @@ import torch
 import torch.nn as nn
 
 from bigltr.checkpoint import load_checkpoint, save_checkpoint
-from bigltr.config import to_dict
+from bigltr.config import ConfigError, to_dict
 from bigltr.engine.common import (CsvLog, build_sgd, cosine_schedule, optimizer_steps, param_groups, peak_memory_mib,
                                   train_epoch)
 from bigltr.engine.context import RunContext, write_json
-from bigltr.engine.resume import Preempted, Progress, latest_checkpoint, step_hook
+from bigltr.engine.resume import Preempted, Progress, epoch_end_stop, resume_candidates, step_hook
 from bigltr.models import build_model
 from bigltr.objective.maxnorm import row_norms
 
@@ -31,17 +31,21 @@ def run_stage1(ctx: RunContext) -> dict:
         model = model.to(memory_format=torch.channels_last)
     train_loader = ctx.loader("train", train=True, batch_size=s1.batch_size)
     val_loader = ctx.loader("val", train=False, batch_size=s1.batch_size)
+    if len(train_loader) == 0:
+        raise ConfigError(f"stage1.batch_size={s1.batch_size} gives 0 training steps per epoch: the train split has "
+                          f"{train_loader.num_samples} image(s) per process and only full batches are trained; "
+                          f"use a smaller batch size")
     steps = optimizer_steps(len(train_loader), s1.accum_steps)
     scaler = torch.amp.GradScaler(device.type) if s1.amp == "fp16" else None
     # DDP wrapper, FSDP2 sharding in place, or a DeepSpeed engine; the optimizer is made after sharding
     trainer = dist.prepare(model, lambda: build_sgd(param_groups(model, s1.weight_decay, s1.wd_scope), s1.lr,
-                                                    s1.momentum),
+                                                    s1.momentum, s1.wd_p),
                            scaler=scaler, accum_steps=s1.accum_steps, micro_batch_size=s1.batch_size)
     forward = torch.compile(trainer) if s1.compile else trainer
     scheduler = cosine_schedule(trainer.optimizer, s1.epochs * steps, s1.warmup_epochs * steps)
     loss_fn = nn.CrossEntropyLoss()
-    prog = Progress(out, 1, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler).restore(
-        latest_checkpoint(out) if cfg.resume == "auto" else None)
+    prog = Progress(out, 1, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler).restore_newest(
+        resume_candidates(out) if cfg.resume == "auto" else [])
     summary = CsvLog(out / "summary.csv", resume=prog.resumed) if ctx.is_main else None
     log.info(f"stage 1: {cfg.model.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
              f"(local), {train_loader.num_samples} train images/rank x {dist.world_size} rank(s), {steps} steps/epoch, "
@@ -54,9 +58,11 @@ def run_stage1(ctx: RunContext) -> dict:
                          scheduler=scheduler, device=device, amp=s1.amp, log_every=cfg.log_every,
                          desc=f"stage1 {epoch + 1}/{s1.epochs}", accum_steps=s1.accum_steps,
                          channels_last=s1.channels_last, start_batch=prog.start_batch(epoch),
-                         step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b, s1.accum_steps))
+                         step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b), guard=ctx.stop, epoch=epoch)
         if tr["stopped"]:
             raise Preempted(f"stage 1 stopped at epoch {epoch + 1}, batch {tr['batches']}")
+        stop_now = epoch_end_stop(ctx, prog, epoch)  # raises if the loss went non-finite: nothing below is written then
+        tr.update(ctx.data_losses(train_loader))  # samples skipped (corrupt) or lost (short shard); may raise
         model.eval()
         val = ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, s1.amp, "val")["m"]
         state_model = dist.full_state_dict(model)  # collective under FSDP2
@@ -76,6 +82,8 @@ def run_stage1(ctx: RunContext) -> dict:
         log.info(f"stage1 epoch {epoch + 1}/{s1.epochs} loss {tr['train_loss']:.4f} train_acc {tr['train_acc']:.2f} "
                  f"val_all {val['all']:.2f} ({tr['img_per_s']:.0f} img/s/rank){' *best' if is_best else ''}")
         prog.checkpoint(epoch + 1, 0)
+        if stop_now:
+            raise Preempted(f"stage 1 stopped at the end of epoch {epoch + 1}")
     train_s = time.perf_counter() - t_start
     if ctx.is_main:
         write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": prog.norms_per_epoch})

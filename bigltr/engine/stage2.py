@@ -20,8 +20,8 @@ from bigltr.config import ConfigError, to_dict
 from bigltr.engine.common import (CsvLog, autocast, build_sgd, cosine_schedule, freeze, peak_memory_mib,
                                   train_epoch)
 from bigltr.engine.context import RunContext, write_json
-from bigltr.engine.feature_cache import FeatureCache
-from bigltr.engine.resume import Preempted, Progress, latest_checkpoint, step_hook
+from bigltr.engine.feature_cache import EvalFeatures, FeatureCache
+from bigltr.engine.resume import Preempted, Progress, epoch_end_stop, resume_candidates, step_hook
 from bigltr.models import build_model
 from bigltr.objective.fused_sgd import SGDMaxNorm
 from bigltr.objective.losses import build_loss
@@ -40,11 +40,24 @@ def cache_key(cfg, stage1_checkpoint: str) -> dict:
             "amp": cfg.stage2.amp}
 
 
+def eval_cache_key(cfg, stage1_checkpoint: str, split: str, dist) -> dict:
+    """The key of a val/test split's cached features: `cache_key` with the eval views (centre, plus its flip for
+    eval.tta_flip) and what decides this rank's eval batches (batch size, rank, world size)."""
+    key = {k: v for k, v in cache_key(cfg, stage1_checkpoint).items() if k not in ("views", "num_aug")}
+    return {**key, "split": split, "views": "center_flip" if cfg.eval.tta_flip else "center",
+            "batch_size": cfg.stage2.batch_size, "rank": dist.rank, "world_size": dist.world_size}
+
+
 def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     cfg, s2, device, dist = ctx.cfg, ctx.cfg.stage2, ctx.device, ctx.dist
     out = ctx.out / "stage2"
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans, pretrained=False)
     ckpt = load_checkpoint(stage1_checkpoint)
+    if not isinstance(ckpt, dict) or "model" not in ckpt:
+        raise ConfigError(f"{stage1_checkpoint} is not a bigltr checkpoint (no 'model' entry)")
+    if ckpt.get("stage", 1) != 1:
+        raise ConfigError(f"{stage1_checkpoint} is a stage-{ckpt.get('stage')} checkpoint; stage 2 starts from stage "
+                          f"1's weights (<out>/stage1/best.pt)")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
@@ -58,11 +71,12 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
 
     mn = s2.maxnorm
     radius = resolve_radius(stage1_weight, mn.radius_mode, mn.radius)
-    maxnorm = MaxNorm(radius, tau=mn.tau, when=mn.when)
+    maxnorm = MaxNorm(radius, tau=mn.tau, when=mn.when, projection=mn.projection)
     loss_fn = build_loss(s2.loss, ctx.class_counts, s2.cb_beta).to(device)
 
     t_start = time.perf_counter()
     cache_s = 0.0
+    eval_features = None  # split -> EvalFeatures when the frozen backbone's eval features are cached too
     if s2.features == "cached":
         c = s2.cache
         cache_dir = Path(c.dir) if c.dir else out / "feature_cache"
@@ -77,25 +91,43 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
         train_loader.limit(int(dist.all_reduce_(torch.tensor(train_loader.num_samples), "min")))
         if device.type == "cuda" and c.location == "memory":
             train_loader.to(device)  # features then never cross the host link again
+        built = {}
+
+        def eval_features(split):  # val once (per-epoch and final validation), test at the final evaluation
+            if split not in built:
+                built[split] = EvalFeatures.build(
+                    model.backbone, ctx.loader(split, train=False, batch_size=s2.batch_size), flip=cfg.eval.tta_flip,
+                    dtype=c.dtype, location=c.location, directory=cache_dir, device=device,
+                    amp_ctx=lambda: autocast(device, s2.amp), key=eval_cache_key(cfg, stage1_checkpoint, split, dist))
+            return built[split]
+
+        val_loader = eval_features("val")
         cache_s = time.perf_counter() - t_start
     else:
         train_loader = ctx.loader("train", train=True, batch_size=s2.batch_size)
-    val_loader = ctx.loader("val", train=False, batch_size=s2.batch_size)
+        val_loader = ctx.loader("val", train=False, batch_size=s2.batch_size)
+    val_s = 0.0
     steps = len(train_loader)
+    if steps == 0:
+        raise ConfigError(f"stage2.batch_size={s2.batch_size} gives 0 training steps per epoch: the train split has "
+                          f"{train_loader.num_samples} image(s) per process and only full batches are trained; "
+                          f"use a smaller batch size")
     scaler = torch.amp.GradScaler(device.type) if s2.amp == "fp16" else None
     clf = model.classifier
 
     def make_optimizer():  # called by the backend after sharding (FSDP2 rows are DTensors by then)
         # Weight decay on the classifier's weight and bias (both trainable params), as the official code.
         if mn.fused:  # the step projects the weight itself
-            return SGDMaxNorm([{"params": [clf.weight], "radius": radius, "tau": mn.tau}, {"params": [clf.bias]}],
-                              lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay)
-        return build_sgd([{"params": list(clf.parameters()), "weight_decay": s2.weight_decay}], s2.lr, s2.momentum)
+            return SGDMaxNorm([{"params": [clf.weight], "radius": radius, "tau": mn.tau, "projection": mn.projection},
+                               {"params": [clf.bias]}],
+                              lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay, wd_p=s2.wd_p)
+        return build_sgd([{"params": list(clf.parameters()), "weight_decay": s2.weight_decay}], s2.lr, s2.momentum,
+                         s2.wd_p)
 
     # DDP(classifier), the FSDP2 row-sharded classifier, or a DeepSpeed engine over the classifier
     trainer = dist.prepare(clf, make_optimizer, scaler=scaler, micro_batch_size=s2.batch_size)
     if mn.fused:
-        maxnorm = MaxNorm(radius, tau=mn.tau, when="off")  # the MaxNorm object only reports
+        maxnorm = MaxNorm(radius, tau=mn.tau, when="off", projection=mn.projection)  # the MaxNorm object only reports
 
     if s2.features == "cached":
         def forward(feats):
@@ -108,7 +140,8 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
 
     scheduler = cosine_schedule(trainer.optimizer, s2.epochs * steps)
     prog = Progress(out, 2, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler,
-                    stateful={"maxnorm": maxnorm}).restore(latest_checkpoint(out) if cfg.resume == "auto" else None)
+                    stateful={"maxnorm": maxnorm}).restore_newest(
+        resume_candidates(out) if cfg.resume == "auto" else [])
     summary = CsvLog(out / "summary.csv", resume=prog.resumed) if ctx.is_main else None
     log.info(f"stage 2: loss {s2.loss}, wd {s2.weight_decay}, MaxNorm {mn.when} radius {radius:.4f} "
              f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}")
@@ -123,12 +156,16 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
                          # on the local rows (FSDP2), or on the fp32 master and the weights (DeepSpeed)
                          after_step=lambda: maxnorm.after_step(clf.weight, dist.row_projector),
                          desc=f"stage2 {epoch + 1}/{s2.epochs}", start_batch=prog.start_batch(epoch),
-                         step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b))
+                         step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b), guard=ctx.stop, epoch=epoch)
         if tr["stopped"]:
             raise Preempted(f"stage 2 stopped at epoch {epoch + 1}, batch {tr['batches']}")
+        stop_now = epoch_end_stop(ctx, prog, epoch)  # raises if the loss went non-finite: nothing below is written then
+        tr.update(ctx.data_losses(train_loader))  # samples skipped (corrupt) or lost (short shard); may raise
         maxnorm.after_epoch(clf.weight, dist.row_projector)
         model.eval()
+        t_val = time.perf_counter()
         val = ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, s2.amp, "val")["m"]
+        val_s += time.perf_counter() - t_val
         state_model = dist.full_state_dict(model)  # whole weights on every rank (a collective under FSDP2/ZeRO-3)
         mstats = maxnorm.stats(state_model["classifier.weight"], dist=dist if dist.rows_sharded else None)
         prog.norms_per_epoch.append([round(float(n), 6) for n in row_norms(state_model["classifier.weight"])])
@@ -153,6 +190,8 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
                  + f", {mstats.rows_at_radius} rows at the radius, norms {mstats.norm_min:.4f}..{mstats.norm_max:.4f}"
                  + (" *best" if is_best else ""))
         prog.checkpoint(epoch + 1, 0)
+        if stop_now:
+            raise Preempted(f"stage 2 stopped at the end of epoch {epoch + 1}")
     if ctx.is_main:
         write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": prog.norms_per_epoch,
                                                "radius": radius})
@@ -160,9 +199,12 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     dist.barrier()  # best.pt is complete before any rank reads it
     final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(device)
     final.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    result = ctx.final_eval(final, s2.batch_size, s2.amp)
+    t_final = time.perf_counter()
+    result = ctx.final_eval(final, s2.batch_size, s2.amp, features=eval_features)
+    final_s = time.perf_counter() - t_final
     result.update(best_epoch=prog.best[0], maxnorm_radius=radius, features=s2.features,
                   peak_memory_mib=round(peak_memory_mib(device), 1),
-                  wall_time_s={"train_incl_val": round(train_s, 2), "feature_cache_build": round(cache_s, 2)},
+                  wall_time_s={"train_incl_val": round(train_s, 2), "feature_cache_build": round(cache_s, 2),
+                               "per_epoch_val": round(val_s, 2), "final_eval": round(final_s, 2)},
                   weight_norms=[round(float(n), 6) for n in row_norms(final.classifier.weight)])
     return result

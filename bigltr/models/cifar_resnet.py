@@ -7,14 +7,17 @@ timm has no CIFAR ResNet (its `resnet32ts` is an ImageNet-style 16.6M model), so
   widths 64-512) with a 3x3 stride-1 stem and no max-pool. Built from timm's own ResNet with the stem swapped.
 
 Both follow timm's classifier interface (num_classes=0 -> pooled features, `num_features`, `reset_classifier`),
-so `timm.create_model(name, num_classes=0)` works for them exactly as for any timm backbone.
+so `timm.create_model(name, num_classes=0)` works for them exactly as for any timm backbone. They are built through
+timm's `build_model_with_cfg`, so timm's own weight loading works for them as well: no hub weights exist, but a
+`bigltr-export` folder loads with `timm.create_model("local-dir:FOLDER", pretrained=True)` (after
+`import bigltr.models`, which registers the names).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models.resnet import BasicBlock, ResNet
 
 
@@ -42,11 +45,15 @@ class _Block(nn.Module):
 
 class CifarResNet(nn.Module):
     def __init__(self, depth: int = 32, num_classes: int = 100, in_chans: int = 3, widths=(16, 32, 64),
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, global_pool: str = "avg"):
         super().__init__()
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
+        if global_pool != "avg":
+            raise ValueError(f"CIFAR ResNet pools by averaging only (global_pool='avg'), got {global_pool!r}")
         n = (depth - 2) // 6
+        self.num_classes = num_classes
+        self.in_chans = in_chans
         self.conv1 = nn.Conv2d(in_chans, widths[0], 3, 1, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         blocks, cin = [], widths[0]
@@ -63,6 +70,7 @@ class CifarResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight)
 
     def reset_classifier(self, num_classes: int, global_pool: str = "avg"):
+        self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def get_classifier(self):
@@ -81,34 +89,32 @@ class CifarResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class CifarResNet34(ResNet):
+    """What the official code trains on CIFAR: timm's ResNet-34 with a 3x3 stride-1 stem and no max-pool
+    (torchvision resnet34 edited the same way)."""
+
+    def __init__(self, in_chans: int = 3, **kwargs):
+        super().__init__(block=BasicBlock, layers=(3, 4, 6, 3), in_chans=in_chans, **kwargs)
+        self.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        self.maxpool = nn.Identity()
+
+
 def _cfg(**kw):
     return {"num_classes": 100, "input_size": (3, 32, 32), "mean": (0.5071, 0.4865, 0.4409),
-            "std": (0.2673, 0.2564, 0.2762), "first_conv": "conv1", "classifier": "fc", **kw}
+            "std": (0.2673, 0.2564, 0.2762), "interpolation": "bilinear", "crop_pct": 1.0, "first_conv": "conv1",
+            "classifier": "fc", **kw}
 
 
-def _no_pretrained(name: str, pretrained: bool):
-    if pretrained:
-        raise ValueError(f"{name} has no pretrained weights; use model.pretrained=false")
+# No weights are published: the cfgs describe the input and the layer names (first_conv, classifier) that timm's
+# loader needs to load a bigltr-export folder.
+default_cfgs = generate_default_cfgs({"resnet32_cifar": _cfg(), "resnet34_cifar": _cfg()})
 
 
 @register_model
 def resnet32_cifar(pretrained: bool = False, **kwargs) -> CifarResNet:
-    _no_pretrained("resnet32_cifar", pretrained)
-    model = CifarResNet(depth=32, num_classes=kwargs.get("num_classes", 100), in_chans=kwargs.get("in_chans", 3),
-                        drop_rate=kwargs.get("drop_rate", 0.0))
-    model.pretrained_cfg = model.default_cfg = _cfg()
-    return model
+    return build_model_with_cfg(CifarResNet, "resnet32_cifar", pretrained, depth=32, **kwargs)
 
 
 @register_model
 def resnet34_cifar(pretrained: bool = False, **kwargs) -> ResNet:
-    _no_pretrained("resnet34_cifar", pretrained)
-    in_chans = kwargs.get("in_chans", 3)
-    # timm's factory also passes loader-only keywords (pretrained_cfg, cache_dir, ...): keep the model's own.
-    model = ResNet(block=BasicBlock, layers=(3, 4, 6, 3), in_chans=in_chans,
-                   num_classes=kwargs.get("num_classes", 100), drop_rate=kwargs.get("drop_rate", 0.0))
-    # The official code's CIFAR stem: 3x3 stride-1 conv, no max-pool (torchvision resnet34 edited the same way).
-    model.conv1 = nn.Conv2d(in_chans, 64, kernel_size=3, stride=1, padding=1, bias=False)
-    model.maxpool = nn.Identity()
-    model.pretrained_cfg = model.default_cfg = _cfg()
-    return model
+    return build_model_with_cfg(CifarResNet34, "resnet34_cifar", pretrained, **kwargs)

@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from bigltr.ops import maxnorm_clipped_
+from bigltr.ops.maxnorm import maxnorm_threshold
 
 
 def row_norms(weight: torch.Tensor) -> torch.Tensor:
@@ -36,28 +37,31 @@ class MaxNormStats:
     norm_min: float
     norm_mean: float
     norm_max: float
-    rows_at_radius: int  # rows on the sphere now (within 1e-5 relative): the ones the constraint holds
+    rows_at_radius: int  # rows on the boundary now (within 1e-5 relative): the ones the constraint holds
 
 
 class MaxNorm:
     """Projects every class row with ||w_c||^tau > radius back to the ball; counts how often it binds.
+    `projection`: "exact" (onto the ball, default) or "official" (the official code's scale; bigltr.ops.maxnorm).
 
     Clip counting reads one scalar per application (a host sync): it is accumulated on device and read only in
     `stats()`, which the engine calls at epoch end.
     """
 
-    def __init__(self, radius: float, tau: float = 1.0, when: str = "step"):
+    def __init__(self, radius: float, tau: float = 1.0, when: str = "step", projection: str = "exact"):
         if when not in ("step", "epoch", "off"):
             raise ValueError(f"MaxNorm when must be step, epoch or off, got '{when}'")
-        self.radius, self.tau, self.when = float(radius), float(tau), when
+        if projection not in ("exact", "official"):
+            raise ValueError(f"MaxNorm projection must be exact or official, got '{projection}'")
+        self.radius, self.tau, self.when, self.projection = float(radius), float(tau), when, projection
         self._clipped = None
         self._applications = 0
 
     @torch.no_grad()
     def apply(self, weight: torch.Tensor, project: Callable = maxnorm_clipped_) -> None:
-        """Project in place. `project(weight, radius, tau)` does it the way the weight is stored and returns the
-        number of rows it clipped (`Dist.row_projector`; default: a whole weight, or FSDP2's local rows)."""
-        over = project(weight, self.radius, self.tau)
+        """Project in place. `project(weight, radius, tau, projection)` does it the way the weight is stored and
+        returns the number of rows it clipped (`Dist.row_projector`; default: a whole weight, or FSDP2's local rows)."""
+        over = project(weight, self.radius, self.tau, self.projection)
         self._clipped = over if self._clipped is None else self._clipped + over
         self._applications += 1
 
@@ -84,7 +88,10 @@ class MaxNorm:
         clipped = torch.as_tensor(self._clipped if self._clipped is not None else 0, device=n.device).float()
         if dist is not None:
             dist.all_reduce_(clipped, "sum")
-        at = (n.pow(self.tau) >= self.radius * (1 - 1e-5)).sum()
+        # the same threshold as the projection's test: ||w|| vs radius**(1/tau) (exact), ||w||**tau vs radius
+        # (official; identical at tau = 1)
+        r, p = maxnorm_threshold(self.radius, self.tau, self.projection)
+        at = ((n if p == 1 else n.pow(p)) >= r * (1 - 1e-5)).sum()
         s = MaxNormStats(self.radius, int(clipped), self._applications, float(n.min()), float(n.mean()),
                          float(n.max()), int(at))
         if reset:

@@ -1,12 +1,14 @@
 """MaxNorm: in-place projection of each row of a 2-D weight onto an L2 ball (Alshammari et al., CVPR 2022).
 
-For each row w_c of `weight`:
+The constraint is ||w_c||_2 ** tau <= radius for each row w_c of `weight`. Two rules (`projection`):
 
-    if ||w_c||_2 ** tau > radius:   w_c <- w_c * radius / ||w_c||_2 ** tau
-    else:                           w_c unchanged (bit for bit)
-
-With tau = 1 this is the paper's projected-gradient step onto {w : ||w_c||_2 <= radius}. See docs/maxnorm.md
-for how this relates to the official code for tau != 1.
+* "exact" (default): the Euclidean projection onto that ball, which is {||w_c|| <= radius ** (1/tau)}:
+      if ||w_c|| > radius ** (1/tau):   w_c <- w_c * radius ** (1/tau) / ||w_c||
+* "official" (ShadeAlsha/LTR-weight-balancing, MaxNorm_via_PGD): the same test, but the scale has tau twice,
+      if ||w_c|| ** tau > radius:        w_c <- w_c * radius / ||w_c|| ** (tau * tau)
+  which does not land on the ball for tau != 1 (the new norm is radius * ||w_c|| ** (1 - tau*tau)).
+Other rows are unchanged, bit for bit. With tau = 1 both rules are the paper's projected-gradient step onto
+{w : ||w_c||_2 <= radius} and give the same bits. See docs/maxnorm.md.
 
 Two implementations, with the same semantics:
 * "torch": vectorised torch ops (fp32 row norms, per-row scale, one multiply; bf16/fp16 go through one fp32
@@ -27,10 +29,12 @@ import sys
 import torch
 
 _BACKENDS = ("auto", "torch", "triton")
+_PROJECTIONS = ("exact", "official")
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def maxnorm_(weight: torch.Tensor, radius, *, tau: float = 1.0, backend: str = "auto") -> torch.Tensor:
+def maxnorm_(weight: torch.Tensor, radius, *, tau: float = 1.0, projection: str = "exact",
+             backend: str = "auto") -> torch.Tensor:
     """Clip, in place, the L2 norm of every row of the 2-D tensor `weight` to `radius` (see module doc).
 
     Args:
@@ -38,7 +42,8 @@ def maxnorm_(weight: torch.Tensor, radius, *, tau: float = 1.0, backend: str = "
             the edit lands in its storage. Any number of rows, 0 included (an empty shard).
         radius: Python number >= 0, or a one-element tensor on the weight's device (never synchronised with
             the host; its sign is then not checked) or on the CPU.
-        tau: exponent applied to the row norm before the comparison and in the scale (> 0).
+        tau: the constraint is ||w_c|| ** tau <= radius (> 0).
+        projection: "exact" (onto the ball) or "official" (the official code's scale r / ||w||**(tau*tau)).
         backend: "auto" (CUDA -> Triton when available, otherwise torch), "torch" or "triton".
 
     Returns:
@@ -46,29 +51,55 @@ def maxnorm_(weight: torch.Tensor, radius, *, tau: float = 1.0, backend: str = "
     """
     out = weight
     weight = _local_rows(weight, "weight")
-    backend = _check_args(weight, radius, tau, backend)
+    backend = _check_args(weight, radius, tau, backend, projection)
     with torch.no_grad():  # a trainable parameter is edited in place, outside autograd
         if weight.numel() == 0:
             return out
         if backend == "auto":
             backend = "triton" if _auto_wants_triton(weight) else "torch"
         if backend == "triton":
-            _maxnorm_via_triton(weight, radius, tau)
+            _maxnorm_via_triton(weight, radius, tau, projection)
         else:
-            _maxnorm_torch_(weight, radius, tau)
+            _maxnorm_torch_(weight, radius, tau, projection)
     return out
 
 
-def maxnorm_clipped_(weight: torch.Tensor, radius, tau: float = 1.0) -> torch.Tensor:
+def maxnorm_clipped_(weight: torch.Tensor, radius, tau: float = 1.0, projection: str = "exact") -> torch.Tensor:
     """`maxnorm_`, returning how many rows it clipped, as a 0-d tensor on the weight's device (no host sync).
     For an FSDP2 DTensor: this rank's rows."""
     rows = _local_rows(weight, "weight")
+    _check_args(rows, radius, tau, "auto", projection)
     with torch.no_grad():
         n = torch.linalg.vector_norm(rows.detach(), dim=1, dtype=torch.float32) if rows.numel() else \
             torch.zeros(rows.shape[0], device=rows.device)
-        over = ((n if tau == 1 else n.pow(float(tau))) > _radius_on(rows, radius, torch.float32)).sum()
-    maxnorm_(weight, radius, tau=tau)
+        r, cmp_pow, _ = _rule(_radius_on(rows, radius, torch.float32), tau, projection)
+        over = (_norm_pow(n, cmp_pow) > r).sum()
+    maxnorm_(weight, radius, tau=tau, projection=projection)
     return over
+
+
+def maxnorm_threshold(radius, tau: float = 1.0, projection: str = "exact"):
+    """(r, p): the rule clips the rows with ||w||**p > r (for reports such as "rows at the radius")."""
+    r, cmp_pow, _ = _rule(radius, tau, projection)
+    return r, cmp_pow
+
+
+def _rule(r, tau: float, projection: str):
+    """The one place where tau and the projection rule become what the kernels compute: clip the rows with
+    ||w|| ** cmp_pow > r_cmp and scale them by r_cmp / ||w|| ** scale_pow. Returns (r_cmp, cmp_pow, scale_pow).
+
+    exact: {||w||**tau <= r} = {||w|| <= r**(1/tau)}, so it is an ordinary norm clamp (powers 1) at the radius
+    r**(1/tau): the kernels keep their tau = 1 path, and tau = 1 gives the very same bits as before.
+    official: the official code's `n = ||w||**tau; if n > r: w *= r / n**tau`. At tau = 1 the two coincide.
+    `r` is a float or a 0-d tensor (then r**(1/tau) stays on its device: no host sync)."""
+    tau = float(tau)
+    if projection == "official":
+        return r, tau, tau * tau
+    return (r if tau == 1 else r ** (1.0 / tau)), 1.0, 1.0
+
+
+def _norm_pow(norm: torch.Tensor, p: float) -> torch.Tensor:
+    return norm if p == 1 else norm.pow(p)
 
 
 def _local_rows(t, name: str):
@@ -85,7 +116,9 @@ def _local_rows(t, name: str):
     return t.to_local()
 
 
-def _check_args(weight, radius, tau, backend) -> str:
+def _check_args(weight, radius, tau, backend, projection="exact") -> str:
+    if projection not in _PROJECTIONS:
+        raise ValueError(f"maxnorm_: unknown projection {projection!r}; expected one of {_PROJECTIONS}")
     if not isinstance(backend, str) or backend not in _BACKENDS:
         raise ValueError(f"maxnorm_: unknown backend {backend!r}; expected one of {_BACKENDS}")
     if not isinstance(weight, torch.Tensor):
@@ -143,25 +176,26 @@ def _radius_on(weight: torch.Tensor, radius, dtype: torch.dtype):
     return radius.reshape(()).to(dtype=dtype)  # async on the device; a no-op when already right
 
 
-def _maxnorm_torch_(weight: torch.Tensor, radius, tau: float) -> torch.Tensor:
+def _maxnorm_torch_(weight: torch.Tensor, radius, tau: float, projection: str) -> torch.Tensor:
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    r = _radius_on(weight, radius, acc)
+    rule = _rule(_radius_on(weight, radius, acc), tau, projection)
     # bf16/fp16: work on one fp32 copy. Measured on CPU, this beats both vector_norm(dtype=fp32) and an in-place
     # mul_ by an fp32 scale on the half tensor (mixed-dtype kernels are slow there), and it rounds once.
     w_acc = weight if weight.dtype == acc else weight.to(acc)
     norm = torch.linalg.vector_norm(w_acc, ord=2, dim=1)  # fp32 accumulation, no loop over rows
-    w_acc.mul_(_scales(norm, r, tau).unsqueeze(1))
+    w_acc.mul_(_scales(norm, *rule).unsqueeze(1))
     if w_acc is not weight:
         weight.copy_(w_acc)  # one rounding fp32 -> half
     return weight
 
 
-def _scales(norm: torch.Tensor, r, tau: float) -> torch.Tensor:
-    """Per-row factor of the projection: r / ||w||^tau where ||w||^tau > r, else exactly 1.0 (x * 1.0 is exact, and
-    so is the round trip half -> fp32 -> half: unclipped rows stay bit for bit). r / n is inf for zero rows, but
-    where() discards it."""
-    n = norm if tau == 1 else norm.pow(float(tau))
-    return torch.where(n > r, r / n, 1.0)
+def _scales(norm: torch.Tensor, r, cmp_pow: float, scale_pow: float) -> torch.Tensor:
+    """Per-row factor (a `_rule`): r / ||w||**scale_pow where ||w||**cmp_pow > r, else exactly 1.0 (x * 1.0 is
+    exact, and so is the round trip half -> fp32 -> half: unclipped rows stay bit for bit). r / n is inf for zero
+    rows, but where() discards it."""
+    n = _norm_pow(norm, cmp_pow)
+    d = n if scale_pow == cmp_pow else _norm_pow(norm, scale_pow)
+    return torch.where(n > r, r / d, 1.0)
 
 
 # ------------------------------------------------------------------------------------------ flat partitions
@@ -204,10 +238,12 @@ def flat_row_sumsq(flat: torch.Tensor, start: int, num_rows: int, row_len: int) 
     return out
 
 
-def maxnorm_scales(sumsq: torch.Tensor, radius, *, tau: float = 1.0) -> torch.Tensor:
-    """The MaxNorm factor of every row from its (all-reduced) sum of squares: r / ||w||^tau for the rows over the
-    radius, exactly 1.0 for the others (the same rule as `maxnorm_`)."""
-    return _scales(sumsq.sqrt(), _radius_on(sumsq, radius, sumsq.dtype), tau)
+def maxnorm_scales(sumsq: torch.Tensor, radius, *, tau: float = 1.0, projection: str = "exact") -> torch.Tensor:
+    """The MaxNorm factor of every row from its (all-reduced) sum of squares: the same rule as `maxnorm_` (e.g.
+    r**(1/tau) / ||w|| for the rows over the radius with projection="exact"), exactly 1.0 for the others."""
+    if projection not in _PROJECTIONS:
+        raise ValueError(f"maxnorm_scales: unknown projection {projection!r}; expected one of {_PROJECTIONS}")
+    return _scales(sumsq.sqrt(), *_rule(_radius_on(sumsq, radius, sumsq.dtype), tau, projection))
 
 
 def flat_rows_scale_(flat: torch.Tensor, start: int, row_len: int, scales: torch.Tensor) -> torch.Tensor:
@@ -242,8 +278,8 @@ def _triton_module(weight: torch.Tensor):
     return maxnorm_triton
 
 
-def _maxnorm_via_triton(weight: torch.Tensor, radius, tau: float) -> torch.Tensor:
-    _triton_module(weight).maxnorm_triton_(weight, _radius_on(weight, radius, torch.float32), tau)
+def _maxnorm_via_triton(weight: torch.Tensor, radius, tau: float, projection: str) -> torch.Tensor:
+    _triton_module(weight).maxnorm_triton_(weight, *_rule(_radius_on(weight, radius, torch.float32), tau, projection))
     _bump_version(weight)
     return weight
 
@@ -269,6 +305,7 @@ def sgd_maxnorm_(
     nesterov: bool = False,
     first_step: bool = False,
     tau: float = 1.0,
+    projection: str = "exact",
     backend: str = "auto",
 ) -> torch.Tensor:
     """One torch.optim.SGD step on `weight` followed by `maxnorm_`, fused into one pass on the Triton path.
@@ -277,14 +314,14 @@ def sgd_maxnorm_(
     buf = d on the first step (`first_step=True`, the buffer's old content is ignored) else
     buf = momentum * buf + (1 - dampening) * d, and d = d + momentum * buf (nesterov) or buf; w = w - lr * d.
     The arithmetic is fp32 with one rounding to the weight's dtype, then the MaxNorm projection is applied to
-    that rounded weight: the result equals `maxnorm_(w_after_sgd, radius, tau=tau)`. `momentum_buffer`
-    (needed when momentum != 0, same shape as weight) is updated in place. Returns `weight`.
+    that rounded weight: the result equals `maxnorm_(w_after_sgd, radius, tau=tau, projection=projection)`.
+    `momentum_buffer` (needed when momentum != 0, same shape as weight) is updated in place. Returns `weight`.
     """
     out = weight
     weight, grad = _local_rows(weight, "weight"), _local_rows(grad, "grad")
     if momentum_buffer is not None:
         momentum_buffer = _local_rows(momentum_buffer, "momentum_buffer")
-    backend = _check_args(weight, radius, tau, backend)
+    backend = _check_args(weight, radius, tau, backend, projection)
     for name, t in (("grad", grad), ("momentum_buffer", momentum_buffer)):
         if t is None:
             continue
@@ -311,15 +348,14 @@ def sgd_maxnorm_(
         if backend == "triton":
             maxnorm_triton = _triton_module(weight)
             buf = momentum_buffer if momentum != 0 else None
-            maxnorm_triton.sgd_maxnorm_triton_(
-                weight, grad, buf, _radius_on(weight, radius, torch.float32), tau=tau, **hyper
-            )
+            r, cmp_pow, scale_pow = _rule(_radius_on(weight, radius, torch.float32), tau, projection)
+            maxnorm_triton.sgd_maxnorm_triton_(weight, grad, buf, r, cmp_pow=cmp_pow, scale_pow=scale_pow, **hyper)
             _bump_version(weight)
             if buf is not None:
                 _bump_version(buf)
         else:
             _sgd_torch_(weight, grad, momentum_buffer, **hyper)
-            _maxnorm_torch_(weight, radius, tau)
+            _maxnorm_torch_(weight, radius, tau, projection)
     return out
 
 

@@ -22,18 +22,29 @@ import triton.language as tl
 
 
 @triton.jit
-def _row_clip_scale(ss, r, TAU: tl.constexpr):
-    """From the fp32 sum of squares per row, return (clip mask, scale) with scale = r / ||w||**TAU."""
-    if TAU == 1.0:
+def _norm_pow(ss, P: tl.constexpr):
+    """||w||**P per row from its fp32 sum of squares."""
+    if P == 1.0:
         # correctly rounded sqrt/div: a row whose norm is exactly the radius compares equal, like torch
         n = tl.sqrt_rn(ss)
-    elif TAU == 2.0:
+    elif P == 2.0:
         n = ss
     else:
-        # ||w||**tau = ss**(tau/2); zero rows (and padding rows) get n = 0 without evaluating log2(0)
+        # ||w||**P = ss**(P/2); zero rows (and padding rows) get n = 0 without evaluating log2(0)
         pos = ss > 0.0
-        n = tl.where(pos, tl.exp2((0.5 * TAU) * tl.log2(tl.where(pos, ss, 1.0))), 0.0)
+        n = tl.where(pos, tl.exp2((0.5 * P) * tl.log2(tl.where(pos, ss, 1.0))), 0.0)
+    return n
+
+
+@triton.jit
+def _row_clip_scale(ss, r, CMP_POW: tl.constexpr, SCALE_POW: tl.constexpr):
+    """From the fp32 sum of squares per row, return (clip mask, scale): clip = ||w||**CMP_POW > r and
+    scale = r / ||w||**SCALE_POW (bigltr.ops.maxnorm._rule chooses r and the powers: 1, 1 for the exact
+    projection, tau, tau*tau for the official code's rule)."""
+    n = _norm_pow(ss, CMP_POW)
     clip = n > r
+    if SCALE_POW != CMP_POW:
+        n = _norm_pow(ss, SCALE_POW)
     # the inner where keeps zero rows away from r / 0 (they are not clipped, but avoid inf in registers)
     denom = tl.where(clip, n, 1.0)
     scale = tl.where(clip, tl.div_rn(tl.zeros_like(denom) + r, denom), 1.0)
@@ -64,7 +75,8 @@ def _maxnorm_kernel(
     N,
     stride_m,
     stride_n,
-    TAU: tl.constexpr,
+    CMP_POW: tl.constexpr,
+    SCALE_POW: tl.constexpr,
     RADIUS_IS_PTR: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -88,7 +100,7 @@ def _maxnorm_kernel(
         ptrs = row_base + cols.to(tl.int64)[None, :] * stride_n
         x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
         ss = tl.sum(x * x, axis=1)
-        clip, scale = _row_clip_scale(ss, r, TAU)
+        clip, scale = _row_clip_scale(ss, r, CMP_POW, SCALE_POW)
         y = x * scale[:, None]
         tl.store(ptrs, _cast_out(y, w_ptr.dtype.element_ty, SOFT_BF16), mask=mask & clip[:, None])
     else:
@@ -100,7 +112,7 @@ def _maxnorm_kernel(
             x = tl.load(row_base + c.to(tl.int64)[None, :] * stride_n, mask=mask, other=0.0).to(tl.float32)
             acc += x * x
         ss = tl.sum(acc, axis=1)
-        clip, scale = _row_clip_scale(ss, r, TAU)
+        clip, scale = _row_clip_scale(ss, r, CMP_POW, SCALE_POW)
         # pass 2: only clipped rows are re-read and rewritten; skip it when none is clipped
         n_clip = tl.sum(clip.to(tl.int32), axis=0)
         if n_clip > 0:
@@ -137,7 +149,8 @@ def _sgd_maxnorm_kernel(
     w_ptr, g_ptr, b_ptr, r_ptr, r_val, lr, wd, mom, damp,
     M, N,
     stride_wm, stride_wn, stride_gm, stride_gn, stride_bm, stride_bn,
-    TAU: tl.constexpr,
+    CMP_POW: tl.constexpr,
+    SCALE_POW: tl.constexpr,
     RADIUS_IS_PTR: tl.constexpr,
     HAS_WD: tl.constexpr,
     HAS_MOM: tl.constexpr,
@@ -178,7 +191,7 @@ def _sgd_maxnorm_kernel(
             tl.store(b_ptrs, _cast_out(b, b_ptr.dtype.element_ty, SOFT_BF16_B), mask=mask)
         w_r = _cast_out(w_new, w_ty, SOFT_BF16_W).to(tl.float32)  # exact for fp32
         ss = tl.sum(w_r * w_r, axis=1)
-        clip, scale = _row_clip_scale(ss, r, TAU)
+        clip, scale = _row_clip_scale(ss, r, CMP_POW, SCALE_POW)
         tl.store(w_ptrs, _cast_out(w_r * scale[:, None], w_ty, SOFT_BF16_W), mask=mask)
     else:
         # pass 1: update and store every chunk, accumulating the squared new weights
@@ -203,7 +216,7 @@ def _sgd_maxnorm_kernel(
             w_r = w_q.to(tl.float32)
             acc += w_r * w_r
         ss = tl.sum(acc, axis=1)
-        clip, scale = _row_clip_scale(ss, r, TAU)
+        clip, scale = _row_clip_scale(ss, r, CMP_POW, SCALE_POW)
         # pass 2: rescale the clipped rows only. This program wrote them in pass 1; the barrier makes those
         # global stores visible to every thread of the block whatever the layout puts each element on.
         n_clip = tl.sum(clip.to(tl.int32), axis=0)
@@ -249,9 +262,10 @@ def _pick_config(M: int, N: int, stride_m: int, stride_n: int) -> tuple[int, int
     return block_m, block_n, num_warps
 
 
-def maxnorm_triton_(weight: torch.Tensor, radius, tau: float) -> torch.Tensor:
-    """Launch the kernel on a validated 2-D floating weight. `radius` is a Python float or a 0-d fp32
-    tensor on the weight's device. Checks are done by the caller (bigltr.ops.maxnorm.maxnorm_)."""
+def maxnorm_triton_(weight: torch.Tensor, radius, cmp_pow: float, scale_pow: float) -> torch.Tensor:
+    """Launch the kernel on a validated 2-D floating weight: rows with ||w||**cmp_pow > radius are scaled by
+    radius / ||w||**scale_pow. `radius` is a Python float or a 0-d fp32 tensor on the weight's device. Checks
+    and the choice of rule are done by the caller (bigltr.ops.maxnorm.maxnorm_)."""
     M, N = weight.shape
     if M == 0 or N == 0:
         return weight
@@ -270,7 +284,8 @@ def maxnorm_triton_(weight: torch.Tensor, radius, tau: float) -> torch.Tensor:
         N,
         weight.stride(0),
         weight.stride(1),
-        TAU=float(tau),
+        CMP_POW=float(cmp_pow),
+        SCALE_POW=float(scale_pow),
         RADIUS_IS_PTR=radius_is_ptr,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -281,8 +296,8 @@ def maxnorm_triton_(weight: torch.Tensor, radius, tau: float) -> torch.Tensor:
     return weight
 
 
-def sgd_maxnorm_triton_(weight, grad, buf, radius, *, tau, lr, weight_decay, momentum, dampening, nesterov,
-                        first_step) -> torch.Tensor:
+def sgd_maxnorm_triton_(weight, grad, buf, radius, *, cmp_pow, scale_pow, lr, weight_decay, momentum, dampening,
+                        nesterov, first_step) -> torch.Tensor:
     """Launch the fused SGD + MaxNorm kernel on validated tensors (see bigltr.ops.maxnorm.sgd_maxnorm_).
     `buf` may be None when momentum == 0."""
     M, N = weight.shape
@@ -301,7 +316,8 @@ def sgd_maxnorm_triton_(weight, grad, buf, radius, *, tau, lr, weight_decay, mom
         float(lr), float(weight_decay), float(momentum), float(dampening),
         M, N,
         weight.stride(0), weight.stride(1), grad.stride(0), grad.stride(1), b.stride(0), b.stride(1),
-        TAU=float(tau),
+        CMP_POW=float(cmp_pow),
+        SCALE_POW=float(scale_pow),
         RADIUS_IS_PTR=radius_is_ptr,
         HAS_WD=weight_decay != 0,
         HAS_MOM=has_mom,

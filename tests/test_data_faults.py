@@ -1,0 +1,333 @@
+"""Data faults never give a silent wrong result: truncated/unreadable shards, bad labels, corrupt images and
+inconsistent _info.json are refused, or counted and logged (table in docs/data.md, "Failure behaviour").
+
+Expected numbers are computed independently of the loader, with tarfile on the damaged files.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from bigltr.data import DataError, DataMissingError, check_trainable, read_info
+from bigltr.data.info import INFO_NAME
+
+import make_shards  # noqa: E402  (tools/ is on sys.path: tests/conftest.py)
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+@pytest.fixture
+def root(tiny_shards, tmp_path) -> Path:
+    """A private copy of the shared tiny shards (train 64+64+31, val 60, test 64+16; 10 classes)."""
+    dst = tmp_path / "ds"
+    shutil.copytree(tiny_shards, dst)
+    return dst
+
+
+def _info(root: Path) -> dict:
+    return json.loads((root / INFO_NAME).read_text())
+
+
+def _edit_info(root: Path, fn) -> None:
+    info = _info(root)
+    fn(info)
+    (root / INFO_NAME).write_text(json.dumps(info))
+
+
+def _drop_sizes(info: dict) -> None:
+    """Make the _info.json look like one written before shard sizes were recorded."""
+    for entry in info["splits"].values():
+        entry.pop("sizes", None)
+
+
+def _refresh_sizes(root: Path) -> None:
+    """Record the current sizes and sha256 (a shard written that way, rather than damaged afterwards)."""
+    def fn(info):
+        for entry in info["splits"].values():
+            entry["sizes"] = [os.path.getsize(root / f) for f in entry["filenames"]]
+            entry["checksums"] = [hashlib.sha256((root / f).read_bytes()).hexdigest() for f in entry["filenames"]]
+    _edit_info(root, fn)
+
+
+def _members(shard: Path) -> list[tuple[tarfile.TarInfo, bytes]]:
+    with tarfile.open(shard) as tf:
+        return [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+
+
+def _rewrite(shard: Path, members: list[tuple[tarfile.TarInfo, bytes]]) -> None:
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            m.size = len(data)
+            tf.addfile(m, io.BytesIO(data))
+
+
+def _key(name: str) -> str:
+    return name.split(".", 1)[0]
+
+
+def _cut(shard: Path, at: int) -> dict:
+    """Truncate ``shard`` to ``at`` bytes; return what survives, by tarfile on the original: ``raw`` keys
+    with at least one complete member, ``good`` keys whose members (.cls and .png) are all complete."""
+    with tarfile.open(shard) as tf:
+        members = tf.getmembers()
+    complete: dict[str, list[bool]] = {}
+    for m in members:
+        complete.setdefault(_key(m.name), []).append(m.offset_data + m.size <= at)
+    data = shard.read_bytes()
+    shard.write_bytes(data[:at])
+    return {"raw": {k for k, c in complete.items() if any(c)}, "good": {k for k, c in complete.items() if all(c)},
+            "total": len(complete)}
+
+
+def _member_offset(shard: Path, index: int, *, into_data: int = 0) -> int:
+    """Byte offset of member ``index``'s header (or ``into_data`` bytes into its data)."""
+    with tarfile.open(shard) as tf:
+        m = tf.getmembers()[index]
+    return m.offset_data + into_data if into_data else m.offset
+
+
+def _keys_of(root: Path, split: str, skip: tuple[str, ...] = ()) -> set[str]:
+    out = set()
+    for f in _info(root)["splits"][split]["filenames"]:
+        if f not in skip:
+            out |= {_key(m.name) for m, _ in _members(root / f)}
+    return out
+
+
+def _loader(root, split, **kw):
+    from bigltr.data import ShardLoader, build_transform
+
+    tf = build_transform(img_size=28, in_chans=1, mean=(0.5,), std=(0.5,), train=False, aug="none")
+    kw.setdefault("train", False)
+    kw.setdefault("batch_size", 8)
+    kw.setdefault("num_workers", 0)
+    return ShardLoader(root, split, transform=tf, **kw)
+
+
+def _epoch_keys(loader) -> list[str]:
+    return [k for _, _, ks in loader for k in ks]
+
+
+# ----------------------------------------------------------------------------------------------- 1a: sizes
+def test_writer_records_sizes_and_truncation_is_refused_at_start(root):
+    info = read_info(root)
+    for entry in info["splits"].values():
+        assert entry["sizes"] == [os.path.getsize(root / f) for f in entry["filenames"]]
+    shard = root / "test-000000.tar"
+    full = shard.stat().st_size
+    shard.write_bytes(shard.read_bytes()[: full // 2])
+    msg = rf"truncated or modified shard .*test-000000\.tar: {full // 2} bytes, _info.json records {full}; " \
+          r"re-copy it .*make_shards\.py verify"
+    with pytest.raises(DataError, match=msg):
+        read_info(root)
+    with pytest.raises(DataError, match=msg):  # every loader (every rank) reads the info first
+        _loader(root, "train", train=True)
+    _edit_info(root, _drop_sizes)  # an _info.json from before sizes were recorded still loads
+    assert "sizes" not in read_info(root)["splits"]["test"]
+    _edit_info(root, lambda i: i["splits"]["val"].__setitem__("sizes", [1, 2]))
+    with pytest.raises(DataError, match=r"splits\.val\.sizes"):
+        read_info(root)
+
+
+# ----------------------------------------------------------------------------------------------- 1b: runtime
+@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("where", ["mid_png", "after_cls"])
+def test_truncated_eval_shard_raises_or_counts_partial(root, workers, where):
+    _edit_info(root, _drop_sizes)  # only the runtime check is left
+    shard = root / "test-000000.tar"
+    # mid_png: cut inside sample 20's image; after_cls: cut right after sample 30's .cls (image missing)
+    at = _member_offset(shard, 41, into_data=100) if where == "mid_png" else _member_offset(shard, 61)
+    surv = _cut(shard, at)
+    assert surv["total"] == 64 and len(surv["good"]) < 64
+    with pytest.raises(DataError) as e:
+        _epoch_keys(_loader(root, "test", num_workers=workers))
+    assert type(e.value) is DataError  # not torch's wrapped worker exception
+    assert f"test-000000.tar yielded {len(surv['raw'])} of 64 samples recorded in _info.json" in str(e.value)
+    assert "eval_partial" in str(e.value) and "\n" not in str(e.value)
+
+    ld = _loader(root, "test", num_workers=workers, allow_partial=True)
+    keys = _epoch_keys(ld)
+    assert set(keys) == surv["good"] | _keys_of(root, "test", skip=("test-000000.tar",))
+    assert len(keys) == len(set(keys))
+    assert ld.epoch_lost == 64 - len(surv["raw"]) and ld.lost_shards == ["test-000000.tar"]
+    assert ld.epoch_skipped == len(surv["raw"] - surv["good"])  # a sample whose image was cut off
+    assert ld.expected_samples == 80
+    assert len(keys) + ld.epoch_lost + ld.epoch_skipped == ld.expected_samples
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_train_shard_is_counted_and_logged(root, workers, caplog):
+    _edit_info(root, _drop_sizes)
+    shard = root / "train-000001.tar"
+    surv = _cut(shard, _member_offset(shard, 61, into_data=300))
+    ld = _loader(root, "train", train=True, drop_last=False, shuffle_buffer=16, num_workers=workers)
+    ld.set_epoch(3)
+    with caplog.at_level(logging.WARNING, logger="bigltr.data.loader"):
+        keys = _epoch_keys(ld)
+    lost = 64 - len(surv["raw"])
+    assert set(keys) == surv["good"] | _keys_of(root, "train", skip=("train-000001.tar",))
+    assert ld.epoch_lost == lost > 0 and ld.lost == lost and ld.lost_shards == ["train-000001.tar"]
+    assert ld.epoch_skipped == len(surv["raw"] - surv["good"]) == 1 and ld.expected_samples == 159
+    warn = [r.getMessage() for r in caplog.records if "train-000001.tar yielded" in r.getMessage()]
+    assert len(warn) == 1 and f"{lost} sample(s) missing" in warn[0] and "epoch 3" in warn[0]
+    _epoch_keys(ld)  # counters are per epoch, totals accumulate
+    assert ld.epoch_lost == lost and ld.lost == 2 * lost
+
+
+def test_unreadable_shard_of_the_right_size(root, caplog):
+    """Same byte size as recorded (passes the start-up check), content garbage: every sample lost."""
+    shard = root / "train-000002.tar"
+    shard.write_bytes(b"\x00garbage" * (shard.stat().st_size // 8))
+    _refresh_sizes(root)
+    read_info(root)
+    ld = _loader(root, "train", train=True, drop_last=False, num_workers=2)
+    with caplog.at_level(logging.WARNING, logger="bigltr.data.loader"):
+        keys = _epoch_keys(ld)
+    assert len(keys) == 128 and ld.epoch_lost == 31 and ld.lost_shards == ["train-000002.tar"]
+    assert any("train-000002.tar yielded 0 of 31" in r.getMessage() and "read error" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_split_by_sample_counts_loss_once(root):
+    """1 val shard, 2 ranks (every rank reads every shard): both ranks refuse, loss counted on rank 0 only."""
+    _edit_info(root, _drop_sizes)
+    surv = _cut(root / "val-000000.tar", _member_offset(root / "val-000000.tar", 40))
+    for r in range(2):
+        with pytest.raises(DataError, match=f"val-000000.tar yielded {len(surv['raw'])} of 60"):
+            _epoch_keys(_loader(root, "val", rank=r, world_size=2))
+    lds = [_loader(root, "val", rank=r, world_size=2, allow_partial=True, num_workers=1) for r in range(2)]
+    keys = [set(_epoch_keys(ld)) for ld in lds]
+    assert keys[0] | keys[1] == surv["good"] and not keys[0] & keys[1]
+    assert [ld.epoch_lost for ld in lds] == [60 - len(surv["raw"]), 0]
+
+
+# ----------------------------------------------------------------------------------------------- 2: labels
+def _set_label(root: Path, shard_name: str, index: int, value: bytes) -> str:
+    """Rewrite sample ``index``'s .cls in a shard (sizes re-recorded: a shard written that way); its key."""
+    shard = root / shard_name
+    members = _members(shard)
+    cls = [i for i, (m, _) in enumerate(members) if m.name.endswith(".cls")][index]
+    members[cls] = (members[cls][0], value)
+    _rewrite(shard, members)
+    _refresh_sizes(root)
+    return _key(members[cls][0].name)
+
+
+@pytest.mark.parametrize("split, shard, value, workers", [
+    ("train", "train-000001.tar", b"99", 0),
+    ("train", "train-000000.tar", b"-1", 2),
+    ("val", "val-000000.tar", b"abc", 2),
+    ("val", "val-000000.tar", b"10", 0),
+])
+def test_bad_label_is_one_clean_data_error(root, split, shard, value, workers):
+    key = _set_label(root, shard, 5, value)
+    ld = _loader(root, split, train=split == "train", num_workers=workers)
+    with pytest.raises(DataError) as e:
+        _epoch_keys(ld)
+    msg = str(e.value)
+    assert type(e.value) is DataError and "\n" not in msg and "Traceback" not in msg
+    assert f"{shard}: sample {key}: label" in msg
+    assert ("is not an integer" if value == b"abc" else "outside [0, 10)") in msg
+
+
+# ----------------------------------------------------------------------------------------------- 3: images
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_image_is_skipped_with_a_named_warning(root, workers, caplog):
+    shard = root / "test-000001.tar"
+    members = _members(shard)
+    png = [i for i, (m, _) in enumerate(members) if m.name.endswith(".png")][3]
+    m, data = members[png]
+    members[png] = (m, data[:8] + bytes(len(data) - 8))  # PNG signature, then zeros
+    _rewrite(shard, members)
+    _refresh_sizes(root)
+    bad = _key(m.name)
+    ld = _loader(root, "test", num_workers=workers)
+    with caplog.at_level(logging.WARNING, logger="bigltr.data.loader"):
+        keys = _epoch_keys(ld)
+    assert set(keys) == _keys_of(root, "test") - {bad} and len(keys) == 79
+    assert ld.epoch_skipped == 1 and ld.skipped == 1 and ld.epoch_lost == 0
+    if workers == 0:  # worker processes log to their own stderr, not to caplog
+        msgs = [r.getMessage() for r in caplog.records]
+        assert any(f"test-000001.tar: sample {bad}: .png does not decode (" in s for s in msgs), msgs
+
+
+# ----------------------------------------------------------------------------------------------- 4: _info.json
+def test_info_problems_are_data_errors(root):
+    def counts_off(info):
+        info["class_counts"][3] = 120
+    _edit_info(root, counts_off)
+    with pytest.raises(DataError, match=r"class_counts\[3\]=120 but the train shards' class_hist sums to 18"):
+        read_info(root)
+    _edit_info(root, lambda i: i.__setitem__("class_counts", [1, 2]))
+    with pytest.raises(DataError, match="class_counts"):
+        read_info(root)
+    (root / INFO_NAME).write_text("{ not json")
+    with pytest.raises(DataError, match="not valid JSON"):
+        read_info(root)
+    with pytest.raises(DataMissingError, match="no dataset folder"):
+        read_info(root / "nowhere")
+
+
+def test_missing_shard_is_data_error_and_file_not_found(root):
+    (root / "val-000000.tar").unlink()
+    with pytest.raises(DataMissingError, match="val-000000.tar, which is missing") as e:
+        read_info(root)
+    assert isinstance(e.value, FileNotFoundError) and isinstance(e.value, DataError)
+
+
+def test_check_trainable(tiny_shards):
+    info = read_info(tiny_shards)
+    check_trainable(info)
+    info["class_counts"][9] = 0
+    with pytest.raises(DataError, match=r"no training images: 9 \('Ankle boot'\).*at least one training image"):
+        check_trainable(info)
+    del info["splits"]["train"]
+    with pytest.raises(DataError, match="no 'train' split"):
+        check_trainable(info)
+
+
+def test_config_fault_keys():
+    from bigltr.config import ConfigError, build_config
+
+    cfg = build_config([])
+    assert cfg.data.max_skip_fraction == 0.01 and cfg.data.eval_partial is False
+    assert build_config(["data.eval_partial=true", "data.max_skip_fraction=0.5"]).data.eval_partial
+    with pytest.raises(ConfigError, match="data.max_skip_fraction"):
+        build_config(["data.max_skip_fraction=1.0"])
+
+
+# ----------------------------------------------------------------------------------------------- 1c: verify
+def test_verify_clean_and_damaged(root, capsys):
+    with pytest.raises(SystemExit) as e:
+        make_shards.main(["verify", str(root), "--decode"])
+    out = capsys.readouterr().out.splitlines()
+    assert e.value.code == 0 and out == ["verified 6 shard(s), 299 sample(s) read: OK"]
+
+    key = _set_label(root, "test-000001.tar", 2, b"77")  # a shard written with a bad label (sizes re-recorded)
+    cut = root / "train-000000.tar"
+    full = cut.stat().st_size
+    surv = _cut(cut, _member_offset(cut, 20))  # damaged after writing: 10 whole samples survive
+    (root / "val-000000.tar").unlink()
+    with pytest.raises(SystemExit) as e:
+        make_shards.main(["verify", str(root)])
+    out = capsys.readouterr().out.splitlines()
+    assert e.value.code == 1 and len(surv["raw"]) == 10
+    assert out[-1] == f"verified 6 shard(s), {10 + 64 + 31 + 80} sample(s) read: 5 problem(s)"
+    assert sorted(out[:-1]) == sorted([
+        f"{cut}: {cut.stat().st_size} bytes, _info.json records {full} (truncated or modified)",
+        f"{cut}: sha256 differs from _info.json (corrupted or modified)",
+        f"{cut}: 10 sample(s), _info.json records 64",
+        f"{root / 'test-000001.tar'}: sample {key}: label 77 outside [0, 10)",
+        f"{root / 'val-000000.tar'}: missing (split 'val' lists it)",
+    ])
+    with pytest.raises(SystemExit) as e:
+        make_shards.main(["verify", str(root), "--split", "test"])
+    out = capsys.readouterr().out.splitlines()
+    assert e.value.code == 1 and len(out) == 2 and "label 77" in out[0] and "2 shard(s)" in out[1]
