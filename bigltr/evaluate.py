@@ -97,8 +97,8 @@ def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = Non
     """Metrics of one checkpoint on one split: {"checkpoint", "stage", "epoch", "model", "data_root", "split",
     "many_thr", "few_thr", "groups", "metrics", ["posthoc"]}; "metrics" as in results.json."""
     from bigltr.data.info import read_info
-    from bigltr.distributed import Dist
-    from bigltr.engine.common import evaluate, resolve_device
+    from bigltr.distributed import Dist, resolve_device
+    from bigltr.engine.common import evaluate
     from bigltr.engine.context import RunContext
     from bigltr.metrics import class_groups
     from bigltr.objective.posthoc import posthoc_classifier

@@ -10,12 +10,6 @@ from typing import Sequence
 import torch
 
 
-def per_class_counts(preds: torch.Tensor, labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    correct = torch.bincount(labels[preds == labels], minlength=num_classes)
-    total = torch.bincount(labels, minlength=num_classes)
-    return correct, total
-
-
 def class_groups(class_counts: Sequence[int], many_thr: int, few_thr: int) -> dict[str, list[int]]:
     groups = {"many": [], "medium": [], "few": []}
     for c, n in enumerate(class_counts):

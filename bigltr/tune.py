@@ -27,9 +27,11 @@ import argparse
 import csv
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
+import random
 import shlex
 import signal
 import socket
@@ -227,9 +229,11 @@ class GridSampler(optuna.samplers.GridSampler):
         study.optimize; here the budget (the grid size) ends the study."""
 
 
-def make_sampler(tune: Tune, phase: int, worker: int):
+def make_sampler(tune: Tune, phase: int, worker: int, restart: int = 0):
     name, seed = tune.args.sampler, tune.args.seed
-    seed = None if seed is None else seed + 1000 * worker  # workers must not propose the same points
+    # workers must not propose the same points, nor a restarted worker the points of its first run (`restart`: the
+    # number of trials the study already holds)
+    seed = None if seed is None else seed + 1000 * worker + 100003 * restart
     if name == "grid":
         return GridSampler({p.key: p.choices for p in tune.spaces[phase]}, seed=seed)
     if name == "random":
@@ -253,8 +257,40 @@ def make_pruner(tune: Tune, phase: int):
 
 
 def open_study(tune: Tune, storage, name: str, phase: int, worker: int = 0) -> optuna.Study:
-    return optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
-                               sampler=make_sampler(tune, phase, worker), pruner=make_pruner(tune, phase))
+    study = optuna.create_study(storage=storage, study_name=name, direction="maximize", load_if_exists=True,
+                                sampler=make_sampler(tune, phase, worker), pruner=make_pruner(tune, phase))
+    if study.trials:  # a restarted study: a sampler seeded as before would propose the same points again
+        study.sampler = make_sampler(tune, phase, worker, restart=len(study.trials))
+    return study
+
+
+def enqueue_grid(tune: Tune, study: optuna.Study, phase: int) -> int:
+    """--sampler grid: queue every grid point the study does not hold yet (no trial, finished, running or waiting,
+    has its values), as many as the budget leaves room for. Workers pop WAITING trials atomically, so each point
+    runs once (Optuna's GridSampler alone lets concurrent workers draw the same point). Called by the first process
+    and again by every worker (a restart queues only the missing points); a lock file next to the study makes the
+    check-and-enqueue one step when several processes do it at once. Returns the number of points queued."""
+    if tune.args.sampler != "grid":
+        return 0
+    space = tune.spaces[phase]
+    points = [dict(zip([q.key for q in space], combo)) for combo in itertools.product(*(q.choices for q in space))]
+    lock = optuna.storages.journal.JournalFileOpenLock(str(tune.out / f"{study.study_name}.grid"), grace_period=60)
+    lock.acquire()
+    try:
+        trials = study.get_trials(deepcopy=False)
+        held = [{**t.params, **t.system_attrs.get("fixed_params", {})} for t in trials]
+        missing = [pt for pt in points if pt not in held]  # the keys Param.suggest asks: suggest_categorical(key)
+        room = tune.trials[phase] - sum(map(counted, trials)) - sum(t.state == TrialState.WAITING for t in trials)
+        if 0 < room < len(missing):  # --trials below the grid size: a random subset (seeded), in grid order
+            missing = [missing[i] for i in sorted(random.Random(tune.args.seed).sample(range(len(missing)), room))]
+        for pt in missing[:max(room, 0)]:
+            study.enqueue_trial(pt, skip_if_exists=True)
+    finally:
+        lock.release()
+    n = min(len(missing), max(room, 0))
+    if n:
+        log(f"{study.study_name}: {n} grid point(s) queued")
+    return n
 
 
 # ----------------------------------------------------------------------------------------------- stale trials
@@ -414,6 +450,26 @@ def read_results(d: Path, stage: int) -> dict | None:
     return s if isinstance(s.get("val"), dict) and s["val"].get("all") is not None else None
 
 
+def same_as_complete(study: optuna.Study, trial: optuna.Trial, values: dict) -> bool:
+    """Training is deterministic for a given config, so values the trainer already got in a COMPLETE trial of the
+    study (compared after the rounding: `overrides`, e.g. log0's 0.0 proposed again) are not run again: the trial is
+    recorded COMPLETE with that trial's result (Optuna's de-duplication pattern; it counts towards the budget)."""
+    same = next((t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                 if t.user_attrs.get("overrides") == values), None)  # the lowest number: the trial that ran
+    if same is None:
+        return False
+    note = f"same values as trial {same.number}: not run again"
+    ua = same.user_attrs
+    for k, v in (("overrides", values), ("same_as", same.number), ("note", note), ("val", ua.get("val")),
+                 ("test_all", ua.get("test_all")), ("epochs", ua.get("epochs")), ("dir", ua.get("dir"))):
+        if v is not None:
+            trial.set_user_attr(k, v)
+    study.tell(trial, same.value)
+    log(f"{study.study_name} trial {trial.number}: "
+        f"{' '.join(f'{k}={fmt(v)}' for k, v in values.items())}: {note} (val all {same.value:.2f})")
+    return True
+
+
 def one_trial(tune: Tune, study: optuna.Study, phase: int, checkpoint: str, stop: threading.Event) -> None:
     trial = study.ask()  # a queued retry (WAITING) first, else the sampler's proposal
     earlier = [t for t in study.get_trials(deepcopy=False) if t.number < trial.number and counted(t)]
@@ -422,6 +478,8 @@ def one_trial(tune: Tune, study: optuna.Study, phase: int, checkpoint: str, stop
         study.tell(trial, state=TrialState.FAIL)
         return
     values = {p.key: p.suggest(trial) for p in tune.spaces[phase]}
+    if same_as_complete(study, trial, values):
+        return
     d = trial_dir(tune, study.study_name, trial)
     argv = tune.trial_argv(phase, d, values, checkpoint)
     for k, v in (("overrides", values), ("worker_host", HOST), ("worker_pid", os.getpid()),
@@ -485,22 +543,29 @@ def work_phase(tune: Tune, study: optuna.Study, phase: int, checkpoint: str, sto
             return
 
 
+def phase_study(tune: Tune, phase: int) -> tuple[str, str] | None:
+    """(study name, stage1 checkpoint) of a phase; None for phase 2 while phase 1 has no finished trial."""
+    if phase == 1:
+        return "phase1", ""
+    best1 = None if tune.checkpoint else best_trial(study_trials(tune.storage_obj, "phase1"))
+    if not tune.checkpoint and best1 is None:
+        return None
+    return phase2_name(tune, best1), tune.checkpoint or str(trial_dir(tune, "phase1", best1) / "stage1" / "best.pt")
+
+
 def run_worker(tune: Tune, worker: int, stop: threading.Event) -> int:
     storage = tune.storage_obj
     for i, phase in enumerate(tune.phases):
-        if phase == 1:
-            name, ckpt = "phase1", ""
-        else:
-            best1 = None if tune.checkpoint else best_trial(study_trials(storage, "phase1"))
-            if not tune.checkpoint and best1 is None:
-                log("phase 2: phase 1 has no finished trial; nothing to start from (run phase 1, or give "
-                    "stage1_checkpoint=PATH with --phase 2)")
-                return 1
-            name = phase2_name(tune, best1)
-            ckpt = tune.checkpoint or str(trial_dir(tune, "phase1", best1) / "stage1" / "best.pt")
-            if i == 0 or worker == 0:
-                log(f"phase 2 ({name}) starts from {ckpt}")
+        ps = phase_study(tune, phase)
+        if ps is None:
+            log("phase 2: phase 1 has no finished trial; nothing to start from (run phase 1, or give "
+                "stage1_checkpoint=PATH with --phase 2)")
+            return 1
+        name, ckpt = ps
+        if phase == 2 and (i == 0 or worker == 0):
+            log(f"phase 2 ({name}) starts from {ckpt}")
         study = open_study(tune, storage, name, phase, worker)
+        enqueue_grid(tune, study, phase)
         work_phase(tune, study, phase, ckpt, stop, wait_for_all=i + 1 < len(tune.phases))
         if stop.is_set():
             return EX_STOPPED
@@ -851,6 +916,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # local parallel workers: this command again as worker processes, sharing the study through the storage
     _describe(tune)
+    first = phase_study(tune, tune.phases[0])  # a later phase's study is known only when the one before ends
+    if first and args.sampler == "grid":  # queue the grid before any worker asks (each worker checks again)
+        enqueue_grid(tune, open_study(tune, tune.storage_obj, first[0], tune.phases[0]), tune.phases[0])
     gpus = [g for g in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if g.strip()]
     procs = []
     for i in range(args.workers):

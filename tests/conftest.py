@@ -34,13 +34,12 @@ def free_port() -> int:
 def build_tiny_shards(base: Path, *, n_max: int = 40, maxcount: int = 64) -> Path:
     """Long-tailed shards (10 classes, IF 10 from n_max, 6 val and 8 test per class) made by the real idx
     converter from generated, learnable images."""
-    import make_shards
-
+    from bigltr.data.sources.cli import main as make_shards_main
     from bigltr.data.synthetic import make_fake_idx
 
     make_fake_idx(base / "idx")
     out = base / "shards"
-    make_shards.main(["idx", "--src", str(base / "idx"), "--out", str(out), "--imbalance", "10", "--n-max",
+    make_shards_main(["idx", "--src", str(base / "idx"), "--out", str(out), "--imbalance", "10", "--n-max",
                       str(n_max), "--val-per-class", "6", "--maxcount", str(maxcount), "--seed", "0", "--no-progress"])
     return out
 

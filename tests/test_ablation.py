@@ -23,6 +23,8 @@ def test_ablation_rows_and_resume(tiny_shards, tmp_path, capsys):
         table = list(csv.DictReader(f))
     assert len(table) == 7 and float(table[1]["test_all"]) == rows[1][1]["test"]["all"]
     assert (out / "ablation.png").stat().st_size > 0 and "| naive CE (WD 0) |" in (out / "ablation.md").read_text()
+    # the title names the data that was used (data.root), not only the recipe
+    assert "### Ablation on shards, recipe tiny_test " in (out / "ablation.md").read_text()
     # one feature cache shared by the stage-2 rows
     assert len(list((out / "feature_cache").glob("train-*/meta.json"))) == 1
     # rerun: everything reused
@@ -31,3 +33,14 @@ def test_ablation_rows_and_resume(tiny_shards, tmp_path, capsys):
     ablation.main(argv)
     assert "reusing" in capsys.readouterr().out
     assert (out / "s2_full" / "results.json").stat().st_mtime_ns == mtime
+
+
+def test_data_name(tmp_path):
+    import ablation
+
+    d = tmp_path / "my_copy"
+    d.mkdir()
+    assert ablation.data_name(str(d)) == "my_copy"  # no _info.json: the folder
+    (d / "_info.json").write_text(json.dumps({"name": "cifar100_lt"}))
+    assert ablation.data_name(str(d)) == "cifar100_lt (in my_copy/)"
+    assert ablation.data_name(str(d) + "/") == "cifar100_lt (in my_copy/)"

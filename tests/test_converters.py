@@ -1,7 +1,9 @@
-"""tools/make_shards.py imagefolder / list / inat / cifar on tiny data written in each real on-disk format.
+"""The converters (bigltr.data.sources: imagefolder / list / inat / cifar / idx) on tiny data written in each real
+on-disk format.
 
-Everything runs in-process (``make_shards.main([...])``); images are real JPEG/PNG files written with PIL, CIFAR
-files are pickles with the real files' keys. One conversion per fixture where possible (the file runs in seconds).
+Everything runs in-process (``bigltr.data.sources.cli.main([...])``, what ``tools/make_shards.py`` and the
+``bigltr-make-shards`` console script run); images are real JPEG/PNG files written with PIL, CIFAR files are
+pickles with the real files' keys. One conversion per fixture where possible (the file runs in seconds).
 """
 from __future__ import annotations
 
@@ -19,11 +21,9 @@ import pytest
 from PIL import Image
 
 from bigltr.data import longtail_counts, read_info
+from bigltr.data.sources.cli import main as make_shards_main
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-import make_shards  # noqa: E402  (tools/ is on sys.path: tests/conftest.py)
 CLASSES = ["cat", "dog", "eel"]
 TRAIN_COUNTS, VAL_COUNTS, TEST_COUNTS = [9, 5, 2], [2, 2, 2], [3, 3, 3]
 
@@ -66,7 +66,7 @@ def _split_counts(root, info, split, C=3):
 
 
 def _run(*argv):
-    return make_shards.main([*map(str, argv), "--no-progress"])
+    return make_shards_main([*map(str, argv), "--no-progress"])
 
 
 # ----------------------------------------------------------------------------------------------- ImageFolder
@@ -405,3 +405,42 @@ def test_shardloader_reads_mixed_jpg_png_shards(folder_out):
     ld = ShardLoader(folder_out, "train", batch_size=4, transform=tf, train=True, num_workers=0, drop_last=False)
     labels = [y for _, ys, _ in ld for y in ys.tolist()]
     assert Counter(labels) == Counter({c: n for c, n in enumerate(TRAIN_COUNTS)}) and ld.skipped == 0
+
+
+# ----------------------------------------------------------------------------------------------- one path for all
+def test_idx_goes_through_convert_and_writes_the_report(tiny_shards):
+    report = json.loads((tiny_shards / "conversion_report.json").read_text())
+    info = read_info(tiny_shards)
+    assert report["status"] == "ok" and report["skipped"] == []
+    assert {s: r["written"] for s, r in report["splits"].items()} == {
+        s: e["num_samples"] for s, e in info["splits"].items()}
+    # idx's _info.json "source" keeps its layout (no encode / skipped keys): byte-identical to earlier conversions
+    assert list(info["source"])[-3:] == ["keys", "image_format", "maxcount"] and "skipped" not in info["source"]
+
+
+def test_split_rules_share_one_draw():
+    from bigltr.data.longtail import draw_per_class, holdout_per_class, val_from_unused
+
+    labels = np.array([0, 1, 0, 2, 1, 0, 0, 1, 2, 0, 1, 1])
+    pools = [np.flatnonzero(labels == c) for c in range(3)]
+    tr, va = holdout_per_class(labels, 3, 2, seed=4)
+    assert np.array_equal(va, draw_per_class(pools, [2, 2, 1], 4)) and np.array_equal(np.sort(np.r_[tr, va]),
+                                                                                      np.arange(labels.size))
+    rng = np.random.default_rng(4)  # the rule as it was written inline: one generator, class by class
+    expected = np.sort(np.concatenate([p[np.sort(rng.permutation(p.size)[:min(3, p.size)])] for p in pools]))
+    assert np.array_equal(val_from_unused(pools, 3, 4)[0], expected)
+    with pytest.raises(ValueError, match="--val-per-class must be >= 0"):
+        holdout_per_class(labels, 3, -1, 0)
+
+
+def test_script_alias_and_console_script(tiny_shards):
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, str(REPO / "tools" / "make_shards.py"), "verify", str(tiny_shards)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "OK" in r.stdout, r.stderr
+    exe = Path(sys.executable).with_name("bigltr-make-shards")
+    if exe.exists():  # installed with pip install -e . (setup.cfg console_scripts)
+        r = subprocess.run([str(exe), "idx", "--help"], capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0 and "--val-per-class" in r.stdout

@@ -28,6 +28,11 @@ def test_two_stages_end_to_end(tiny_shards, tmp_path):
     for f in ("config.yaml", "table.md", "weight_norms.png", "per_class_accuracy.png",
               "stage1_norm_evolution.png", "stage2_norm_evolution.png"):
         assert (out / f).stat().st_size > 0, f
+    # table.md names each row from the run's config (tiny_test: fmnist_lt's WD 5e-3 / CB, WD 0.1, MaxNorm step)
+    table = (out / "table.md").read_text()
+    r = f"{res['stage2']['maxnorm_radius']:.3g}"
+    assert "| stage 1 (CE + WD 5e-3) |" in table and "| stage 1 + tau_norm |" in table, table
+    assert f"| stage 2 (CB + WD 0.1 + MaxNorm step, r={r}) |" in table, table
 
     # Every stage-2 class row lies in the ball; the radius is the relative one from the stage-1 rows.
     s1 = torch.load(out / "stage1" / "best.pt", weights_only=True)["model"]
@@ -46,8 +51,12 @@ def test_two_stages_end_to_end(tiny_shards, tmp_path):
     # stage=2 alone, official behaviours: per-epoch MaxNorm, BCE-on-softmax, BN in train mode.
     rc = main(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage=2", "stage2.maxnorm.when=epoch",
                "stage2.loss=cb_official_bce", "stage2.bn_mode=train", "stage2.maxnorm.radius_mode=absolute",
-               "stage2.maxnorm.radius=0.05"])
+               "stage2.maxnorm.radius=0.05", "stage2.weight_decay=0",
+               "stage1.weight_decay=0"])  # not what trained the stage 1 reused here: its row keeps WD 5e-3
     assert rc == 0
+    table = (out / "table.md").read_text()
+    assert "| stage 1 (CE + WD 5e-3) |" in table, table  # the config in stage1/best.pt, not this command line
+    assert "| stage 2 (CB-BCE (official) + MaxNorm epoch, r=0.05, WD 0) |" in table, table
     s2b = torch.load(out / "stage2" / "last.pt", weights_only=True)["model"]
     assert float(s2b["classifier.weight"].norm(dim=1).max()) <= 0.05 + 1e-5
     moved = [k for k in s1 if "running_mean" in k and not torch.equal(s1[k], s2b[k])]
@@ -56,6 +65,28 @@ def test_two_stages_end_to_end(tiny_shards, tmp_path):
     assert all(torch.equal(s1[k], s2b[k]) for k in conv)  # weights still frozen
     res2 = json.loads((out / "results.json").read_text())
     assert res2["stage1"] == res["stage1"] and res2["stage2"]["maxnorm_radius"] == 0.05
+
+
+def test_table_row_names_follow_the_config():
+    """summary_table names each stage from its config: what is on joined by " + ", what is off after a comma."""
+    from bigltr.config import build_config
+    from bigltr.engine.run import summary_table
+
+    m = {"many": 90.0, "medium": 60.0, "few": 40.0, "all": 63.3, "per_class": []}
+    results = {"stage1": {"test": m}, "stage2": {"test": m, "maxnorm_radius": 0.66234}}
+    demo = build_config(["recipe=fmnist_lt"])
+    t = summary_table(results, {"stage1": demo, "stage2": demo})
+    assert "| stage 1 (CE + WD 5e-3) |" in t and "| stage 2 (CB + WD 0.1 + MaxNorm step, r=0.662) |" in t, t
+    plain = build_config(["recipe=fmnist_lt", "stage1.weight_decay=0", "stage2.loss=ce", "stage2.weight_decay=0",
+                          "stage2.maxnorm.when=off"])
+    t = summary_table(results, {"stage1": plain, "stage2": plain})
+    assert "| stage 1 (CE, WD 0) |" in t and "| stage 2 (CE, WD 0, MaxNorm off) |" in t, t
+    other = build_config(["recipe=fmnist_lt", "stage1.weight_decay=2.5e-4", "stage1.wd_p=1.5",
+                          "stage2.weight_decay=0", "stage2.maxnorm.tau=2", "stage2.maxnorm.projection=official"])
+    t = summary_table(results, {"stage1": other, "stage2": other})
+    assert "| stage 1 (CE + WD 2.5e-4 (p=1.5)) |" in t, t
+    assert "| stage 2 (CB + MaxNorm step, r=0.662, tau=2 (official projection), WD 0) |" in t, t
+    assert "| stage 1 | " in summary_table(results) and "| stage 2 | " in summary_table(results)  # no config
 
 
 def test_stage2_without_stage1_says_what_to_do(tiny_shards, tmp_path, capsys):

@@ -324,10 +324,6 @@ def test_real_two_process_cpu_job(cluster, tiny_shards):
     """(e) slurm/train.sh -> stand-in srun -> the venv's accelerate -> 2 gloo processes, both stages."""
     import make_shards
 
-    from bigltr.config import valid_keys
-
-    if "resume" not in valid_keys():
-        pytest.skip("the trainer has no `resume` key yet (slurm/lib.sh always passes resume=auto)")
     # tiny_shards' val split is one shard; every rank needs one: the same images in smaller shards
     shards = cluster["tmp"] / "shards"
     make_shards.main(["idx", "--src", str(tiny_shards.parent / "idx"), "--out", str(shards), "--imbalance", "10",

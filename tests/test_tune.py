@@ -22,12 +22,16 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # A stand-in for `python -m bigltr.train` (started as `--launch "python fake_train.py"`, so argv[1] is bigltr.train):
 # writes summary.csv rows (one per FAKE_EPOCH_S) and results.json as the trainer does. Trial folder n gets
-# val_all = FAKE_VALS[n] + epoch; FAKE_IGNORE_TERM=1 ignores SIGTERM (so only SIGKILL stops it).
+# val_all = FAKE_VALS[n] + epoch; FAKE_IGNORE_TERM=1 ignores SIGTERM (so only SIGKILL stops it); FAKE_CALLS=FILE
+# appends the arguments of each invocation to FILE (one line each).
 FAKE_TRAIN = r'''
 import json, os, signal, sys, time
 from pathlib import Path
 
 args = dict(a.split("=", 1) for a in sys.argv[2:])
+if os.environ.get("FAKE_CALLS"):
+    with open(os.environ["FAKE_CALLS"], "a") as f:
+        f.write(json.dumps(args) + "\n")
 out, stage = Path(args["out"]), args["stage"]
 if os.environ.get("FAKE_IGNORE_TERM"):
     signal.signal(signal.SIGTERM, lambda *_: print("got SIGTERM, ignoring it", file=sys.stderr, flush=True))
@@ -53,7 +57,7 @@ def fake(tmp_path, tiny_shards, monkeypatch):
     """Common arguments of a study whose trials are the stand-in trainer."""
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
-    for k in ("FAKE_VALS", "FAKE_EPOCHS", "FAKE_EPOCH_S", "FAKE_IGNORE_TERM"):
+    for k in ("FAKE_VALS", "FAKE_EPOCHS", "FAKE_EPOCH_S", "FAKE_IGNORE_TERM", "FAKE_CALLS"):
         monkeypatch.delenv(k, raising=False)
     return ["recipe=tiny_test", f"data.root={tiny_shards}", "--launch", f"{sys.executable} {script}",
             "--poll", "0.1"]
@@ -70,6 +74,11 @@ def _trials(out: Path, name: str = "phase1"):
 def _summary(out: Path) -> list[dict]:
     with open(out / "tune_summary.csv") as f:
         return list(csv.DictReader(f))
+
+
+def _calls(path: Path) -> list[dict]:
+    """The key=value arguments of each stand-in invocation (FAKE_CALLS)."""
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 def _dead_pid() -> int:
@@ -209,6 +218,84 @@ def test_stopped_worker_queues_its_trial_again(fake, tmp_path):
     assert tune.main(fake + [f"out={out}", "--trials", "1"]) == 0  # the requeued worker: the queued trial only
     t0, t1 = _trials(out)
     assert t1.state.name == "COMPLETE" and t1.params == t0.params and t1.user_attrs["dir"] == t0.user_attrs["dir"]
+
+
+def test_grid_with_two_workers_runs_each_point_once(fake, tmp_path, monkeypatch):
+    # Optuna's GridSampler lets concurrent workers draw the same point: the points are queued instead, and a worker
+    # pops each WAITING trial atomically. --trials 2 queues a (seeded) half; the restart queues only the rest.
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    monkeypatch.setenv("FAKE_EPOCH_S", "0.3")
+    out, grid = tmp_path / "g", {0, 1e-4, 1e-3, 1e-2}
+    common = fake + [f"out={out}", "--sampler", "grid", "--space", "stage1.weight_decay=grid:0,1e-4,1e-3,1e-2",
+                     "--workers", "2"]
+    assert tune.main(common + ["--trials", "2"]) == 0
+    first = {float(c["stage1.weight_decay"]) for c in _calls(calls)}
+    assert len(_calls(calls)) == 2 and len(first) == 2 and first < grid
+    assert tune.main(common) == 0  # the budget is the grid size
+    ran = [float(c["stage1.weight_decay"]) for c in _calls(calls)]
+    assert len(ran) == 4 and set(ran) == grid  # each point exactly once
+    trials = _trials(out)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4 and not any(t.user_attrs.get("surplus") for t in trials)
+    for t in trials:  # every trial was a queued point, run with the value it was queued with
+        assert t.system_attrs["fixed_params"] == t.params and t.user_attrs["worker_pid"] != os.getpid()
+        assert t.user_attrs["overrides"] == t.params
+    assert {float(r["params"].split("=")[1]) for r in _summary(out)} == grid
+
+
+def test_values_already_run_are_not_run_again(fake, tmp_path, monkeypatch):
+    # the trainer is deterministic: values equal (after the 4-digit rounding) to those of a COMPLETE trial are
+    # recorded with that trial's result, without a process; log0's 0.0 included (TPE proposes "is 0" again)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    monkeypatch.setenv("FAKE_VALS", "50,60,70,80")
+    out = tmp_path / "d"
+    out.mkdir()
+    study = optuna.create_study(storage=_storage(out), study_name="phase1", direction="maximize")
+    for p in ({"stage1.weight_decay is 0": True}, {"stage1.weight_decay is 0": True},
+              {"stage1.weight_decay is 0": False, "stage1.weight_decay": 0.0012341},
+              {"stage1.weight_decay is 0": False, "stage1.weight_decay": 0.0012343}):
+        study.enqueue_trial(p)  # the proposals (any sampler's): trial 1 repeats trial 0, trial 3 repeats trial 2
+    assert tune.main(fake + [f"out={out}", "--trials", "4", "--space", "stage1.weight_decay=log0:1e-5:1e-1"]) == 0
+    assert [c["stage1.weight_decay"] for c in _calls(calls)] == ["0.0", "0.001234"]  # two processes, not four
+    trials = _trials(out)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 4
+    assert [t.value for t in trials] == [52.0, 52.0, 72.0, 72.0]  # the earlier trial's result (FAKE_VALS: 62, 82)
+    assert trials[1].user_attrs["overrides"] == {"stage1.weight_decay": 0.0}
+    rows = _summary(out)
+    assert [r["note"] for r in rows] == ["", "same values as trial 0: not run again", "",
+                                         "same values as trial 2: not run again"]
+    assert [r["val_all"] for r in rows] == ["52.00", "52.00", "72.00", "72.00"]
+    assert [r["selected"] for r in rows] == ["", "", "yes", ""] and rows[3]["dir"] == rows[2]["dir"]
+
+    # a sampler's own repeats: two categorical values, five trials, two processes
+    calls.unlink()
+    out = tmp_path / "c"
+    assert tune.main(fake + [f"out={out}", "--trials", "5", "--sampler", "random",
+                             "--space", "stage1.weight_decay=cat:0,0.001"]) == 0
+    ran = [c["stage1.weight_decay"] for c in _calls(calls)]
+    assert len(ran) == len(set(ran)) == 2
+    trials = _trials(out)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 5
+    assert sum("not run again" in r["note"] for r in _summary(out)) == 3
+
+
+def test_restarted_random_study_proposes_new_points(fake, tmp_path, monkeypatch):
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    out = tmp_path / "r"
+    common = fake + [f"out={out}", "--sampler", "random"]
+    assert tune.main(common + ["--trials", "3"]) == 0
+    first = [t.user_attrs["overrides"] for t in _trials(out)]
+    # the premise: a sampler seeded as in the first run proposes the first run's points again
+    space = tune.parse_param("stage1.weight_decay=log:1e-5:1e-1")
+    again = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    assert [{space.key: space.suggest(again.ask())} for _ in range(3)] == first
+    assert tune.main(common + ["--trials", "6"]) == 0  # the restart: three more, new points
+    trials = _trials(out)
+    wds = [t.user_attrs["overrides"]["stage1.weight_decay"] for t in trials]
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6 and len(set(wds)) == 6
+    assert len(_calls(calls)) == 6 and not any(r["note"] for r in _summary(out))
 
 
 # ------------------------------------------------------------------------------------------ errors, Slurm, ablation

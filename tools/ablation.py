@@ -88,8 +88,8 @@ def posthoc_rows(argv: list[str], checkpoint: Path) -> dict:
 
     from bigltr.checkpoint import load_checkpoint
     from bigltr.config import build_config
-    from bigltr.distributed import Dist
-    from bigltr.engine.common import evaluate, resolve_device
+    from bigltr.distributed import Dist, resolve_device
+    from bigltr.engine.common import evaluate
     from bigltr.engine.context import RunContext
     from bigltr.models import build_model
     from bigltr.objective.posthoc import posthoc_classifier
@@ -114,6 +114,17 @@ def posthoc_rows(argv: list[str], checkpoint: Path) -> dict:
             "tau_curve_val": {t: out["val"][f"tau={t}"]["all"] for t in TAUS}}
 
 
+def data_name(root: str) -> str:
+    """The data an ablation ran on: `_info.json`'s name, and the folder's when it differs (data.root may point
+    anywhere, whatever the recipe's name says)."""
+    folder = Path(root).resolve().name
+    try:
+        name = json.loads((Path(root) / "_info.json").read_text())["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder
+    return name if name == folder else f"{name} (in {folder}/)"
+
+
 def write_outputs(rows: list[tuple[str, dict]], out: Path, title: str) -> str:
     def f(v):
         return "-" if v is None else f"{v:.2f}"
@@ -131,23 +142,9 @@ def write_outputs(rows: list[tuple[str, dict]], out: Path, title: str) -> str:
     table = "\n".join(lines)
     (out / "ablation.md").write_text(table + "\n")
 
-    import matplotlib
+    from bigltr.plots import plot_ablation
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4))
-    width = 0.2
-    for i, g in enumerate(GROUPS):
-        ax.bar([x + i * width for x in range(len(rows))], [m["test"][g] or 0 for _, m in rows], width, label=g)
-    ax.set_xticks([x + 1.5 * width for x in range(len(rows))])
-    ax.set_xticklabels([n for n, _ in rows], rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("test top-1 (%)")
-    ax.set_title(title)
-    ax.legend(ncol=4, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "ablation.png", dpi=120)
-    plt.close(fig)
+    plot_ablation([(name, m["test"]) for name, m in rows], out / "ablation.png", title, GROUPS)
     return table
 
 
@@ -212,7 +209,8 @@ def main(argv=None):
     rows.append((f"+ stage 2 CB & MaxNorm{f' (radius {radius:g}{tag})' if args.tuned else ''}",
                  run_or_reuse(train, out / "s2_cb_maxnorm", "2", base2 + tuned[6] + ["stage2.weight_decay=0"])))
     rows.append(("+ stage 2 CB & WD & MaxNorm (full)", run_or_reuse(train, out / "s2_full", "2", base2 + tuned[7])))
-    table = write_outputs(rows, out, f"Ablation on {cfg.recipe} (balanced top-1 %, best epoch on validation)")
+    table = write_outputs(rows, out, f"Ablation on {data_name(cfg.data.root)}, recipe {cfg.recipe} (balanced top-1 %, "
+                                     f"best epoch on validation)")
     print("\n" + table)
     return rows
 

@@ -1,8 +1,8 @@
-"""Shared machinery of the dataset converters in ``tools/make_shards.py``.
+"""The one conversion path of every dataset converter (``bigltr-make-shards`` / ``tools/make_shards.py``).
 
-A converter lists, per split, :class:`Item` records ``(key, src, label, origin)`` in the order they are to be
-written (``src`` is an image file path or a uint8 array; ``origin`` says where the record came from, e.g.
-``"ImageNet_LT_train.txt line 17"``, for messages and the report) and calls :func:`convert`, which
+A source reader (``bigltr.data.sources``) lists, per split, :class:`Item` records ``(key, src, label, origin)`` in
+the order they are to be written (``src`` is an image file path or a uint8 array; ``origin`` says where the record
+came from, e.g. ``"ImageNet_LT_train.txt line 17"``, for messages and the report); :func:`convert` then
 
 * checks that every listed image file exists (a missing file is an error naming its origin);
 * reads, verifies (full decode) and optionally resizes / re-encodes the images over ``workers`` processes,
@@ -33,7 +33,7 @@ from bigltr.atomic import write_json_atomic
 from .writer import REPORT_NAME, EncodedImage, encode_image, write_dataset
 
 __all__ = ["Item", "EncodeOptions", "load_image", "SkipLimitExceeded", "ConversionReport", "ordered_map",
-           "holdout_per_class", "train_shuffle", "convert", "IMG_EXTENSIONS"]
+           "convert", "IMG_EXTENSIONS"]
 
 # torchvision's ImageFolder extensions (compared case-insensitively)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -236,34 +236,6 @@ class ConversionReport:
         return path
 
 
-# ----------------------------------------------------------------------------------------- splitting helpers
-def holdout_per_class(labels: np.ndarray, num_classes: int, val_per_class: int, seed: int
-                      ) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out up to ``val_per_class`` images of each class as validation, never more than half a class.
-
-    Class ``c`` with ``n`` images gives ``min(val_per_class, n // 2)`` (a 1-image class gives none), drawn by
-    one ``numpy.random.default_rng(seed)`` consumed class by class. Returns ``(train_idx, val_idx)``, both
-    sorted (source order).
-    """
-    labels = np.asarray(labels, dtype=np.int64)
-    k = int(val_per_class)
-    if k < 0:
-        raise ValueError(f"--val-per-class must be >= 0, got {k}")
-    rng = np.random.default_rng(seed)
-    val_mask = np.zeros(labels.size, dtype=bool)
-    for c in range(int(num_classes)):
-        idx = np.flatnonzero(labels == c)
-        take = min(k, idx.size // 2)
-        if take:
-            val_mask[idx[rng.permutation(idx.size)[:take]]] = True
-    return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
-
-
-def train_shuffle(n: int, seed: int) -> np.ndarray:
-    """The seeded order in which the training split is written (so each shard mixes classes)."""
-    return np.random.default_rng([int(seed), 1]).permutation(int(n))
-
-
 # ----------------------------------------------------------------------------------------- conversion
 def _check_files(items: Sequence[Item], split: str, progress: bool) -> None:
     paths = sum(1 for it in items if isinstance(it.src, (str, os.PathLike)))
@@ -304,8 +276,16 @@ def convert(
     progress: bool = True,
     extra: Optional[dict] = None,
     chunksize: Optional[int] = None,
+    record_encode: bool = True,
+    expected_class_counts: Optional[list[int]] = None,
 ) -> dict:
-    """Write ``splits`` (split -> items in write order) as shards + report + ``_info.json``; return the info."""
+    """Write ``splits`` (split -> items in write order) as shards + report + ``_info.json``; return the info.
+
+    ``record_encode``: add the encode options, ``max_skip_fraction`` and the per-split ``skipped`` counts to
+    ``source`` (the idx converter's ``_info.json`` predates them and keeps its layout: False).
+    ``expected_class_counts``: the training split's class counts the source's rules promise (a long-tail
+    profile); written counts that differ are a RuntimeError (a cheap self-check of the whole chain).
+    """
     if not 0.0 <= float(max_skip_fraction) <= 1.0:
         raise ValueError(f"--max-skip-fraction must lie in [0, 1], got {max_skip_fraction}")
     workers = int(workers)
@@ -318,14 +298,16 @@ def convert(
                 raise ValueError(f"{it.origin}: label {it.label} outside [0, {num_classes})")
         _check_files(items, split, progress)
     report = ConversionReport(max_skip_fraction)
-    source = {**source, "encode": asdict(opts), "max_skip_fraction": float(max_skip_fraction)}
+    if record_encode:
+        source = {**source, "encode": asdict(opts), "max_skip_fraction": float(max_skip_fraction)}
     if chunksize is None:
         any_files = any(isinstance(it.src, (str, os.PathLike)) for items in splits.values() for it in items[:1])
         chunksize = 16 if any_files else 256
     out_dir = os.fspath(out_dir)
 
     def before_info(info: dict) -> None:
-        info["source"]["skipped"] = {s: r["skipped"] for s, r in report.splits.items()}
+        if record_encode:
+            info["source"]["skipped"] = {s: r["skipped"] for s, r in report.splits.items()}
         report.write(out_dir, "ok")
 
     executor = None
@@ -334,7 +316,7 @@ def convert(
 
         executor = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())
     try:
-        return write_dataset(
+        info = write_dataset(
             out_dir, name=name, classes=classes, source=source,
             splits={s: (_samples(s, items, opts, executor, report, chunksize), len(items))
                     for s, items in splits.items()},
@@ -347,3 +329,7 @@ def convert(
     finally:
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
+    if expected_class_counts is not None and info["class_counts"] != list(expected_class_counts):
+        raise RuntimeError(f"written class counts {info['class_counts']} differ from the profile "
+                           f"{list(expected_class_counts)}")
+    return info

@@ -1,18 +1,39 @@
-"""Long-tailed class profiles and the balanced-validation / long-tailed-train split.
+"""Every split rule of the dataset converters, in one place (used by all of ``bigltr.data.sources``).
 
-The profile follows the LDAM-DRW convention used by CIFAR-LT and by the weight-balancing paper:
-``n_c = int(n_max * (1 / imbalance) ** (c / (C - 1)))`` for c = 0 .. C-1, i.e. exponential decay from
-``n_max`` (class 0) to ``n_max / imbalance`` (class C-1). It is written with ``1 / imbalance`` raised to a
-positive power exactly as the LDAM-DRW code does (``img_max * imb_factor ** (c / (C - 1.0))``), so the
-integer truncation matches theirs (CIFAR-100 IF 100/50/10: 10,847 / 12,608 / 19,573 images).
+* The long-tail profile (:func:`longtail_counts`) follows the LDAM-DRW convention used by CIFAR-LT and by the
+  weight-balancing paper: ``n_c = int(n_max * (1 / imbalance) ** (c / (C - 1)))`` for c = 0 .. C-1, i.e.
+  exponential decay from ``n_max`` (class 0) to ``n_max / imbalance`` (class C-1). It is written with
+  ``1 / imbalance`` raised to a positive power exactly as the LDAM-DRW code does
+  (``img_max * imb_factor ** (c / (C - 1.0))``), so the integer truncation matches theirs (CIFAR-100 IF
+  100/50/10: 10,847 / 12,608 / 19,573 images).
+* idx (MNIST / Fashion-MNIST): a balanced validation split held out first, then the long-tailed training subset
+  (:func:`holdout_and_longtail`).
+* Sources without a validation split (imagefolder, list, inat): ``min(K, n_c // 2)`` images per class held out
+  of train (:func:`holdout_per_class`, applied by :func:`split_items`).
+* CIFAR-LT: the subset by the ``ldam`` or ``official`` convention (:func:`cifar_subset`), validation from the
+  training images the subset leaves unused (:func:`val_from_unused`).
+* The seeded order the training split is written in (:func:`train_shuffle`); val and test keep source order.
+
+Every random hold-out draws with one ``numpy.random.default_rng(seed)`` consumed class by class
+(:func:`draw_per_class`), so a result depends only on its inputs and the seed.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import sys
+from typing import Optional, Sequence
 
 import numpy as np
 
-__all__ = ["longtail_counts", "holdout_and_longtail"]
+__all__ = ["LONGTAIL_FORMULA", "IDX_SPLIT_RULE", "longtail_counts", "holdout_and_longtail", "holdout_per_class",
+           "draw_per_class", "cifar_subset", "cifar_subset_rule", "val_from_unused", "train_shuffle", "train_order_rule",
+           "split_items", "warn"]
+
+LONGTAIL_FORMULA = "int(n_max * (1/imbalance) ** (c / (C-1)))  # LDAM-DRW"  # as recorded in _info.json
+
+
+def warn(msg: str) -> None:
+    """A converter warning on stderr (the conversion goes on)."""
+    print(f"make_shards.py: warning: {msg}", file=sys.stderr)
 
 
 def longtail_counts(n_max: int, imbalance: float, num_classes: int) -> list[int]:
@@ -46,6 +67,33 @@ def longtail_counts(n_max: int, imbalance: float, num_classes: int) -> list[int]
     return counts
 
 
+# ----------------------------------------------------------------------------------------- random draws
+def _class_pools(labels: np.ndarray, num_classes: int) -> list[np.ndarray]:
+    """Per class c, the indices ``i`` with ``labels[i] == c`` in source order."""
+    return [np.flatnonzero(labels == c) for c in range(int(num_classes))]
+
+
+def _drawn(pool: np.ndarray, take: int, rng: np.random.Generator) -> np.ndarray:
+    """The first ``take`` of ``pool`` after one ``rng.permutation(pool.size)`` (a pool of 0 or 1 draws nothing)."""
+    return pool[rng.permutation(pool.size)[:take]]
+
+
+def draw_per_class(pools: Sequence[np.ndarray], takes: Sequence[int], seed) -> np.ndarray:
+    """``takes[c]`` random indices out of each ``pools[c]``, by one ``default_rng(seed)`` consumed class by
+    class (0 .. C-1, every pool permuted whole); returns their union, sorted (source order)."""
+    rng = np.random.default_rng(seed)
+    parts = [_drawn(np.asarray(p), int(t), rng) for p, t in zip(pools, takes)]
+    return np.sort(np.concatenate(parts)) if parts else np.zeros(0, dtype=np.int64)
+
+
+def _check_val_per_class(k) -> int:
+    k = int(k)
+    if k < 0:
+        raise ValueError(f"--val-per-class must be >= 0, got {k}")
+    return k
+
+
+# ----------------------------------------------------------------------------------------- idx
 def holdout_and_longtail(
     labels: np.ndarray,
     num_classes: int,
@@ -84,18 +132,136 @@ def holdout_and_longtail(
     val_per_class = int(val_per_class)
     rng = np.random.default_rng(seed)
     train_parts, val_parts = [], []
-    for c in range(num_classes):
-        idx = np.flatnonzero(labels == c)
+    for c, idx in enumerate(_class_pools(labels, num_classes)):
         need = val_per_class + int(counts[c])
         if idx.size < need:
             raise ValueError(
                 f"holdout_and_longtail: class {c} has {idx.size} images, fewer than "
                 f"val_per_class ({val_per_class}) + train count ({int(counts[c])}) = {need}"
             )
-        idx = idx[rng.permutation(idx.size)]
+        idx = _drawn(idx, need, rng)
         val_parts.append(idx[:val_per_class])
-        train_parts.append(idx[val_per_class:need])
+        train_parts.append(idx[val_per_class:])
     empty = np.zeros(0, dtype=np.int64)
     train_idx = np.concatenate(train_parts).astype(np.int64) if train_parts else empty
     val_idx = np.concatenate(val_parts).astype(np.int64) if val_parts else empty
     return train_idx, val_idx
+
+
+IDX_SPLIT_RULE = ("per class: numpy default_rng(seed) permutation; first val_per_class -> val, next n_c -> train; "
+                  "train shard order default_rng([seed, 1]); test = official t10k set")
+
+
+# ----------------------------------------------------------------------------------------- hold-out
+def holdout_per_class(labels: np.ndarray, num_classes: int, val_per_class: int, seed: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out up to ``val_per_class`` images of each class as validation, never more than half a class.
+
+    Class ``c`` with ``n`` images gives ``min(val_per_class, n // 2)`` (a 1-image class gives none), drawn by
+    one ``numpy.random.default_rng(seed)`` consumed class by class. Returns ``(train_idx, val_idx)``, both
+    sorted (source order).
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    k = _check_val_per_class(val_per_class)
+    pools = _class_pools(labels, num_classes)
+    val_mask = np.zeros(labels.size, dtype=bool)
+    val_mask[draw_per_class(pools, [min(k, p.size // 2) for p in pools], seed)] = True
+    return np.flatnonzero(~val_mask), np.flatnonzero(val_mask)
+
+
+def train_shuffle(n: int, seed: int) -> np.ndarray:
+    """The seeded order in which the training split is written (so each shard mixes classes)."""
+    return np.random.default_rng([int(seed), 1]).permutation(int(n))
+
+
+def train_order_rule(seed: int, others: str = "source order") -> str:
+    """How :func:`train_shuffle` orders the training split, as recorded in ``_info.json``."""
+    return f"shuffled with numpy default_rng([{seed}, 1]); val and test in {others}"
+
+
+def split_items(train: list, val: Optional[list], test: Optional[list], num_classes: int, *,
+                val_per_class: Optional[int], seed: int, val_flag: str, default_k: int = 5) -> tuple[dict, dict]:
+    """The splits of a source that may lack a validation split (imagefolder, list, inat).
+
+    Holds a validation split out of ``train`` (records with a ``label``) by :func:`holdout_per_class` when
+    ``val`` is None (``val_per_class`` images per class, default ``default_k``), then orders ``train`` by
+    :func:`train_shuffle`. ``val_flag`` names the option that gives a validation split, for messages.
+    Returns ``({split: records}, provenance notes for _info.json)``.
+    """
+    notes: dict = {"source_train_class_counts": np.bincount([it.label for it in train],
+                                                            minlength=num_classes).tolist()}
+    if val is not None:
+        if val_per_class is not None:
+            raise ValueError(f"--val-per-class holds a validation split out of train, but {val_flag} already "
+                             f"gives one: pass only one of them")
+        notes["val_rule"] = f"given by {val_flag}"
+    else:
+        k = default_k if val_per_class is None else int(val_per_class)
+        tr, va = holdout_per_class(np.array([it.label for it in train], dtype=np.int64), num_classes, k, seed)
+        val = [train[i] for i in va]
+        train = [train[i] for i in tr]
+        notes["val_rule"] = (f"held out of the training images: min({k}, n_c // 2) per class, drawn with "
+                             f"numpy default_rng({seed}); train = the rest" if k else "none")
+    empty = [c for c, n in enumerate(np.bincount([it.label for it in train], minlength=num_classes)) if n == 0]
+    if empty:
+        warn(f"{len(empty)} class(es) have no training image (first: {empty[:5]})")
+    train = [train[i] for i in train_shuffle(len(train), seed)]
+    splits = {"train": train}
+    if val:
+        splits["val"] = val
+    else:
+        warn(f"no val split (give {val_flag} or --val-per-class K > 0): bigltr's trainer needs train, val and test")
+    if test:
+        splits["test"] = test
+    else:
+        warn("no test split: bigltr's trainer needs train, val and test")
+    notes["train_order"] = train_order_rule(seed)
+    return splits, notes
+
+
+# ----------------------------------------------------------------------------------------- CIFAR-LT
+def cifar_subset(labels: np.ndarray, counts: list[int], convention: str, ldam_seed: int = 0
+                 ) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Training indices of CIFAR-LT (grouped by class) and, per class, the unused indices (sorted).
+
+    ldam: ``np.random.seed(ldam_seed)``, then per class 0..C-1 ``np.random.shuffle(idx)``, first n_c (LDAM-DRW).
+    official: first n_c of each class in file order (ShadeAlsha/LTR-weight-balancing, no shuffle).
+    """
+    if convention not in ("ldam", "official"):
+        raise ValueError(f"CIFAR-LT convention must be ldam or official, got {convention!r}")
+    rs = np.random.RandomState(ldam_seed)  # the legacy global-seed stream LDAM-DRW uses
+    train, rest = [], []
+    for c, (n, idx) in enumerate(zip(counts, _class_pools(labels, len(counts)))):
+        if idx.size < n:
+            raise ValueError(f"class {c} has {idx.size} training images, fewer than the {n} the profile needs "
+                             f"(lower --n-max)")
+        if convention == "ldam":
+            rs.shuffle(idx)
+        train.append(idx[:n])
+        rest.append(np.sort(idx[n:]))
+    return np.concatenate(train), rest
+
+
+def cifar_subset_rule(convention: str, ldam_seed: int) -> str:
+    if convention == "ldam":
+        return (f"ldam: numpy.random.seed({ldam_seed}), per class 0..C-1 np.random.shuffle(indices), first n_c "
+                f"(LDAM-DRW)")
+    return "official: first n_c images of each class in file order (LTR-weight-balancing)"
+
+
+def val_from_unused(rest: Sequence[np.ndarray], val_per_class: int, seed: int) -> tuple[np.ndarray, str]:
+    """CIFAR-LT validation: up to ``val_per_class`` images per class from the training images the long-tailed
+    subset leaves unused (``rest``, per class), so the standard training set is unchanged. Returns the sorted
+    indices and the rule as recorded in ``_info.json``."""
+    k = _check_val_per_class(val_per_class)
+    val_idx = draw_per_class(rest, [min(k, r.size) for r in rest], seed)
+    short = [c for c, r in enumerate(rest) if r.size < k]
+    if short and k:
+        warn(f"val: {len(short)} class(es) have fewer than {k} unused training images and get fewer "
+             f"validation images (class {short[0]}: {rest[short[0]].size})")
+    if val_idx.size == 0:
+        warn("no val split (--val-per-class 0): bigltr's trainer needs train, val and test")
+    rule = (f"up to {k} per class from the training images the long-tailed subset leaves unused "
+            f"(numpy default_rng({seed})), so the standard train set is unchanged; a class with "
+            f"no unused image (n_c = pool size, e.g. class 0) gets no validation image")
+    return val_idx, rule

@@ -1,4 +1,4 @@
-"""Write one split of a dataset as WebDataset tar shards (shared by every converter in tools/make_shards.py).
+"""Write one split of a dataset as WebDataset tar shards (for every converter, through bigltr.data.convert).
 
 Each sample becomes ``<key>.png`` (or ``.jpg``) and ``<key>.cls`` (the label as ASCII digits) in a POSIX tar
 file ``{split}-{i:06d}.tar``. Shards are written under a hidden temporary name in the same folder and
@@ -38,6 +38,8 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-/]+$")
 _FIXED_MTIME = 0  # fixed tar timestamps: reruns give byte-identical shards
 

@@ -22,15 +22,8 @@ from tqdm import tqdm
 log = logging.getLogger("bigltr")
 
 
-# ---------------------------------------------------------------------------------------------- device / precision
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda requested but no CUDA device is available (use device=cpu or auto)")
-    return torch.device(name)
-
-
+# ---------------------------------------------------------------------------------------------- precision
+# (the device itself: bigltr.distributed.resolve_device, shared with Dist.setup)
 def autocast(device: torch.device, amp: str):
     if amp == "none":
         return contextlib.nullcontext()

@@ -217,10 +217,10 @@ class Progress:
             raise ConfigError(f"{directory} was written by dist.backend={meta['backend']} on {meta['world_size']} "
                               f"process(es) ({meta['format']} format); this run (dist.backend={d.backend}, "
                               f"{d.world_size} process(es)) cannot read it: resume with dist.backend={meta['backend']}")
-        if d.deepspeed and meta.get("zero_stage") != d.zero_stage:
+        if d.zero_stage is not None and meta.get("zero_stage") != d.zero_stage:
             raise ConfigError(f"{directory} was written with ZeRO stage {meta.get('zero_stage')}; resume it with "
                               f"dist.zero_stage={meta.get('zero_stage')} (DeepSpeed's partitions differ per stage)")
-        if meta["world_size"] != d.world_size and (meta["batch"] or d.deepspeed):
+        if meta["world_size"] != d.world_size and (meta["batch"] or not d.checkpoint_reshards):
             raise ConfigError(
                 f"{directory} was written by {meta['world_size']} process(es), this run has {d.world_size}: a "
                 f"mid-epoch position (and DeepSpeed's optimizer partitions) only resume on the same number of "
@@ -323,7 +323,7 @@ class Progress:
                          "scheduler": self.scheduler.state_dict(), "scaler": scaler,
                          "best": list(self.best) if self.best else None, "norms_per_epoch": self.norms_per_epoch,
                          "config": self.config, "world_size": d.world_size, "backend": d.backend,
-                         "format": d.checkpoint_format, "zero_stage": d.zero_stage if d.deepspeed else None},
+                         "format": d.checkpoint_format, "zero_stage": d.zero_stage},
                         tmp / "meta.pt")
 
 

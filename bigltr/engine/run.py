@@ -12,13 +12,12 @@ import yaml
 
 from bigltr import plots
 from bigltr.config import Config, ConfigError, save_config, to_dict
-from bigltr.engine.common import resolve_device
 from bigltr.engine.context import RunContext, write_json
 from bigltr.engine.resume import StopFlag, resume_candidates
 from bigltr.engine.rundir import RunLock, RunLocked, compare_for_resume
 from bigltr.engine.stage1 import run_stage1
 from bigltr.engine.stage2 import run_stage2
-from bigltr.distributed import Dist
+from bigltr.distributed import Dist, resolve_device
 from bigltr.metrics import format_table
 
 log = logging.getLogger("bigltr")
@@ -116,9 +115,11 @@ def _check_resume_config(cfg: Config, out: Path, results: dict) -> None:
 def _run_stages(cfg: Config, ctx: RunContext, results: dict, results_path: Path) -> dict:
     dist, out = ctx.dist, ctx.out
     done = set(results) if cfg.resume == "auto" else set()  # a finished stage is not rerun on resume
+    ran = set()
     if cfg.stage in ("1", "all") and "stage1" not in done:
         seed_everything(cfg.seed)
         results["stage1"] = run_stage1(ctx)
+        ran.add("stage1")
         results.pop("stage2", None)  # a new stage 1 invalidates any earlier stage 2
         done.discard("stage2")
         if dist.is_main:
@@ -130,26 +131,94 @@ def _run_stages(cfg: Config, ctx: RunContext, results: dict, results_path: Path)
             raise FileNotFoundError(f"stage 2 needs stage 1's checkpoint; {ckpt} does not exist (run stage=1 with "
                                     f"out={cfg.out} first, or set stage1_checkpoint=PATH)")
         results["stage2"] = run_stage2(ctx, ckpt)
+        ran.add("stage2")
         if dist.is_main:
             write_json(results_path, results)
     dist.barrier()
     if not dist.is_main:
         return results
     write_plots(results, out)
-    table = summary_table(results)
+    table = summary_table(results, stage_configs(cfg, out, results, ran))
     (out / "table.md").write_text(table + "\n")
     print("\n" + table + "\n")
     return results
 
 
-def summary_table(results: dict) -> str:
+def stage_configs(cfg: Config, out: Path, results: dict, ran: set[str]) -> dict[str, dict]:
+    """The config each stage in `results` was trained with: this run's for the stages it ran; for a stage it reused
+    (stage=2 after an earlier stage=1 run, resume=auto after a finished stage) the config its best.pt embeds, which
+    may differ from this run's (say stage1.weight_decay=0 then). A stage whose best.pt is unreadable is left out."""
+    configs = {}
+    for s in ("stage1", "stage2"):
+        if s not in results:
+            continue
+        if s in ran:
+            configs[s] = to_dict(cfg)
+            continue
+        try:  # mmap: only the config is read, not the weights
+            configs[s] = torch.load(out / s / "best.pt", map_location="cpu", weights_only=True, mmap=True)["config"]
+        except Exception as e:  # noqa: BLE001 - a label is not worth failing a finished run for
+            log.warning(f"{out / s / 'best.pt'}: no config readable ({type(e).__name__}: {e}); table.md names the "
+                        f"row without its settings")
+    return configs
+
+
+LOSS_NAMES = {"ce": "CE", "cb_ce": "CB", "cb_official_bce": "CB-BCE (official)"}
+
+
+def _num(v: float) -> str:
+    """Short and exact: 0, 0.1, 0.05, 5e-3, 2.5e-4, 1e-5."""
+    v = float(v)
+    if v == 0 or 0.01 <= abs(v) < 1e4:
+        return f"{v:g}"
+    mant, exp = f"{v:.6e}".split("e")
+    return f"{float(mant):g}e{int(exp)}"
+
+
+def _wd(stage_cfg: dict) -> str:
+    p = stage_cfg.get("wd_p", 2.0)
+    return f"WD {_num(stage_cfg['weight_decay'])}" + (f" (p={_num(p)})" if p != 2 else "")
+
+
+def stage_label(stage: str, config: dict | Config | None, radius: float | None = None) -> str:
+    """Row name of one stage from the config that trained it, e.g. "stage 1 (CE + WD 5e-3)", "stage 1 (CE, WD 0)",
+    "stage 2 (CB + WD 0.1 + MaxNorm step, r=0.662)", "stage 2 (CE, WD 0, MaxNorm off)": what is on joined by " + ",
+    what is off after a comma. `radius`: stage 2's resolved MaxNorm radius (results' maxnorm_radius)."""
+    name = f"stage {stage[-1]}"
+    if config is None:
+        return name
+    if isinstance(config, Config):
+        config = to_dict(config)
+    sc = config[stage]
+    on = ["CE" if stage == "stage1" else LOSS_NAMES.get(sc["loss"], sc["loss"])]
+    off = []
+    (on if sc["weight_decay"] > 0 else off).append(_wd(sc))
+    if stage == "stage2":
+        mn = sc["maxnorm"]
+        if mn["when"] == "off":
+            off.append("MaxNorm off")
+        else:
+            r = radius if radius is not None else mn["radius"] if mn["radius_mode"] == "absolute" else None
+            m = f"MaxNorm {mn['when']}" + ("" if r is None else f", r={r:.3g}")
+            if mn.get("tau", 1.0) != 1:
+                m += f", tau={_num(mn['tau'])}" + (" (official projection)" if mn.get("projection") == "official"
+                                                   else "")
+            on.append(m)
+    return f"{name} ({', '.join([' + '.join(on)] + off)})"
+
+
+def summary_table(results: dict, configs: dict[str, dict | Config] | None = None) -> str:
+    """Many / Medium / Few / All on test; each row named from the config that trained its stage (`configs`:
+    {"stage1": ..., "stage2": ...}, see `stage_configs`; a stage without one is named "stage N")."""
+    configs = configs or {}
     rows = {}
     if "stage1" in results:
-        rows["stage 1 (CE + WD)"] = results["stage1"]["test"]
+        rows[stage_label("stage1", configs.get("stage1"))] = results["stage1"]["test"]
         if "posthoc" in results["stage1"]:
             rows[f"stage 1 + {results['stage1']['posthoc']['method']}"] = results["stage1"]["posthoc"]["test"]
     if "stage2" in results:
-        rows["stage 2 (CB + WD + MaxNorm)"] = results["stage2"]["test"]
+        rows[stage_label("stage2", configs.get("stage2"), results["stage2"].get("maxnorm_radius"))] = \
+            results["stage2"]["test"]
     title = "Test top-1 (%), balanced test set"
     partial = [r for r in rows.values() if r.get("expected_samples")]
     if partial:  # data.eval_partial: a truncated test split was evaluated as far as it could be read
@@ -158,12 +227,12 @@ def summary_table(results: dict) -> str:
 
 
 def write_plots(results: dict, out: Path) -> None:
-    counts = results["class_counts"]
+    counts, names = results["class_counts"], results.get("classes")
     norms = {f"stage {s[-1]}": results[s]["weight_norms"] for s in ("stage1", "stage2") if s in results}
     radius = results.get("stage2", {}).get("maxnorm_radius")
-    plots.plot_weight_norms(norms, counts, out / "weight_norms.png", radius=radius)
+    plots.plot_weight_norms(norms, counts, out / "weight_norms.png", radius=radius, class_names=names)
     accs = {f"stage {s[-1]}": results[s]["test"]["per_class"] for s in ("stage1", "stage2") if s in results}
-    plots.plot_per_class_accuracy(accs, counts, out / "per_class_accuracy.png")
+    plots.plot_per_class_accuracy(accs, counts, out / "per_class_accuracy.png", class_names=names)
     for s in ("stage1", "stage2"):
         f = out / s / "weight_norms.json"
         if s in results and f.exists():

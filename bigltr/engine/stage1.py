@@ -40,7 +40,7 @@ def run_stage1(ctx: RunContext) -> dict:
     # DDP wrapper, FSDP2 sharding in place, or a DeepSpeed engine; the optimizer is made after sharding
     trainer = dist.prepare(model, lambda: build_sgd(param_groups(model, s1.weight_decay, s1.wd_scope), s1.lr,
                                                     s1.momentum, s1.wd_p),
-                           scaler=scaler, accum_steps=s1.accum_steps, micro_batch_size=s1.batch_size)
+                           what="model", scaler=scaler, accum_steps=s1.accum_steps, micro_batch_size=s1.batch_size)
     forward = torch.compile(trainer) if s1.compile else trainer
     scheduler = cosine_schedule(trainer.optimizer, s1.epochs * steps, s1.warmup_epochs * steps)
     loss_fn = nn.CrossEntropyLoss()

@@ -125,7 +125,7 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
                          s2.wd_p)
 
     # DDP(classifier), the FSDP2 row-sharded classifier, or a DeepSpeed engine over the classifier
-    trainer = dist.prepare(clf, make_optimizer, scaler=scaler, micro_batch_size=s2.batch_size)
+    trainer = dist.prepare(clf, make_optimizer, what="classifier", scaler=scaler, micro_batch_size=s2.batch_size)
     if mn.fused:
         maxnorm = MaxNorm(radius, tau=mn.tau, when="off", projection=mn.projection)  # the MaxNorm object only reports
 
