@@ -1,10 +1,13 @@
-"""tools/ablation.py on tiny shards: all seven rows, resumable, with the table, CSV and plot written."""
+"""bigltr/ablation.py (bigltr-ablation; tools/ablation.py is an alias) on tiny shards: all seven rows, resumable,
+with the table, CSV and plot written."""
 import csv
 import json
 
+import pytest
+
 
 def test_ablation_rows_and_resume(tiny_shards, tmp_path, capsys):
-    import ablation
+    from bigltr import ablation
 
     out = tmp_path / "abl"
     argv = ["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage1.epochs=1", "stage2.epochs=1"]
@@ -36,7 +39,7 @@ def test_ablation_rows_and_resume(tiny_shards, tmp_path, capsys):
 
 
 def test_data_name(tmp_path):
-    import ablation
+    from bigltr import ablation
 
     d = tmp_path / "my_copy"
     d.mkdir()
@@ -44,3 +47,18 @@ def test_data_name(tmp_path):
     (d / "_info.json").write_text(json.dumps({"name": "cifar100_lt"}))
     assert ablation.data_name(str(d)) == "cifar100_lt (in my_copy/)"
     assert ablation.data_name(str(d) + "/") == "cifar100_lt (in my_copy/)"
+
+
+def test_tools_alias_and_console_script():
+    """tools/ablation.py and the bigltr-ablation script run bigltr.ablation (no sys.path edits needed)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    script = Path(sys.executable).with_name("bigltr-ablation")
+    if not script.is_file():
+        pytest.skip("bigltr-ablation not installed next to this Python: pip install -e .")
+    for cmd in ([sys.executable, str(root / "tools" / "ablation.py"), "--help"], [str(script), "--help"]):
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
+        assert p.returncode == 0 and "Table 1 rows" in p.stdout, p.stderr

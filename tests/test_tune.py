@@ -354,9 +354,8 @@ def test_slurm_worker_script(tmp_path):
 
 
 def test_ablation_takes_tuned_values(tmp_path, monkeypatch):
-    import ablation
-
     import bigltr.train
+    from bigltr import ablation
 
     def result(tdir, p1, p2):
         tdir.mkdir()

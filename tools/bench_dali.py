@@ -14,35 +14,35 @@ a training step of resnet50 needs (a prepared GPU check: ``tools/gpu_check.sh`` 
 
     python tools/bench_dali.py --device cuda --threads 4
     python tools/bench_dali.py --device cpu --threads 2 --count 256 --epochs 1 --no-model   # smoke test on CPU
+
+Needs the package installed (``pip install -e .`` or ``make venv`` in the repository root).
 """
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-try:
-    import bigltr.data  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def make_shards_500x375(root: Path, count: int) -> Path:
     import contextlib
+    import importlib.util
     import io
 
-    import bench_data
-    import make_shards
+    from bigltr.data.sources.cli import main as make_shards_main
+
+    # bench_data.py is a sibling script, not a package module: loaded from its file
+    spec = importlib.util.spec_from_file_location("bench_data", Path(__file__).with_name("bench_data.py"))
+    bench_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_data)
 
     t0 = time.perf_counter()
     bench_data.make_imagefolder(root / "src", count, 20, 500, seed=1, height=375)
     with contextlib.redirect_stdout(io.StringIO()):  # the converter's summary
-        make_shards.main(["imagefolder", "--src", str(root / "src"), "--out", str(root / "shards"), "--workers", "4",
+        make_shards_main(["imagefolder", "--src", str(root / "src"), "--out", str(root / "shards"), "--workers", "4",
                           "--val-per-class", "0", "--maxcount", "256", "--no-progress", "--overwrite",
                           "--name", "bench"])
     print(f"generated and converted {count} JPEGs of 500x375 px in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -23,23 +23,19 @@ Default run (2,000 JPEGs of about 128x128 px, 20 classes, cifar-style augmentati
     python tools/bench_data.py
     python tools/bench_data.py --count 5000 --image-size 256 --aug imagenet --img-size 224 --workers 4
     python tools/bench_data.py --imagenet-count 0                    # without the 500x375 -> 224 readers
+
+Needs the package installed (``pip install -e .`` or ``make venv`` in the repository root).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-
-try:
-    import bigltr.data  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def make_imagefolder(root: Path, count: int, classes: int, size: int, seed: int = 0,
@@ -196,11 +192,7 @@ def main(argv=None) -> None:
     p.add_argument("--keep", default=None, help="keep the generated files in this folder (default: temp dir)")
     args = p.parse_args(argv)
 
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_shards", Path(__file__).with_name("make_shards.py"))
-    make_shards = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_shards)
+    import bigltr.data.sources.cli as make_shards  # the converter behind bigltr-make-shards / tools/make_shards.py
 
     tmp = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="bigltr_bench_"))
     try:

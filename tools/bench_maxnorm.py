@@ -28,6 +28,8 @@ Columns: eff GB/s = (read the whole weight + write the clipped rows) / time, the
 2x GB/s = (read + write the whole weight) / time; %copy = eff GB/s / copy GB/s; x renorm and x official =
 their time / ours (> 1: ours is faster); maxdiff = max |result - fp32 renorm_ result, cast to the dtype|
 (renorm_ divides by norm + 1e-7, so ~1e-7 relative differences are expected in fp32; one ulp in bf16/fp16).
+
+Needs the package installed (``pip install -e .`` or ``make venv`` in the repository root).
 """
 from __future__ import annotations
 
@@ -42,8 +44,7 @@ import warnings
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
-from bigltr.ops import maxnorm_, sgd_maxnorm_  # noqa: E402
+from bigltr.ops import maxnorm_, sgd_maxnorm_
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INTERP_MAX_ELEMS = 4_000_000  # Triton's interpreter on CPU: only small sizes (it takes seconds per call)

@@ -16,6 +16,8 @@ reported apart. Also prints the balanced test accuracy difference.
     python tools/bench_stage2.py --data data/fmnist_lt --stage1-epochs 1
     # anywhere (e.g. a lent GPU): synthetic idx data through the real converter, stage 1 trained first
     python tools/bench_stage2.py --synthetic 3000 --stage1-epochs 1
+
+Needs the package installed (``pip install -e .`` or ``make venv`` in the repository root).
 """
 from __future__ import annotations
 
@@ -23,13 +25,8 @@ import argparse
 import csv
 import json
 import shutil
-import sys
 import tempfile
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tools"))
 
 
 def train_seconds(run: Path) -> float:
@@ -60,15 +57,14 @@ def main(argv=None):
     out = Path(args.out)
     data = args.data
     if not data:
-        import make_shards
-
+        from bigltr.data.sources.cli import main as make_shards_main
         from bigltr.data.synthetic import make_fake_idx
 
         tmp = Path(tempfile.mkdtemp(prefix="bench_stage2_"))
         make_fake_idx(tmp / "idx", per_class_train=args.synthetic or 3000, per_class_test=100)
         data = str(tmp / "shards")
         n_max = int((args.synthetic or 3000) * 0.8)
-        make_shards.main(["idx", "--src", str(tmp / "idx"), "--out", data, "--n-max", str(n_max), "--imbalance",
+        make_shards_main(["idx", "--src", str(tmp / "idx"), "--out", data, "--n-max", str(n_max), "--imbalance",
                           "10", "--val-per-class", "10", "--maxcount", "2000", "--no-progress"])
     common = [f"recipe={args.recipe}", f"data.root={data}", f"device={args.device}", *args.overrides]
     ckpt = args.stage1_checkpoint

@@ -7,24 +7,22 @@ memory of the process (RSS on CPU, max allocated on GPU).
 
     python tools/bench_step.py --device cpu --model resnet32_cifar --img 32 --batch 64 --steps 20
     python tools/bench_step.py --device cuda --model resnet50 --img 224 --batch 128 --amp bf16 --channels-last
+
+Needs the package installed (``pip install -e .`` or ``make venv`` in the repository root).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-
-from bigltr.distributed import Trainable  # noqa: E402
-from bigltr.engine.common import (autocast, build_sgd, cosine_schedule, param_groups, peak_memory_mib,  # noqa: E402
+from bigltr.distributed import Trainable
+from bigltr.engine.common import (autocast, build_sgd, cosine_schedule, param_groups, peak_memory_mib,
                                   train_epoch)
-from bigltr.models import build_model  # noqa: E402
+from bigltr.models import build_model
 
 
 def sync(device):

@@ -15,23 +15,21 @@ The first application of each is checked equal (same master, same working weight
 projection; `tests/test_distributed.py` checks the real thing inside DeepSpeed.
 
     python tools/bench_zero_maxnorm.py --rows 8142 --cols 2048 --procs 2      # iNaturalist's classifier, CPU/gloo
+
+Needs the package installed (``pip install -e .`` or ``make venv`` in the repository root).
 """
 from __future__ import annotations
 
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from bigltr.ops import flat_row_sumsq, flat_rows_scale_, maxnorm_, maxnorm_scales  # noqa: E402
+from bigltr.ops import flat_row_sumsq, flat_rows_scale_, maxnorm_, maxnorm_scales
 
 
 def setup_weights(rank: int, world: int, rows: int, cols: int, device):

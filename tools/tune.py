@@ -1,12 +1,9 @@
 #!/usr/bin/env python
 """Alias of `bigltr-tune` (bigltr/tune.py): Optuna tuning of the weight decays and the MaxNorm radius. See
-docs/tuning.md."""
+docs/tuning.md. Needs the package installed: ``pip install -e .`` in the repository root."""
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # a checkout that is not pip-installed
-
-from bigltr.tune import main  # noqa: E402
+from bigltr.tune import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -1,0 +1,222 @@
+"""The paper's ablation (Table 1 rows) on one recipe, reusing stage-1 checkpoints across rows.
+
+    bigltr-ablation recipe=fmnist_lt out=runs/ablation [key=value ...]      (or: python tools/ablation.py ...)
+
+Rows (as in the paper):
+  1 naive CE (WD 0)              stage 1 with stage1.weight_decay=0
+  2 CE + WD                      stage 1 with the recipe's weight decay
+  3 + L2-normalised classifier   row 2's model, classifier rows scaled to unit norm (post hoc)
+  4 + tau-norm                   row 2's model, w_c / ||w_c||^tau with tau chosen on VALIDATION
+  5 + stage 2 CB & WD            stage 2 from row 2, MaxNorm off
+  6 + stage 2 CB & MaxNorm       stage 2 from row 2, stage2.weight_decay=0
+  7 + stage 2 CB & WD & MaxNorm  the full method
+Stage 2 uses cached backbone features (one disk cache shared by rows 5-7) unless --online is given. A run whose
+results.json is already complete is reused (an interrupted ablation resumes). Writes ablation.md, ablation.csv and
+ablation.png in `out`.
+
+With --tuned DIR (a bigltr-tune output, DIR/tune_result.json) the rows use the values tuned on validation: row 2
+(and row 1, with WD 0) the phase-1 best, row 7 the phase-2 best, row 5 its values without the MaxNorm ones, row 6
+without the stage-2 weight decay. --tuned-row5 DIR / --tuned-row6 DIR take rows 5 / 6 from studies tuned for that
+row (MaxNorm off / WD 0); docs/tuning.md has the commands.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+GROUPS = ("many", "medium", "few", "all")
+TAUS = [round(0.1 * i, 1) for i in range(0, 21)]  # tau-norm grid searched on validation (0 = plain classifier)
+
+
+def _done(run: Path, stage: str) -> bool:
+    f = run / "results.json"
+    return f.is_file() and stage in json.loads(f.read_text())
+
+
+def _results(run: Path) -> dict:
+    return json.loads((run / "results.json").read_text())
+
+
+def run_or_reuse(train, run: Path, stage: str, argv: list[str]) -> dict:
+    if _done(run, f"stage{stage}"):
+        print(f"[ablation] reusing {run}")
+    else:
+        rc = train(argv + [f"stage={stage}", f"out={run}"])
+        if rc != 0:
+            raise SystemExit(f"[ablation] run {run} failed with exit code {rc}")
+    return _results(run)[f"stage{stage}"]
+
+
+def tuned_overrides(tuned: str | None, row5: str | None = None, row6: str | None = None) -> dict[int, list[str]]:
+    """key=value overrides per ablation row (2, 5, 6, 7) from bigltr-tune's tune_result.json files."""
+    def load(d: str, phase: int) -> dict | None:
+        f = Path(d) / "tune_result.json"
+        if not f.is_file():
+            raise SystemExit(f"[ablation] {f} not found: run bigltr-tune with out={d} first")
+        sel = json.loads(f.read_text()).get(f"phase{phase}")
+        return sel["params"] if sel else None
+
+    def kv(params: dict) -> list[str]:
+        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items()]
+
+    rows: dict[int, list[str]] = {2: [], 5: [], 6: [], 7: []}
+    if tuned:
+        rows[2] = kv(load(tuned, 1) or {})
+        p2 = load(tuned, 2) or {}
+        rows[7] = kv(p2)
+        rows[5] = kv({k: v for k, v in p2.items() if not k.startswith("stage2.maxnorm.")})
+        rows[6] = kv({k: v for k, v in p2.items() if k != "stage2.weight_decay"})
+    for row, d in ((5, row5), (6, row6)):
+        if d:
+            params = load(d, 2)
+            if params is None:
+                raise SystemExit(f"[ablation] {d}/tune_result.json has no phase-2 result for row {row}")
+            rows[row] = kv(params)
+    return rows
+
+
+def posthoc_rows(argv: list[str], checkpoint: Path) -> dict:
+    """L2-normalised and tau-normalised classifiers of a stage-1 model; tau picked by validation accuracy."""
+    import torch
+
+    from bigltr.checkpoint import load_checkpoint
+    from bigltr.config import build_config
+    from bigltr.distributed import Dist, resolve_device
+    from bigltr.engine.common import evaluate
+    from bigltr.engine.context import RunContext
+    from bigltr.models import build_model
+    from bigltr.objective.posthoc import posthoc_classifier
+
+    cfg = build_config(argv)
+    device = resolve_device(cfg.device)
+    ctx = RunContext.create(cfg, Dist("ddp", device=device))
+    model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans)
+    model.load_state_dict(load_checkpoint(checkpoint)["model"])
+    model.to(device).eval()
+    clfs = {f"tau={t}": posthoc_classifier(model.classifier, "tau_norm", t) for t in TAUS}
+    out = {}
+    for split in ("val", "test"):  # one backbone pass per split evaluates every classifier
+        ev = evaluate(backbone=model.backbone, classifiers=clfs, num_classes=ctx.num_classes, device=device,
+                      loader=ctx.loader(split, train=False, batch_size=cfg.stage1.batch_size),
+                      tta_flip=cfg.eval.tta_flip)
+        out[split] = {k: ctx.metrics(*v) for k, v in ev.items()}
+    best_tau = max(TAUS, key=lambda t: out["val"][f"tau={t}"]["all"])
+    pick = lambda name: {s: out[s][name] for s in ("val", "test")}  # noqa: E731
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    return {"l2": pick("tau=1.0"), "tau": pick(f"tau={best_tau}"), "best_tau": best_tau,
+            "tau_curve_val": {t: out["val"][f"tau={t}"]["all"] for t in TAUS}}
+
+
+def data_name(root: str) -> str:
+    """The data an ablation ran on: `_info.json`'s name, and the folder's when it differs (data.root may point
+    anywhere, whatever the recipe's name says)."""
+    folder = Path(root).resolve().name
+    try:
+        name = json.loads((Path(root) / "_info.json").read_text())["name"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder
+    return name if name == folder else f"{name} (in {folder}/)"
+
+
+def write_outputs(rows: list[tuple[str, dict]], out: Path, title: str) -> str:
+    def f(v):
+        return "-" if v is None else f"{v:.2f}"
+
+    lines = [f"### {title}", "",
+             "| row | val Many | val Med | val Few | val All | test Many | test Med | test Few | test All |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    with open(out / "ablation.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["row"] + [f"{s}_{g}" for s in ("val", "test") for g in GROUPS])
+        for name, m in rows:
+            vals = [m[s][g] for s in ("val", "test") for g in GROUPS]
+            w.writerow([name] + ["" if v is None else v for v in vals])
+            lines.append(f"| {name} | " + " | ".join(f(v) for v in vals) + " |")
+    table = "\n".join(lines)
+    (out / "ablation.md").write_text(table + "\n")
+
+    from bigltr.plots import plot_ablation
+
+    plot_ablation([(name, m["test"]) for name, m in rows], out / "ablation.png", title, GROUPS)
+    return table
+
+
+def main(argv=None) -> list[tuple[str, dict]]:
+    """Runs (or reuses) the seven rows; returns them as (row name, {"val": metrics, "test": metrics})."""
+    argv = sys.argv[1:] if argv is None else argv
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--online", action="store_true", help="stage 2 with online backbone features")
+    ap.add_argument("--tuned", metavar="DIR", help="take rows 2 and 5-7 from a bigltr-tune output (tune_result.json)")
+    ap.add_argument("--tuned-row5", metavar="DIR", help="row 5 from a phase-2 study tuned with MaxNorm off")
+    ap.add_argument("--tuned-row6", metavar="DIR", help="row 6 from a phase-2 study tuned with stage-2 WD 0")
+    args, rest = ap.parse_known_args(argv)
+    from bigltr.cli import split_override  # the key=value parser every bigltr command uses
+    from bigltr.config import ConfigError
+
+    overrides, outs = [], []
+    for a in rest:
+        try:
+            key, value = split_override(a)
+        except ConfigError as e:
+            ap.error(str(e))
+        if key == "out":
+            outs.append(value)
+        else:
+            overrides.append(a)
+    if not any(split_override(a)[0] == "recipe" for a in overrides):
+        ap.error("recipe=NAME is required")
+    out = Path(outs[0] if outs else "runs/ablation")
+    out.mkdir(parents=True, exist_ok=True)
+
+    from bigltr.config import build_config
+    from bigltr.train import main as train
+
+    tuned = tuned_overrides(args.tuned, args.tuned_row5, args.tuned_row6)
+    cfg = build_config(overrides + tuned[2])  # fail fast on a typo, before any training
+    for row in (5, 6, 7):
+        build_config(overrides + tuned[row])
+    wd1 = cfg.stage1.weight_decay
+    wd2 = build_config(overrides + tuned[5]).stage2.weight_decay
+    radius = build_config(overrides + tuned[6]).stage2.maxnorm.radius
+    tag = ", tuned" if args.tuned else ""
+    if wd1 == 0:
+        raise SystemExit("[ablation] the recipe's stage1.weight_decay is 0: row 2 (CE + WD) needs a tuned value")
+    s2 = [] if args.online else ["stage2.features=cached", "stage2.cache.location=disk",
+                                 f"stage2.cache.dir={out / 'feature_cache'}"]
+
+    rows = []
+    s1 = overrides + tuned[2]
+    rows.append(("naive CE (WD 0)", run_or_reuse(train, out / "s1_naive", "1", s1 + ["stage1.weight_decay=0"])))
+    rows.append((f"CE + WD ({wd1:g}{tag})", run_or_reuse(train, out / "s1_wd", "1", s1)))
+    ckpt = out / "s1_wd" / "stage1" / "best.pt"
+    ph_file = out / "posthoc.json"
+    if ph_file.is_file():
+        ph = json.loads(ph_file.read_text())
+    else:
+        ph = posthoc_rows(s1, ckpt)
+        ph_file.write_text(json.dumps(ph, indent=1))
+    rows.append(("+ L2-normalised classifier", ph["l2"]))
+    rows.append((f"+ tau-norm (tau={ph['best_tau']}, on val)", ph["tau"]))
+    base2 = overrides + s2 + [f"stage1_checkpoint={ckpt}"]
+    rows.append((f"+ stage 2 CB & WD ({wd2:g}{tag})",
+                 run_or_reuse(train, out / "s2_cb_wd", "2", base2 + tuned[5] + ["stage2.maxnorm.when=off"])))
+    rows.append((f"+ stage 2 CB & MaxNorm{f' (radius {radius:g}{tag})' if args.tuned else ''}",
+                 run_or_reuse(train, out / "s2_cb_maxnorm", "2", base2 + tuned[6] + ["stage2.weight_decay=0"])))
+    rows.append(("+ stage 2 CB & WD & MaxNorm (full)", run_or_reuse(train, out / "s2_full", "2", base2 + tuned[7])))
+    table = write_outputs(rows, out, f"Ablation on {data_name(cfg.data.root)}, recipe {cfg.recipe} (balanced top-1 %, "
+                                     f"best epoch on validation)")
+    print("\n" + table)
+    return rows
+
+
+def console_main() -> int:
+    """The ``bigltr-ablation`` console script (its exit status: 0, or SystemExit's; main() returns the rows)."""
+    main()
+    return 0
+
+
+if __name__ == "__main__":
+    main()
