@@ -31,23 +31,29 @@ GROUPS = ("many", "medium", "few", "all")
 TAUS = [round(0.1 * i, 1) for i in range(0, 21)]  # tau-norm grid searched on validation (0 = plain classifier)
 
 
-def _done(run: Path, stage: str) -> bool:
-    f = run / "results.json"
-    return f.is_file() and stage in json.loads(f.read_text())
+def _finished(run: Path, stage: str) -> dict | None:
+    """The run's stage-`stage` results when that stage has finished (bigltr.results' rule), else None."""
+    from bigltr.config import ConfigError
+    from bigltr.results import finished_stage, read_results
 
-
-def _results(run: Path) -> dict:
-    return json.loads((run / "results.json").read_text())
+    try:
+        return finished_stage(read_results(run), stage)
+    except ConfigError as e:  # a damaged results.json: one line, what to do
+        raise SystemExit(f"[ablation] {e}") from None
 
 
 def run_or_reuse(train, run: Path, stage: str, argv: list[str]) -> dict:
-    if _done(run, f"stage{stage}"):
+    res = _finished(run, stage)
+    if res is not None:
         print(f"[ablation] reusing {run}")
-    else:
-        rc = train(argv + [f"stage={stage}", f"out={run}"])
-        if rc != 0:
-            raise SystemExit(f"[ablation] run {run} failed with exit code {rc}")
-    return _results(run)[f"stage{stage}"]
+        return res
+    rc = train(argv + [f"stage={stage}", f"out={run}"])
+    if rc != 0:
+        raise SystemExit(f"[ablation] run {run} failed with exit code {rc}")
+    res = _finished(run, stage)
+    if res is None:
+        raise SystemExit(f"[ablation] run {run} exited 0 but its results.json has no finished stage{stage}")
+    return res
 
 
 def tuned_overrides(tuned: str | None, row5: str | None = None, row6: str | None = None) -> dict[int, list[str]]:
@@ -79,35 +85,16 @@ def tuned_overrides(tuned: str | None, row5: str | None = None, row6: str | None
 
 
 def posthoc_rows(argv: list[str], checkpoint: Path) -> dict:
-    """L2-normalised and tau-normalised classifiers of a stage-1 model; tau picked by validation accuracy."""
-    import torch
-
-    from bigltr.checkpoint import load_checkpoint
+    """L2-normalised and tau-normalised classifiers of a stage-1 model (bigltr.evaluate.tau_sweep); tau picked by
+    validation accuracy."""
     from bigltr.config import build_config
-    from bigltr.distributed import Dist, resolve_device
-    from bigltr.engine.common import evaluate
-    from bigltr.engine.context import RunContext
-    from bigltr.models import build_model
-    from bigltr.objective.posthoc import posthoc_classifier
+    from bigltr.evaluate import tau_sweep
 
-    cfg = build_config(argv)
-    device = resolve_device(cfg.device)
-    ctx = RunContext.create(cfg, Dist("ddp", device=device))
-    model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans)
-    model.load_state_dict(load_checkpoint(checkpoint)["model"])
-    model.to(device).eval()
-    clfs = {f"tau={t}": posthoc_classifier(model.classifier, "tau_norm", t) for t in TAUS}
-    out = {}
-    for split in ("val", "test"):  # one backbone pass per split evaluates every classifier
-        ev = evaluate(backbone=model.backbone, classifiers=clfs, num_classes=ctx.num_classes, device=device,
-                      loader=ctx.loader(split, train=False, batch_size=cfg.stage1.batch_size),
-                      tta_flip=cfg.eval.tta_flip)
-        out[split] = {k: ctx.metrics(*v) for k, v in ev.items()}
-    best_tau = max(TAUS, key=lambda t: out["val"][f"tau={t}"]["all"])
-    pick = lambda name: {s: out[s][name] for s in ("val", "test")}  # noqa: E731
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    return {"l2": pick("tau=1.0"), "tau": pick(f"tau={best_tau}"), "best_tau": best_tau,
-            "tau_curve_val": {t: out["val"][f"tau={t}"]["all"] for t in TAUS}}
+    out = tau_sweep(build_config(argv), checkpoint, TAUS, ("val", "test"))
+    best_tau = max(TAUS, key=lambda t: out["val"][t]["all"])
+    pick = lambda t: {s: out[s][t] for s in ("val", "test")}  # noqa: E731
+    return {"l2": pick(1.0), "tau": pick(best_tau), "best_tau": best_tau,
+            "tau_curve_val": {t: out["val"][t]["all"] for t in TAUS}}
 
 
 def data_name(root: str) -> str:

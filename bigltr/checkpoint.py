@@ -13,14 +13,20 @@ every file of a DeepSpeed checkpoint with the safe loader before the folder is h
 """
 from __future__ import annotations
 
+import dataclasses
 import errno
 import io
 import os
 import pickle
 import shutil
+import typing
 from pathlib import Path
+from typing import Any
 
 import torch
+
+from bigltr.config import Config, config_from_dict
+from bigltr.errors import BadInputError
 
 
 class CheckpointError(RuntimeError):
@@ -77,6 +83,52 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read checkpoint {path} (truncated or corrupt?): {type(e).__name__}: "
                               f"{(str(e).splitlines() or [''])[0][:200]}") from None
+
+
+# ------------------------------------------------------------------------------------------ a run's model checkpoint
+def load_run_checkpoint(path: str | os.PathLike) -> dict:
+    """A run's best.pt / last.pt: {"stage", "epoch", "model": state_dict, "val_all", "config"}, read safely
+    (`load_checkpoint`: tensors and plain values only). A folder, or a file without a model and its config:
+    BadInputError; a missing file: FileNotFoundError; an unreadable one: CheckpointError."""
+    path = Path(path)
+    if path.is_dir():
+        raise BadInputError(f"{path} is a folder; give a checkpoint file such as RUN/stage2/best.pt (resume "
+                            f"checkpoints under stage*/resume/ are not model checkpoints)")
+    ckpt = load_checkpoint(path)  # FileNotFoundError / CheckpointError name the path
+    model = ckpt.get("model") if isinstance(ckpt, dict) else None
+    if not isinstance(model, dict) or not isinstance(ckpt.get("config"), dict) or "classifier.weight" not in model:
+        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise BadInputError(f"{path} is not a bigltr model checkpoint (expected a run's stage1/ or stage2/ best.pt "
+                            f"or last.pt, with 'model' holding classifier.weight and 'config'; found {keys})")
+    return ckpt
+
+
+def _known_keys(data: dict, cls=Config) -> dict:
+    """The part of a saved config that the current schema knows (a checkpoint from an older bigltr may carry keys
+    that were renamed or removed since: they cannot matter to evaluation and are dropped)."""
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        if dataclasses.is_dataclass(hints[f.name]):
+            if isinstance(data[f.name], dict):
+                out[f.name] = _known_keys(data[f.name], hints[f.name])
+        else:
+            out[f.name] = data[f.name]
+    return out
+
+
+def checkpoint_config(ckpt: dict, overrides: dict[str, Any] | None = None, *, where: str = "checkpoint") -> Config:
+    """The run's config saved in the checkpoint, with dotted `overrides` applied and everything validated
+    (ConfigError)."""
+    return config_from_dict(_known_keys(ckpt["config"]), overrides, where=where)
+
+
+def checkpoint_stage(ckpt: dict) -> int:
+    """The stage (1 or 2) that wrote the checkpoint; 1 when it does not say."""
+    stage = ckpt.get("stage")
+    return stage if stage in (1, 2) else 1
 
 
 # ------------------------------------------------------------------------------------------ DCP without pickles

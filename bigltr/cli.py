@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
 import typing
 from typing import Any, Literal
 
@@ -66,6 +67,8 @@ def format_type(tp: Any) -> str:
         return "|".join(str(c) for c in typing.get_args(tp))
     if origin is list:
         return f"list[{format_type(typing.get_args(tp)[0])}]"
+    if origin in (types.UnionType, typing.Union):
+        return "|".join(format_type(a) for a in typing.get_args(tp))
     return getattr(tp, "__name__", str(tp))
 
 

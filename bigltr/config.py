@@ -22,6 +22,7 @@ import dataclasses
 import difflib
 import math
 import os
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,13 +56,15 @@ def section(cls: type, help: str) -> Any:
 @dataclass
 class DataConfig:
     root: str = opt("data/fmnist_lt", "folder with _info.json and the train/val/test shards")
-    img_size: int = opt(28, "side of the square network input; images of another size are resized")
+    img_size: int | list[int] = opt(28, "network input size: S (S x S) or [H, W] (e.g. [28, 56]); images of "
+                                        "another size are resized")
     in_chans: int = opt(1, "image channels: 1 (grey, read as L) or 3 (RGB)")
     mean: list[float] = opt([0.2860], "per-channel normalisation mean (data.in_chans values)")
     std: list[float] = opt([0.3530], "per-channel normalisation std (data.in_chans values)")
-    train_aug: Literal["none", "cifar", "imagenet"] = opt(
-        "cifar", "training augmentation: none; cifar (random crop with 4 px padding + horizontal flip); imagenet "
-        "(timm's create_transform)")
+    train_aug: Literal["none", "cifar", "crop", "imagenet"] = opt(
+        "cifar", "training augmentation: none; cifar (random crop with 4 px padding + horizontal flip); crop (cifar "
+        "without the flip, for images whose mirror image is another class, e.g. idx --pairs); imagenet (timm's "
+        "create_transform)")
     num_workers: int = opt(2, "data-loading worker processes per rank (DALI: CPU threads); 0 reads in the main "
                               "process")
     shuffle_buffer: int = opt(2000, "training samples held in the shuffle buffer (shards are shuffled too)")
@@ -190,6 +193,20 @@ class DistConfig:
     timeout_s: float = opt(600.0, "collective timeout in seconds: survivors of a dead rank exit after this long")
 
 
+# accelerate.tracking.LOGGER_TYPE_TO_CLASS of the pinned accelerate (kept equal by tests/test_tracking.py): named here
+# so that a config is checked without importing accelerate (which imports torch).
+TRACKERS = ("aim", "clearml", "comet_ml", "dvclive", "mlflow", "swanlab", "tensorboard", "trackio", "wandb")
+
+
+@dataclass
+class LogConfig:
+    # Accelerate's tracker classes, used directly on the main rank (bigltr.engine.tracking).
+    trackers: list[str] = opt([], "experiment trackers that get the per-epoch summary scalars, the resolved config "
+                                  "and the test results: any of " + ", ".join(TRACKERS) + " (empty: none); local "
+                                  "logs in <out>/trackers")
+    project: str = opt("", "project / run name the trackers log under (empty: the run directory's name)")
+
+
 @dataclass
 class Config:
     recipe: str = opt("", "a recipe name in recipes/ or a path to a YAML file; its keys replace the defaults")
@@ -212,6 +229,8 @@ class Config:
                                                  "MaxNorm")
     eval: EvalConfig = section(EvalConfig, "evaluation after each stage")
     dist: DistConfig = section(DistConfig, "several processes: DDP, FSDP2 or DeepSpeed ZeRO")
+    log: LogConfig = section(LogConfig, "experiment tracking (TensorBoard, W&B, MLflow, ...) through Accelerate's "
+                                        "trackers")
 
 
 # ----------------------------------------------------------------------------------------------- schema helpers
@@ -239,6 +258,14 @@ def _unknown(key: str, where: str) -> ConfigError:
 def _coerce(key: str, value: Any, tp: Any) -> Any:
     """Check `value` against the annotation `tp`; return it converted where the conversion is lossless."""
     origin = typing.get_origin(tp)
+    if origin in (types.UnionType, typing.Union):  # `int | list[int]`: the first alternative that fits
+        for alt in typing.get_args(tp):
+            try:
+                return _coerce(key, value, alt)
+            except ConfigError:
+                pass
+        names = [a.__name__ if isinstance(a, type) else str(a) for a in typing.get_args(tp)]
+        raise ConfigError(f"config key '{key}' expects {' or '.join(names)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and "off" in choices:
@@ -386,14 +413,18 @@ def build_config(argv: list[str]) -> Config:
     return cfg
 
 
-def _dali_importable() -> bool:
-    """Whether NVIDIA DALI is installed, without importing it (the loader imports it when it is used)."""
+def _importable(module: str) -> bool:
+    """Whether `module` is installed, without importing it (what uses it imports it when it is used)."""
     import importlib.util
 
     try:
-        return importlib.util.find_spec("nvidia.dali") is not None
+        return importlib.util.find_spec(module) is not None
     except (ImportError, ValueError):
         return False
+
+
+def _dali_importable() -> bool:
+    return _importable("nvidia.dali")
 
 
 def validate(cfg: Config) -> None:
@@ -418,6 +449,9 @@ def validate(cfg: Config) -> None:
     need(mn.tau > 0, "stage2.maxnorm.tau", "must be > 0")
     need(not (mn.fused and mn.when != "step"), "stage2.maxnorm.fused", "needs stage2.maxnorm.when=step")
     need(cfg.stage2.cache.num_aug >= 1, "stage2.cache.num_aug", "must be >= 1")
+    size = cfg.data.img_size if isinstance(cfg.data.img_size, list) else [cfg.data.img_size]
+    need(len(size) in (1, 2) and min(size) >= 1, "data.img_size", f"must be S or [H, W] with sides >= 1, got "
+                                                                  f"{cfg.data.img_size}")
     need(not (cfg.stage2.features == "cached" and cfg.stage2.bn_mode == "train"), "stage2.features",
          "cached features need a fixed backbone: use stage2.bn_mode=eval (bn_mode=train changes BatchNorm "
          "statistics every step, so features cannot be computed once)")
@@ -435,6 +469,13 @@ def validate(cfg: Config) -> None:
     need(cfg.dist.timeout_s > 0, "dist.timeout_s", "must be > 0")
     need(cfg.dist.zero_stage in (1, 2, 3), "dist.zero_stage", "must be 1, 2 or 3")
     need(cfg.dist.zero3_persistence_threshold >= 0, "dist.zero3_persistence_threshold", "must be >= 0")
+    for name in cfg.log.trackers:
+        close = difflib.get_close_matches(name, TRACKERS, n=1)
+        need(name in TRACKERS, "log.trackers", f"unknown tracker '{name}'"
+             + (f"; did you mean '{close[0]}'?" if close else "") + f" (valid: {', '.join(TRACKERS)})")
+        # each tracker's module is its name (tensorboard: torch.utils.tensorboard needs the tensorboard package)
+        need(_importable(name), "log.trackers",
+             f"'{name}' is not installed: pip install {name.replace('_', '-')} (or remove it from log.trackers)")
     for s in ("stage1", "stage2"):
         need(not (getattr(cfg, s).amp == "fp16" and cfg.dist.backend == "deepspeed"), f"{s}.amp",
              "fp16 needs a GradScaler, which dist.backend=deepspeed does not take: use bf16 (or none)")

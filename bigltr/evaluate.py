@@ -17,90 +17,32 @@ Exit codes: 0 done; 2 bad input (missing file, not a bigltr checkpoint, class-co
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from bigltr.cli import parse_overrides
-from bigltr.config import Config, ConfigError, config_from_dict
+from bigltr.config import Config, ConfigError
+from bigltr.errors import BadInputError, fail
 
-EXIT_BAD_INPUT = 2
-
-
-class EvalError(ValueError):
-    """Bad input to bigltr-eval / bigltr-export, said in one line."""
+PROG = "bigltr-eval"
 
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-def load_run_checkpoint(path: str | Path) -> dict:
-    """A run's best.pt / last.pt: {"stage", "epoch", "model": state_dict, "val_all", "config"}, read safely
-    (bigltr.checkpoint.load_checkpoint: tensors and plain values only). Anything else: EvalError."""
-    from bigltr.checkpoint import load_checkpoint
-
-    path = Path(path)
-    if path.is_dir():
-        raise EvalError(f"{path} is a folder; give a checkpoint file such as RUN/stage2/best.pt (resume "
-                        f"checkpoints under stage*/resume/ are not model checkpoints)")
-    ckpt = load_checkpoint(path)  # FileNotFoundError / CheckpointError name the path
-    model = ckpt.get("model") if isinstance(ckpt, dict) else None
-    if not isinstance(model, dict) or not isinstance(ckpt.get("config"), dict) or "classifier.weight" not in model:
-        keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise EvalError(f"{path} is not a bigltr model checkpoint (expected a run's stage1/ or stage2/ best.pt or "
-                        f"last.pt, with 'model' holding classifier.weight and 'config'; found {keys})")
-    return ckpt
-
-
-def _known_keys(data: dict, cls=Config) -> dict:
-    """The part of a saved config that the current schema knows (a checkpoint from an older bigltr may carry keys
-    that were renamed or removed since: they cannot matter to evaluation and are dropped)."""
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
-            continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            if isinstance(data[f.name], dict):
-                out[f.name] = _known_keys(data[f.name], hints[f.name])
-        else:
-            out[f.name] = data[f.name]
-    return out
-
-
-def checkpoint_config(ckpt: dict, overrides: dict[str, Any] | None = None, *, where: str = "checkpoint") -> Config:
-    """The run's config saved in the checkpoint, with dotted `overrides` applied and everything validated."""
-    return config_from_dict(_known_keys(ckpt["config"]), overrides, where=where)
-
-
-def checkpoint_stage(ckpt: dict) -> int:
-    stage = ckpt.get("stage")
-    return stage if stage in (1, 2) else 1
-
-
-def build_checkpoint_model(ckpt: dict, cfg: Config, path: str | Path):
-    """bigltr's LTModel (backbone + classifier) holding the checkpoint's weights, in eval mode, on the CPU."""
-    from bigltr.models import build_model
-
-    num_classes = int(ckpt["model"]["classifier.weight"].shape[0])
-    model = build_model(cfg.model.name, num_classes, in_chans=cfg.data.in_chans, pretrained=False)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise EvalError(f"{path}: the weights do not fit model.name={cfg.model.name} with data.in_chans="
-                        f"{cfg.data.in_chans} and {num_classes} classes: {str(e).splitlines()[0]}") from None
-    return model.eval()
+class EvalError(BadInputError):
+    """Bad input to bigltr-eval (a split the data lacks, a class-count mismatch, no such device), said in one line."""
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
 def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None, split: str = "test") -> dict:
     """Metrics of one checkpoint on one split: {"checkpoint", "stage", "epoch", "model", "data_root", "split",
     "many_thr", "few_thr", "groups", "metrics", ["posthoc"]}; "metrics" as in results.json."""
+    from bigltr.checkpoint import checkpoint_config, checkpoint_stage, load_run_checkpoint
     from bigltr.data.info import read_info
     from bigltr.distributed import Dist, resolve_device
     from bigltr.engine.common import evaluate
     from bigltr.engine.context import RunContext
     from bigltr.metrics import class_groups
+    from bigltr.models import build_checkpoint_model
     from bigltr.objective.posthoc import posthoc_classifier
 
     path = Path(path)
@@ -138,6 +80,36 @@ def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = Non
     return result
 
 
+def tau_sweep(cfg: Config, checkpoint: str | Path, taus: Sequence[float], splits: Sequence[str] = ("val", "test")
+              ) -> dict[str, dict[float, dict]]:
+    """Metrics of one checkpoint's classifier tau-normalised (w_c / ||w_c||**tau, bigltr.objective.posthoc) for
+    every tau of `taus`, on each split: {split: {tau: metrics}}. One backbone pass per split evaluates every tau.
+    `cfg` gives the model, the data and the evaluation settings (bigltr-ablation: the config of the stage-1 run);
+    images go in batches of cfg.stage1.batch_size."""
+    import torch
+
+    from bigltr.checkpoint import load_run_checkpoint
+    from bigltr.distributed import Dist, resolve_device
+    from bigltr.engine.common import evaluate
+    from bigltr.engine.context import RunContext
+    from bigltr.models import build_checkpoint_model
+    from bigltr.objective.posthoc import posthoc_classifier
+
+    device = resolve_device(cfg.device)
+    ctx = RunContext.create(cfg, Dist("ddp", device=device))
+    model = build_checkpoint_model(load_run_checkpoint(checkpoint), cfg, checkpoint).to(device)
+    clfs = {t: posthoc_classifier(model.classifier, "tau_norm", t) for t in taus}
+    out = {}
+    for split in splits:
+        counts = evaluate(backbone=model.backbone, classifiers=clfs, num_classes=ctx.num_classes, device=device,
+                          loader=ctx.loader(split, train=False, batch_size=cfg.stage1.batch_size),
+                          tta_flip=cfg.eval.tta_flip)
+        out[split] = {t: ctx.metrics(*v) for t, v in counts.items()}
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def format_result(r: dict) -> str:
     from bigltr.metrics import format_table
 
@@ -158,7 +130,7 @@ def format_result(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="bigltr-eval", description=__doc__,
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("checkpoint", help="a run's stage1/ or stage2/ best.pt or last.pt")
     ap.add_argument("overrides", nargs="*", metavar="key=value",
@@ -173,22 +145,17 @@ def main(argv: list[str] | None = None) -> int:
         split = str(overrides.pop("split", "test"))
         result = evaluate_checkpoint(args.checkpoint, overrides, split)
     except ConfigError as e:
-        return _fail(f"config error: {e}")
+        return fail(PROG, f"config error: {e}")
     except DataError as e:  # also a missing data folder (DataMissingError)
-        return _fail(f"data error: {e}")
-    except (FileNotFoundError, CheckpointError, EvalError) as e:
-        return _fail(str(e))
+        return fail(PROG, f"data error: {e}")
+    except (FileNotFoundError, CheckpointError, BadInputError) as e:
+        return fail(PROG, str(e))
     print(format_result(result))
     if args.json:
         from bigltr.atomic import write_json_atomic
 
         write_json_atomic(args.json, result)
     return 0
-
-
-def _fail(message: str) -> int:
-    print(f"bigltr-eval: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -37,9 +37,10 @@ import tempfile
 from pathlib import Path
 
 from bigltr.config import ConfigError
-from bigltr.evaluate import EvalError, build_checkpoint_model, checkpoint_config, checkpoint_stage, load_run_checkpoint
+from bigltr.errors import BadInputError, fail
+from bigltr.results import read_results
 
-EXIT_BAD_INPUT = 2
+PROG = "bigltr-export"
 BIGLTR_MODELS = ("resnet32_cifar", "resnet34_cifar")
 # pretrained_cfg entries that describe the source of timm's published weights (ImageNet tags, papers, licences,
 # test-time sizes): they do not describe a model trained by bigltr, so they are not copied into the export.
@@ -47,6 +48,10 @@ _SOURCE_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "note
                 "url", "file", "source", "test_input_size", "test_crop_pct", "test_pool_size", "label_names",
                 "label_descriptions", "label_offset", "state_dict")
 ATOL = 1e-5
+
+
+class ExportError(BadInputError):
+    """A model timm cannot hold bigltr's classifier of, or an export whose logits differ: said in one line."""
 
 
 def find_checkpoint(run_dir: str | Path, stage: int | None = None) -> Path:
@@ -74,7 +79,7 @@ def to_timm(model, name: str, in_chans: int):
     head = timm_model.get_classifier()
     head_name = next((n for n, m in timm_model.named_modules() if m is head), None)
     if not isinstance(head, nn.Linear) or tuple(head.weight.shape) != (num_classes, num_features) or not head_name:
-        raise EvalError(f"{name}: timm's classifier ({head_name or type(head).__name__}) is not a Linear("
+        raise ExportError(f"{name}: timm's classifier ({head_name or type(head).__name__}) is not a Linear("
                         f"{num_features}, {num_classes}) layer, so bigltr's classifier has no place in timm's layout")
     state = {k[len("backbone."):]: v for k, v in model.state_dict().items() if k.startswith("backbone.")}
     state[f"{head_name}.weight"] = model.classifier.weight.detach()
@@ -82,7 +87,7 @@ def to_timm(model, name: str, in_chans: int):
         state[f"{head_name}.bias"] = model.classifier.bias.detach()
     missing, unexpected = timm_model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise EvalError(f"{name}: bigltr's backbone keys do not map onto timm's model with a classifier (missing "
+        raise ExportError(f"{name}: bigltr's backbone keys do not map onto timm's model with a classifier (missing "
                         f"{missing[:4]}, unexpected {unexpected[:4]})")
     return timm_model.eval(), head_name
 
@@ -94,13 +99,18 @@ def _max_diff(a, b, x) -> float:
         return float((a(x).float() - b(x).float()).abs().max())
 
 
-def _label_names(run_dir: Path, data_root: str, num_classes: int) -> list[str] | None:
-    """Class names: the run's results.json `classes`, else the data folder's _info.json; None if neither fits."""
-    candidates = []
+def _run_results(run_dir: Path) -> dict:
+    """The run's results.json (bigltr.results); {} when it has none or it is unreadable (only labels come from it)."""
     try:
-        candidates.append(json.loads((run_dir / "results.json").read_text()).get("classes"))
-    except (OSError, ValueError, AttributeError):
-        pass
+        return read_results(run_dir)
+    except ConfigError:
+        return {}
+
+
+def _label_names(results: dict, data_root: str, num_classes: int) -> list[str] | None:
+    """Class names: the run's results.json `classes` (`results`), else the data folder's _info.json; None if neither
+    fits."""
+    candidates = [results.get("classes")]
     try:
         candidates.append(json.loads((Path(data_root) / "_info.json").read_text()).get("classes"))
     except (OSError, ValueError, AttributeError):
@@ -111,11 +121,8 @@ def _label_names(run_dir: Path, data_root: str, num_classes: int) -> list[str] |
     return None
 
 
-def _class_counts(run_dir: Path, num_classes: int) -> list[int] | None:
-    try:
-        counts = json.loads((run_dir / "results.json").read_text()).get("class_counts")
-    except (OSError, ValueError, AttributeError):
-        return None
+def _class_counts(results: dict, num_classes: int) -> list[int] | None:
+    counts = results.get("class_counts")
     return counts if isinstance(counts, list) and len(counts) == num_classes else None
 
 
@@ -124,6 +131,10 @@ def export(run_dir: str | Path, out: str | Path, stage: int | None = None) -> di
     import timm
     import torch
     from timm.models import save_for_hf
+
+    from bigltr.checkpoint import checkpoint_config, checkpoint_stage, load_run_checkpoint
+    from bigltr.data.transforms import image_hw
+    from bigltr.models import build_checkpoint_model
 
     path = find_checkpoint(run_dir, stage)
     ckpt = load_run_checkpoint(path)
@@ -134,10 +145,11 @@ def export(run_dir: str | Path, out: str | Path, stage: int | None = None) -> di
     timm_model, head_name = to_timm(model, cfg.model.name, d.in_chans)
     num_classes = timm_model.num_classes
     torch.manual_seed(0)
-    x = torch.randn(2, d.in_chans, d.img_size, d.img_size)
+    h, w = image_hw(d.img_size)
+    x = torch.randn(2, d.in_chans, h, w)
     diff = _max_diff(model, timm_model, x)
     if diff > ATOL:
-        raise EvalError(f"{cfg.model.name}: timm's model with bigltr's weights gives other logits (max abs "
+        raise ExportError(f"{cfg.model.name}: timm's model with bigltr's weights gives other logits (max abs "
                         f"difference {diff:.3g}); its head does more than one Linear layer on pooled features")
 
     # The pretrained_cfg describes this model, not the weights timm publishes for the architecture.
@@ -145,12 +157,13 @@ def export(run_dir: str | Path, out: str | Path, stage: int | None = None) -> di
     imagenet = d.train_aug == "imagenet"  # eval transform: timm's create_transform, else a plain resize
     timm_model.pretrained_cfg = {
         **{k: v for k, v in timm_model.pretrained_cfg.items() if k not in _SOURCE_KEYS},
-        "input_size": (d.in_chans, d.img_size, d.img_size), "mean": tuple(d.mean), "std": tuple(d.std),
+        "input_size": (d.in_chans, h, w), "mean": tuple(d.mean), "std": tuple(d.std),
         "interpolation": "bilinear", "crop_pct": 0.875 if imagenet else 1.0, "crop_mode": "center"}
-    labels = _label_names(run, d.root, num_classes)
+    results = _run_results(run)
+    labels = _label_names(results, d.root, num_classes)
     info = {"source_checkpoint": str(path), "stage": checkpoint_stage(ckpt), "epoch": ckpt.get("epoch"),
             "val_all": ckpt.get("val_all"), "model_name": cfg.model.name, "classifier": head_name,
-            "class_counts": _class_counts(run, num_classes), "many_thr": d.many_thr, "few_thr": d.few_thr,
+            "class_counts": _class_counts(results, num_classes), "many_thr": d.many_thr, "few_thr": d.few_thr,
             "eval_tta_flip": cfg.eval.tta_flip}
     if cfg.model.name in BIGLTR_MODELS:
         info["requires"] = "import bigltr.models (registers this architecture with timm) before timm.create_model"
@@ -166,7 +179,7 @@ def export(run_dir: str | Path, out: str | Path, stage: int | None = None) -> di
         loaded = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
         diff_loaded = _max_diff(model, loaded, x)
         if diff_loaded > ATOL:
-            raise EvalError(f"{cfg.model.name}: the exported folder loads in timm with other logits (max abs "
+            raise ExportError(f"{cfg.model.name}: the exported folder loads in timm with other logits (max abs "
                             f"difference {diff_loaded:.3g})")
         umask = os.umask(0)
         os.umask(umask)
@@ -180,7 +193,7 @@ def export(run_dir: str | Path, out: str | Path, stage: int | None = None) -> di
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    ap = argparse.ArgumentParser(prog="bigltr-export", description=__doc__,
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (out=...) or a best.pt/last.pt file")
     ap.add_argument("out", metavar="OUT", help="folder to write model.safetensors and config.json into")
@@ -192,9 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         r = export(args.run_dir, args.out, args.stage)
     except ConfigError as e:
-        return _fail(f"config error: {e}")
-    except (FileNotFoundError, CheckpointError, EvalError) as e:
-        return _fail(str(e))
+        return fail(PROG, f"config error: {e}")
+    except (FileNotFoundError, CheckpointError, BadInputError) as e:
+        return fail(PROG, str(e))
     load = f'timm.create_model("local-dir:{r["out"]}", pretrained=True)'
     if r["architecture"] in BIGLTR_MODELS:
         load = "import bigltr.models; " + load
@@ -202,11 +215,6 @@ def main(argv: list[str] | None = None) -> int:
           f"{r['num_classes']} classes, classifier as '{r['classifier']}', logits match within "
           f"{r['max_abs_logit_diff']:.1e})\nload with: {load}")
     return 0
-
-
-def _fail(message: str) -> int:
-    print(f"bigltr-export: {message}", file=sys.stderr)
-    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

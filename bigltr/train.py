@@ -6,17 +6,21 @@ import logging
 import os
 import sys
 import traceback
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (accelerate launch bigltr/train.py): make `bigltr` importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bigltr.config import ConfigError, build_config  # noqa: E402
+try:  # also as a script (accelerate launch bigltr/train.py): the installed package (`pip install -e .`, make)
+    from bigltr.config import ConfigError, build_config
+    from bigltr.errors import EXIT_BAD_INPUT, fail
+except ModuleNotFoundError as e:
+    if e.name != "bigltr":
+        raise
+    print(f"bigltr: the package is not installed in this Python ({sys.executable}): run `make` or "
+          f"`pip install -e .` in the checkout", file=sys.stderr)
+    sys.exit(2)
 
 # Exit codes (docs/distributed.md "Failure behaviour"): 0 done; 1 an unexpected error (traceback); 2 bad input
 # (config, data, run directory in use); 3 the loss became non-finite; 4 a checkpoint could not be written or read;
 # 75 stopped on request (preemption), resume with resume=auto.
-EXIT_BAD_INPUT, EXIT_DIVERGED, EXIT_CHECKPOINT = 2, 3, 4
+EXIT_DIVERGED, EXIT_CHECKPOINT = 3, 4
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = build_config(argv)  # validated before torch or data are touched
     except ConfigError as e:
-        print(f"bigltr: config error: {e}", file=sys.stderr)
-        return 2
+        return fail("bigltr", f"config error: {e}")
     from bigltr.checkpoint import CheckpointError  # heavy imports only after the config is known to be good
     from bigltr.data.errors import DataError
     from bigltr.distributed import Dist, DistError
@@ -44,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
                           zero3_persistence_threshold=d.zero3_persistence_threshold, amp=cfg.stage1.amp,
                           accum_steps=cfg.stage1.accum_steps)
     except DistError as e:
-        print(f"bigltr: launch error: {e}", file=sys.stderr)
-        return 2
+        return fail("bigltr", f"launch error: {e}")
     # rank 0 logs; the other ranks only warnings and errors
     logging.basicConfig(level=logging.INFO if dist.is_main else logging.WARNING, force=True,
                         format="%(asctime)s %(message)s" if not dist.distributed else
@@ -55,23 +57,23 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg, dist)
         code = 0
     except Preempted as e:
-        code = _fail(f"preempted ({e}); resume with the same command and resume=auto", EXIT_PREEMPTED)
+        code = fail("bigltr", f"preempted ({e}); resume with the same command and resume=auto", EXIT_PREEMPTED)
     except RunLocked as e:
-        code = _fail(str(e), EXIT_BAD_INPUT)
+        code = fail("bigltr", str(e), EXIT_BAD_INPUT)
     except ConfigError as e:  # found once the data or a checkpoint is read (model name, checkpoint mismatch)
-        code = _fail(f"config error: {e}", EXIT_BAD_INPUT)
+        code = fail("bigltr", f"config error: {e}", EXIT_BAD_INPUT)
     except DataError as e:
-        code = _fail(f"data error: {e}", EXIT_BAD_INPUT)
+        code = fail("bigltr", f"data error: {e}", EXIT_BAD_INPUT)
     except FileNotFoundError as e:
-        code = _fail(str(e), EXIT_BAD_INPUT)
+        code = fail("bigltr", str(e), EXIT_BAD_INPUT)
     except CheckpointError as e:
-        code = _fail(f"checkpoint error: {e}", EXIT_CHECKPOINT)
+        code = fail("bigltr", f"checkpoint error: {e}", EXIT_CHECKPOINT)
     except TrainingDiverged as e:
-        code = _fail(f"training diverged: {e}", EXIT_DIVERGED)
+        code = fail("bigltr", f"training diverged: {e}", EXIT_DIVERGED)
     except OSError as e:  # results, logs, plots: a full disk is said in one line, like a checkpoint's
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
-        code = _fail(f"no space left writing {e.filename or cfg.out}", EXIT_CHECKPOINT)
+        code = fail("bigltr", f"no space left writing {e.filename or cfg.out}", EXIT_CHECKPOINT)
     except BaseException:
         if not dist.distributed:
             raise
@@ -86,11 +88,6 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.flush()
             os._exit(code)
         dist.shutdown()
-    return code
-
-
-def _fail(message: str, code: int) -> int:
-    print(f"bigltr: {message}", file=sys.stderr)
     return code
 
 

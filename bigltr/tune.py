@@ -10,7 +10,10 @@ stage2.maxnorm.radius=float:0:0.5). A trial is one ordinary training run in its 
 (`python -m bigltr.train recipe=NAME out=DIR/trials/<study>/<number> stage=N ...`); its summary.csv is read while
 it runs, each epoch's val_all is reported to Optuna, and a pruned trial's process is stopped. Optuna does the
 search (TPE, random or grid), the pruning decisions, the shared storage (a journal file DIR/study.journal by
-default, or an RDB URL) and the plots; this module runs the trial processes and writes the summary.
+default, or an RDB URL) and the plots; this module runs the trial processes and writes the summary. Phase-2 trials
+get stage2.cache.dir=DIR/feature_cache unless the recipe or the command line sets one: with
+stage2.features=cached and stage2.cache.location=disk, the first trial computes the frozen backbone's features
+and the others from the same stage-1 checkpoint reuse them (the cache key does not involve the searched values).
 
 Space syntax (--space, repeatable; keys under stage2. belong to phase 2, all others to phase 1; giving any key for
 a phase replaces that phase's default space):
@@ -28,7 +31,6 @@ import csv
 import hashlib
 import io
 import itertools
-import json
 import math
 import os
 import random
@@ -49,6 +51,7 @@ from optuna.trial import TrialState
 from bigltr.atomic import write_json_atomic, write_text_atomic
 from bigltr.cli import EXAMPLE, split_override
 from bigltr.config import ConfigError, build_config
+from bigltr.results import finished_stage, read_epochs, read_results
 
 ROOT = Path(__file__).resolve().parent.parent
 S1_WD, S2_WD, RADIUS = "stage1.weight_decay", "stage2.weight_decay", "stage2.maxnorm.radius"
@@ -182,6 +185,9 @@ class Tune:
     epochs: dict[int, int]
     args: argparse.Namespace
     storage_obj: object = None  # the opened storage (one per process)
+    # stage2.cache.dir of every phase-2 trial when the user set none: one feature cache per study folder, so trials
+    # from the same stage-1 checkpoint compute the backbone features once (with stage2.features=cached, location=disk)
+    feature_cache: str = ""
 
     def base_argv(self) -> list[str]:
         return [f"recipe={self.recipe}", *self.overrides]
@@ -190,6 +196,8 @@ class Tune:
         argv = self.base_argv() + [f"out={trial_dir}", f"stage={phase}", "resume=auto"]
         if phase == 2:
             argv.append(f"stage1_checkpoint={checkpoint}")
+            if self.feature_cache:
+                argv.append(f"stage2.cache.dir={self.feature_cache}")
         return argv + [f"{k}={fmt(v)}" for k, v in values.items()]
 
     def storage(self):
@@ -351,22 +359,6 @@ def fail_stale(study: optuna.Study, tune: Tune) -> None:
 
 
 # ----------------------------------------------------------------------------------------------- one trial
-def read_epochs(path: Path) -> list[dict]:
-    """The complete rows of a growing summary.csv (a line still being written is skipped)."""
-    try:
-        text = path.read_text()
-    except OSError:
-        return []
-    lines = text.splitlines(keepends=True)
-    if lines and not lines[-1].endswith("\n"):
-        lines.pop()
-    try:
-        rows = list(csv.DictReader(io.StringIO("".join(lines))))
-    except csv.Error:
-        return []
-    return [r for r in rows if str(r.get("epoch", "")).isdigit() and _float(r.get("val_all")) is not None]
-
-
 def stderr_tail(path: Path, start: int = 0, lines: int = 20) -> str:
     try:
         with open(path, "rb") as f:
@@ -441,13 +433,13 @@ def _float(v):
         return None
 
 
-def read_results(d: Path, stage: int) -> dict | None:
+def trial_results(d: Path, stage: int) -> dict | None:
+    """The trial's stage-`stage` results when that stage finished (bigltr.results' rule), else None; a damaged
+    results.json counts as none (the trial is recorded FAIL)."""
     try:
-        res = json.loads((d / "results.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return finished_stage(read_results(d), stage)
+    except ConfigError:
         return None
-    s = res.get(f"stage{stage}") or {}
-    return s if isinstance(s.get("val"), dict) and s["val"].get("all") is not None else None
 
 
 def same_as_complete(study: optuna.Study, trial: optuna.Trial, values: dict) -> bool:
@@ -508,7 +500,7 @@ def one_trial(tune: Tune, study: optuna.Study, phase: int, checkpoint: str, stop
         retire(study, study._storage.get_trial(trial._trial_id), "stopped by a signal before it finished",
                tune.args.max_retry, clean=True)
         return
-    res = read_results(d, phase)
+    res = trial_results(d, phase)
     if info["rc"] == 0 and res is not None:
         trial.set_user_attr("val", {g: res["val"].get(g) for g in GROUPS})
         trial.set_user_attr("test_all", (res.get("test") or {}).get("all"))
@@ -835,9 +827,11 @@ def make_tune(args) -> Tune:
         trials[ph] = n or 0
     if args.workers < 1:
         raise TuneError("--workers must be >= 1")
-    tune = Tune(recipe=recipe, out=Path(out).expanduser().resolve(), overrides=overrides, phases=phases,
+    out_dir = Path(out).expanduser().resolve()
+    tune = Tune(recipe=recipe, out=out_dir, overrides=overrides, phases=phases,
                 spaces=spaces, trials=trials, checkpoint=checkpoint,
-                epochs={1: cfg.stage1.epochs, 2: cfg.stage2.epochs}, args=args)
+                epochs={1: cfg.stage1.epochs, 2: cfg.stage2.epochs}, args=args,
+                feature_cache="" if cfg.stage2.cache.dir else str(out_dir / "feature_cache"))
     if not args.report:
         validate(tune, cfg)
     return tune

@@ -19,17 +19,11 @@
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
 
-BIGLTR_RECIPE=imagenet_lt
-BIGLTR_STAGE=1
-BIGLTR_RUN=${BIGLTR_RUN:-runs/imagenet_lt}
+# Slurm runs a copy of this file: find the checkout (BIGLTR_ROOT, this file's parent, or where sbatch was called)
+# and load slurm/lib.sh from it, which does the rest (or say that it is not found, exit 2).
 for BIGLTR_ROOT in "${BIGLTR_ROOT:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-}" ""; do
     [ -n "$BIGLTR_ROOT" ] && [ -f "$BIGLTR_ROOT/slurm/lib.sh" ] && break
 done
-if [ -z "$BIGLTR_ROOT" ]; then
-    echo "bigltr-slurm: error: slurm/lib.sh not found: submit from the bigltr checkout or set BIGLTR_ROOT" >&2
-    exit 2
-fi
-BIGLTR_ROOT=$(cd "$BIGLTR_ROOT" && pwd)
-# shellcheck source=slurm/lib.sh
-. "$BIGLTR_ROOT/slurm/lib.sh"
-bigltr_slurm_main "$@"
+# shellcheck source=slurm/lib.sh disable=SC2015
+[ -n "$BIGLTR_ROOT" ] && . "$BIGLTR_ROOT/slurm/lib.sh" || { echo "bigltr-slurm: error: slurm/lib.sh not found: submit from the bigltr checkout or set BIGLTR_ROOT" >&2; exit 2; }
+bigltr_job imagenet_lt 1 runs/imagenet_lt "$@"

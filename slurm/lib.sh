@@ -72,8 +72,20 @@ bigltr_on_signal() {  # $1: USR1 or TERM
     bigltr_keep_preempt_file
 }
 
-# bigltr_slurm_main [recipe=NAME] [out=DIR] [stage=1|2|all] [key=value ...]
+# bigltr_job RECIPE STAGE RUN [key=value ...]: the per-dataset job scripts (slurm/inat_stage1.sh, ...): recipe RECIPE,
+# stage STAGE, run directory RUN unless BIGLTR_RUN is set (arguments still win), then bigltr_slurm_main.
+bigltr_job() {
+    BIGLTR_RECIPE=$1
+    BIGLTR_STAGE=$2
+    BIGLTR_RUN=${BIGLTR_RUN:-$3}
+    shift 3
+    bigltr_slurm_main "$@"
+}
+
+# bigltr_slurm_main [recipe=NAME] [out=DIR] [stage=1|2|all] [key=value ...]; BIGLTR_ROOT: the checkout, as the
+# calling script found it.
 bigltr_slurm_main() {
+    BIGLTR_ROOT=$(cd "$BIGLTR_ROOT" && pwd)
     set -uo pipefail
     BIGLTR_EARLY_SIGNAL=  # a signal before srun starts must not kill the shell (USR1's default action)
     trap 'BIGLTR_EARLY_SIGNAL=USR1' USR1

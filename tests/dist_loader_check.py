@@ -5,7 +5,8 @@ import sys
 
 import torch.distributed as dist
 
-from bigltr.data.loader import ShardLoader, build_transform
+from bigltr.data.loader import ShardLoader
+from bigltr.data.transforms import build_transform
 
 
 def main(root: str, out: str) -> None:

@@ -5,6 +5,7 @@ import json
 import re
 import subprocess
 import sys
+import types
 import typing
 from pathlib import Path
 
@@ -38,6 +39,8 @@ def _expected_type(tp) -> str:
         return "|".join(typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list[{typing.get_args(tp)[0].__name__}]"
+    if isinstance(tp, types.UnionType):
+        return "|".join(_expected_type(a) for a in typing.get_args(tp))
     return tp.__name__
 
 
@@ -89,7 +92,8 @@ def run18(tiny_shards, tmp_path_factory):
 
 
 def _bigltr_model(ckpt_path):
-    from bigltr.evaluate import build_checkpoint_model, checkpoint_config, load_run_checkpoint
+    from bigltr.checkpoint import checkpoint_config, load_run_checkpoint
+    from bigltr.models import build_checkpoint_model
 
     ckpt = load_run_checkpoint(ckpt_path)
     return build_checkpoint_model(ckpt, checkpoint_config(ckpt), ckpt_path)

@@ -76,7 +76,8 @@ def _dali(root, split, tmp_path, **kw):
 
 
 def _torch(root, split, *, aug="none", augment=None, img_size=28, in_chans=1, mean=(0.3,), std=(0.4,), **kw):
-    from bigltr.data.loader import ShardLoader, build_transform
+    from bigltr.data.loader import ShardLoader
+    from bigltr.data.transforms import build_transform
 
     kw.setdefault("train", False)
     tf = build_transform(img_size=img_size, in_chans=in_chans, mean=mean, std=std,

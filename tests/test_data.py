@@ -297,7 +297,8 @@ def test_build_transform_variants():
 
 def test_fewer_shards_than_ranks_splits_by_sample(tiny_shards):
     """1 val shard, 2 ranks: each rank keeps every 2nd sample; disjoint, complete, same number of batches."""
-    from bigltr.data.loader import ShardLoader, build_transform
+    from bigltr.data.loader import ShardLoader
+    from bigltr.data.transforms import build_transform
 
     tf = build_transform(img_size=28, in_chans=1, mean=(0.5,), std=(0.5,), train=False, aug="none")
     for workers in (0, 2):

@@ -396,3 +396,46 @@ def test_phase2_needs_a_finished_phase1(tiny_shards, tmp_path, capsys):
     assert tune.main(["recipe=tiny_test", f"out={tmp_path / 'p2'}", f"data.root={tiny_shards}", "--trials", "1",
                       "--phase", "2"]) == 2
     assert "no finished phase-1 trial" in capsys.readouterr().err
+
+
+def test_phase2_trials_share_one_feature_cache(tiny_shards, tmp_path):
+    """Phase-2 trials get stage2.cache.dir=<out>/feature_cache: the first trial computes the frozen backbone's
+    features, the second (another weight decay / radius, same stage-1 checkpoint) reuses them."""
+    from bigltr.train import main as train_main
+
+    s1 = tmp_path / "s1"
+    assert train_main(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={s1}", "stage=1", "stage1.epochs=1"]) == 0
+    out = tmp_path / "t"
+    assert tune.main(["recipe=tiny_test", f"out={out}", f"data.root={tiny_shards}", "stage2.epochs=1",
+                      "stage2.features=cached", "stage2.cache.location=disk", f"stage1_checkpoint={s1 / 'stage1' / 'best.pt'}",
+                      "--phase", "2", "--trials", "2", "--poll", "0.5"]) == 0
+    (name,) = [p.name for p in (out / "trials").iterdir()]
+    trials = sorted(_trials(out, name), key=lambda t: t.number)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
+    cache = out / "feature_cache"
+    assert len(list(cache.glob("train-*"))) == 1 and len(list(cache.glob("val-*"))) == 1  # one build per split
+    logs = []
+    for t in trials:
+        d = Path(t.user_attrs["dir"])
+        assert yaml.safe_load((d / "config.yaml").read_text())["stage2"]["cache"]["dir"] == str(cache)
+        logs.append((d / "stderr.log").read_text() + (d / "stdout.log").read_text())
+    assert "feature cache: reusing" not in logs[0] and f"feature cache: reusing {cache}" in logs[1]
+    assert "eval feature cache: reusing" in logs[1]
+    assert not (Path(trials[0].user_attrs["dir"]) / "stage2" / "feature_cache").exists()
+
+
+def test_phase2_cache_dir_is_the_users_when_given(fake, tmp_path, monkeypatch):
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"x")
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    mine = tmp_path / "my_cache"
+    for out, extra, expected in ((tmp_path / "a", [], str(tmp_path / "a" / "feature_cache")),
+                                 (tmp_path / "b", [f"stage2.cache.dir={mine}"], str(mine))):
+        assert tune.main(fake + [f"out={out}", "--phase", "2", f"stage1_checkpoint={ckpt}", "--trials", "1",
+                                 *extra]) == 0
+        assert _calls(calls)[-1]["stage2.cache.dir"] == expected
+    # phase 1 trials never get it (the full run's command neither)
+    assert tune.main(fake + [f"out={tmp_path / 'c'}", "--trials", "1"]) == 0
+    assert "stage2.cache.dir" not in _calls(calls)[-1]
+    assert "feature_cache" not in json.loads((tmp_path / "a" / "tune_result.json").read_text())["command"]

@@ -79,7 +79,8 @@ def run(args, tmp: Path, device) -> None:
     import torch
 
     from bigltr.data.dali import DaliShardLoader
-    from bigltr.data.loader import ShardLoader, build_transform
+    from bigltr.data.loader import ShardLoader
+    from bigltr.data.transforms import build_transform
 
     print(f"torch {torch.__version__}, nvidia-dali {nvidia.dali.__version__}, device {device}"
           + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""), flush=True)

@@ -17,7 +17,7 @@ __all__ = [
     "ShardLoader", "build_transform",
 ]
 
-_LAZY = {"ShardLoader": "loader", "build_transform": "loader"}
+_LAZY = {"ShardLoader": "loader", "build_transform": "transforms"}
 
 
 def __getattr__(name):

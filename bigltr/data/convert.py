@@ -30,7 +30,7 @@ from PIL import Image
 
 from bigltr.atomic import write_json_atomic
 
-from .writer import REPORT_NAME, EncodedImage, encode_image, write_dataset
+from .writer import AUTO, REPORT_NAME, EncodedImage, encode_image, write_dataset
 
 __all__ = ["Item", "EncodeOptions", "load_image", "SkipLimitExceeded", "ConversionReport", "ordered_map",
            "convert", "IMG_EXTENSIONS"]
@@ -202,10 +202,11 @@ class SkipLimitExceeded(ValueError):
 class ConversionReport:
     """Per-split counts and the skipped images; saved as ``OUT/conversion_report.json``."""
 
-    def __init__(self, max_skip_fraction: float):
+    def __init__(self, max_skip_fraction: float, extra: Optional[dict] = None):
         self.max_skip_fraction = float(max_skip_fraction)
         self.splits: dict[str, dict[str, int]] = {}
         self.skipped: list[dict[str, str]] = []
+        self.extra = dict(extra or {})  # further top-level keys (after the standard ones)
 
     def start(self, split: str, listed: int) -> None:
         self.splits[split] = {"listed": int(listed), "written": 0, "skipped": 0}
@@ -228,7 +229,7 @@ class ConversionReport:
 
     def as_dict(self, status: str, message: str = "") -> dict:
         return {"status": status, "message": message, "max_skip_fraction": self.max_skip_fraction,
-                "splits": self.splits, "skipped": self.skipped}
+                "splits": self.splits, "skipped": self.skipped, **self.extra}
 
     def write(self, out_dir: str, status: str, message: str = "") -> str:
         path = os.path.join(out_dir, REPORT_NAME)
@@ -270,7 +271,7 @@ def convert(
     opts: EncodeOptions = EncodeOptions(),
     workers: int = 1,
     max_skip_fraction: float = 0.01,
-    maxcount: int = 5000,
+    maxcount: int | str = AUTO,  # "auto": balanced shards of 500-1,000 samples (writer.auto_shard_lengths)
     maxsize: Optional[float] = None,
     overwrite: bool = False,
     progress: bool = True,
@@ -278,6 +279,7 @@ def convert(
     chunksize: Optional[int] = None,
     record_encode: bool = True,
     expected_class_counts: Optional[list[int]] = None,
+    report_extra: Optional[dict] = None,
 ) -> dict:
     """Write ``splits`` (split -> items in write order) as shards + report + ``_info.json``; return the info.
 
@@ -285,6 +287,7 @@ def convert(
     ``source`` (the idx converter's ``_info.json`` predates them and keeps its layout: False).
     ``expected_class_counts``: the training split's class counts the source's rules promise (a long-tail
     profile); written counts that differ are a RuntimeError (a cheap self-check of the whole chain).
+    ``report_extra``: top-level keys added to ``conversion_report.json`` (idx: the class order used).
     """
     if not 0.0 <= float(max_skip_fraction) <= 1.0:
         raise ValueError(f"--max-skip-fraction must lie in [0, 1], got {max_skip_fraction}")
@@ -297,7 +300,7 @@ def convert(
             if not 0 <= int(it.label) < num_classes:  # the readers check first, with better messages
                 raise ValueError(f"{it.origin}: label {it.label} outside [0, {num_classes})")
         _check_files(items, split, progress)
-    report = ConversionReport(max_skip_fraction)
+    report = ConversionReport(max_skip_fraction, extra=report_extra)
     if record_encode:
         source = {**source, "encode": asdict(opts), "max_skip_fraction": float(max_skip_fraction)}
     if chunksize is None:

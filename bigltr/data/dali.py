@@ -66,6 +66,7 @@ from bigltr.atomic import write_text_atomic
 
 from .errors import DataError
 from .info import INFO_NAME
+from .labels import parse_label
 
 __all__ = ["DaliShardLoader", "dali_available", "resolve_pipeline", "DALI_INSTALL_HINT"]
 
@@ -197,15 +198,8 @@ def load_shard_index(shard: str, index_dir: str) -> dict:
     return data
 
 
-def _parse_label(text: Optional[str], where: str, num_classes: int) -> int:
-    """Like ShardLoader: ``int()`` of the ``.cls`` text, in [0, num_classes), else DataError naming the sample."""
-    try:
-        label = int(text)
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: label {str(text)[:20]!r} in .cls is not an integer") from None
-    if not 0 <= label < num_classes:
-        raise DataError(f"{where}: label {label} outside [0, {num_classes}) (num_classes in {INFO_NAME})")
-    return label
+# ShardLoader's arguments that DaliShardLoader takes as they are (its defaults are ShardLoader's)
+_PLAN_ARGS = ("seed", "num_workers", "shuffle_buffer", "rank", "world_size", "drop_last", "allow_partial")
 
 
 def _sub_seed(*parts: int) -> int:
@@ -214,21 +208,26 @@ def _sub_seed(*parts: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- DALI graph
-def _augment_graph(enc, *, aug: str, augment: bool, img_size: int, in_chans: int, mean: Sequence[float],
+def _augment_graph(enc, *, aug: str, augment: bool, img_size, in_chans: int, mean: Sequence[float],
                    std: Sequence[float], gpu: bool):
     """Encoded images -> normalised float CHW, mirroring ``bigltr.data.loader.build_transform``.
 
     Eval paths match torch's (up to decoder/resampler rounding, see docs/data.md): ``none``/``cifar``: resize to
     img_size x img_size when the image has another size; ``imagenet``: timm's eval transform, shorter side to
     floor(img_size / 0.875) (longer side int()-truncated like torchvision), centre crop with Python's
-    round-half-even offset. Training: ``cifar`` pads 4 (zeros) and takes a random img_size crop, then flips with
+    round-half-even offset. ``img_size``: S, [S] or [H, W] (``bigltr.data.transforms.image_hw``; a non-square size
+    resizes to H x W and crops H x W; ``imagenet`` eval needs a square one). Training: ``cifar`` pads 4 (zeros) and
+    takes a random img_size crop (``crop``: the same, never flipped), then flips with
     p=0.5; ``imagenet`` is timm's default: random-resized crop (area 0.08-1, ratio 3/4-4/3, 10 attempts),
     flip, colour jitter 0.4 (brightness, contrast, saturation factors in [0.6, 1.4]).
     """
     from nvidia.dali import fn, types
     import nvidia.dali.math as dmath
 
-    S = int(img_size)
+    from .transforms import image_hw
+
+    H, W = image_hw(img_size)
+    S = H  # the square sizes (imagenet eval) are S x S
     dec = dict(device="mixed" if gpu else "cpu", output_type=types.RGB,
                adjust_orientation=False,  # PIL ignores EXIF orientation; so does the torch path
                jpeg_fancy_upsampling=True)  # libjpeg's (and so PIL's) chroma upsampling on the GPU too
@@ -245,7 +244,7 @@ def _augment_graph(enc, *, aug: str, augment: bool, img_size: int, in_chans: int
     if aug == "imagenet" and augment:
         img = mode(fn.decoders.image_random_crop(enc, random_area=[0.08, 1.0], random_aspect_ratio=[3 / 4, 4 / 3],
                                                  num_attempts=10, **dec))
-        img = fn.resize(img, resize_x=S, resize_y=S, **lin)
+        img = fn.resize(img, resize_x=W, resize_y=H, **lin)
         # ColorJitter(0.4, 0.4, 0.4) as one colour matrix (DALI's color_twist: a single pass, 1.5x faster on CPU
         # than brightness_contrast + saturation). torchvision applies the three in a random order, clamping after
         # each, and centres contrast on the image's mean grey; color_twist has a fixed order, clamps once and
@@ -257,6 +256,9 @@ def _augment_graph(enc, *, aug: str, augment: bool, img_size: int, in_chans: int
             img = fn.brightness_contrast(img, **jitter)
         mirror = fn.random.coin_flip(probability=0.5)
     elif aug == "imagenet":
+        if H != W:  # timm resizes a non-square eval size with its ResizeKeepRatio, not mirrored here
+            raise ValueError(f"the DALI pipeline's imagenet eval transform needs a square img_size, got {H}x{W} "
+                             f"(use data.pipeline=torch)")
         shape = fn.peek_image_shape(enc, adjust_orientation=False, dtype=types.INT32)
         h, w = shape[0], shape[1]
         R = math.floor(S / _CROP_PCT)
@@ -269,17 +271,18 @@ def _augment_graph(enc, *, aug: str, augment: bool, img_size: int, in_chans: int
                         **lin)
         img = fn.slice(img, fn.stack(_half_even(new_h - S), _half_even(new_w - S)), _const([S, S]), axes=[0, 1])
     else:
-        if aug not in ("none", "cifar"):
-            raise ValueError(f"aug must be 'none', 'cifar' or 'imagenet', got {aug!r}")
+        if aug not in ("none", "cifar", "crop"):
+            raise ValueError(f"aug must be 'none', 'cifar', 'crop' or 'imagenet', got {aug!r}")
         img = mode(fn.decoders.image(enc, **dec))
         # resize to S x S; DALI's linear resampling to the same size is the identity (tests check it), so the
         # torch path's "only when the size differs" needs no branch
-        img = fn.resize(img, resize_x=S, resize_y=S, **lin)
-        if aug == "cifar" and augment:
+        img = fn.resize(img, resize_x=W, resize_y=H, **lin)
+        if aug in ("cifar", "crop") and augment:
             # RandomCrop(S, padding=4) on an S x S image: offset in {-4..4} per axis, zero padding
             off = fn.random.uniform(values=list(range(-4, 5)), shape=[2], dtype=types.INT32)
-            img = fn.slice(img, off, _const([S, S]), axes=[0, 1], out_of_bounds_policy="pad", fill_values=0)
-            mirror = fn.random.coin_flip(probability=0.5)
+            img = fn.slice(img, off, _const([H, W]), axes=[0, 1], out_of_bounds_policy="pad", fill_values=0)
+            if aug == "cifar":
+                mirror = fn.random.coin_flip(probability=0.5)
     # ToTensor + Normalize: (x / 255 - m) / s == (x - 255 m) / (255 s)
     return fn.crop_mirror_normalize(img, dtype=types.FLOAT, output_layout="CHW", mirror=mirror,
                                     mean=[255.0 * float(m) for m in mean], std=[255.0 * float(s) for s in std])
@@ -307,7 +310,9 @@ class DaliShardLoader:
     ``augment``, default ``train``; otherwise the eval transform of the same name) instead of a callable.
     ``device``: "cpu" (DALI CPU-only mode) or a CUDA device (decode and augment on that GPU; batches are
     returned there). ``num_workers``: DALI CPU threads (at least 1), and the ShardLoader argument of the same
-    name that ``len`` depends on. See the module docstring for order, keys and faults.
+    name that ``len`` depends on. ``seed``, ``num_workers``, ``shuffle_buffer``, ``rank``, ``world_size``,
+    ``drop_last`` and ``allow_partial`` are ShardLoader's (same meaning and defaults: they are passed on to the
+    ShardLoader that plans the epochs). See the module docstring for order, keys and faults.
     """
 
     def __init__(
@@ -323,16 +328,10 @@ class DaliShardLoader:
         std: Sequence[float],
         aug: str = "none",
         augment: Optional[bool] = None,
-        seed: int = 0,
-        num_workers: int = 2,
-        shuffle_buffer: int = 2000,
-        rank: int = 0,
-        world_size: int = 1,
-        drop_last: Optional[bool] = None,
-        allow_partial: bool = False,
         device: str | torch.device = "cpu",
         index_dir: Optional[str] = None,
         prefetch: int = 2,
+        **plan,
     ):
         try:
             import nvidia.dali  # noqa: F401
@@ -344,23 +343,27 @@ class DaliShardLoader:
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         if len(mean) != in_chans or len(std) != in_chans:
             raise ValueError(f"mean and std need {in_chans} values, got {tuple(mean)}, {tuple(std)}")
-        if aug not in ("none", "cifar", "imagenet"):
-            raise ValueError(f"aug must be 'none', 'cifar' or 'imagenet', got {aug!r}")
+        if aug not in ("none", "cifar", "crop", "imagenet"):
+            raise ValueError(f"aug must be 'none', 'cifar', 'crop' or 'imagenet', got {aug!r}")
+        unknown = sorted(set(plan) - set(_PLAN_ARGS))
+        if unknown:
+            raise TypeError(f"DaliShardLoader got unexpected keyword argument(s) {unknown}")
         # The plan (shards per rank and epoch, len, per-rank sample counts) is ShardLoader's own arithmetic on
         # shard_lengths: building one reads _info.json and starts no worker.
-        self._plan = ShardLoader(root, split, batch_size=batch_size, transform=None, train=train, seed=seed,
-                                 num_workers=num_workers, shuffle_buffer=shuffle_buffer, rank=rank,
-                                 world_size=world_size, drop_last=drop_last, allow_partial=allow_partial)
+        self._plan = ShardLoader(root, split, batch_size=batch_size, transform=None, train=train, **plan)
         p = self._plan
         self.root, self.split, self.info, self.entry = p.root, split, p.info, p.entry
         self.batch_size, self.train, self.seed = p.batch_size, p.train, p.seed
         self.rank, self.world_size, self.drop_last = p.rank, p.world_size, p.drop_last
-        self.allow_partial = bool(allow_partial)
+        self.allow_partial = p.allow_partial
         self.expected_samples = int(self.entry["num_samples"])
         self.aug, self.augment = aug, self.train if augment is None else bool(augment)
-        self.img_size, self.in_chans = int(img_size), int(in_chans)
+        from .transforms import image_hw
+
+        h, w = image_hw(img_size)
+        self.img_size, self.in_chans = (h if h == w else (h, w)), int(in_chans)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.num_threads = max(1, int(num_workers))
+        self.num_threads = max(1, p.num_workers)
         self.prefetch = max(1, int(prefetch))
         self.device = torch.device(device)
         self.index_dir = os.fspath(index_dir) if index_dir else default_index_dir()
@@ -429,7 +432,7 @@ class DaliShardLoader:
                 where = f"{path}: sample {key}"
                 label = None
                 if ext is not None and text is not None:
-                    label = _parse_label(text, where, num_classes)
+                    label = parse_label(text, where, num_classes)
                 order.append((i, key, label, ext, off, size, member))
         return order, short
 

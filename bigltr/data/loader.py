@@ -49,7 +49,7 @@ import logging
 import math
 import os
 import random
-from typing import Any, Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 import torch
@@ -59,83 +59,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import DataError
 from .info import INFO_NAME, read_info
+from .labels import parse_label
 
-__all__ = ["build_transform", "ShardLoader", "DataError"]
+__all__ = ["ShardLoader", "DataError"]
 
 _log = logging.getLogger(__name__)
 
 IMAGE_KEYS = "png;jpg;jpeg;webp"
 _IMAGE_EXTS = tuple(IMAGE_KEYS.split(";"))
-
-
-# ----------------------------------------------------------------------------------------------- transforms
-class _ToMode:
-    """Convert a PIL image to a fixed mode ("L" or "RGB")."""
-
-    def __init__(self, mode: str):
-        self.mode = mode
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img if img.mode == self.mode else img.convert(self.mode)
-
-    def __repr__(self) -> str:
-        return f"ToMode({self.mode!r})"
-
-
-class _ResizeIfNeeded:
-    """Resize to (size, size) only when the image has another size (no-op for 32x32 CIFAR at 32)."""
-
-    def __init__(self, size: int):
-        from torchvision import transforms as T
-
-        self.size = size
-        self.resize = T.Resize((size, size), interpolation=T.InterpolationMode.BILINEAR, antialias=True)
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return img if img.size == (self.size, self.size) else self.resize(img)
-
-    def __repr__(self) -> str:
-        return f"ResizeIfNeeded({self.size})"
-
-
-def build_transform(
-    *,
-    img_size: int,
-    in_chans: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    train: bool,
-    aug: str,
-) -> Callable[[Image.Image], torch.Tensor]:
-    """PIL image -> float tensor [in_chans, img_size, img_size].
-
-    aug: ``"none"``   (resize to img_size x img_size if needed, to tensor, normalise);
-         ``"cifar"``  (``"none"`` plus RandomCrop(img_size, padding=4) and RandomHorizontalFlip when train);
-         ``"imagenet"`` (``timm.data.create_transform`` with the given size/mean/std).
-    Images are first converted to "L" (in_chans 1) or "RGB" (in_chans 3).
-    """
-    from torchvision import transforms as T
-
-    if in_chans not in (1, 3):
-        raise ValueError(f"build_transform: in_chans must be 1 or 3, got {in_chans}")
-    if len(mean) != in_chans or len(std) != in_chans:
-        raise ValueError(f"build_transform: mean and std need {in_chans} values, got {tuple(mean)}, {tuple(std)}")
-    if int(img_size) < 1:
-        raise ValueError(f"build_transform: img_size must be >= 1, got {img_size}")
-    to_mode = _ToMode("L" if in_chans == 1 else "RGB")
-    mean, std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-    if aug == "imagenet":
-        from timm.data import create_transform
-
-        tf = create_transform(input_size=(in_chans, img_size, img_size), is_training=train, mean=mean, std=std)
-        return T.Compose([to_mode, tf])
-    if aug not in ("none", "cifar"):
-        raise ValueError(f"build_transform: aug must be 'none', 'cifar' or 'imagenet', got {aug!r}")
-    ops: list = [to_mode, _ResizeIfNeeded(int(img_size))]
-    if aug == "cifar" and train:
-        ops += [T.RandomCrop(int(img_size), padding=4), T.RandomHorizontalFlip()]
-    ops += [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(ops)
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -222,17 +153,6 @@ class _ShardReads:
             self._close(url)
 
 
-def _parse_label(data: Any, where: str, num_classes: int) -> int:
-    """The ``.cls`` payload (ASCII digits) as an int in [0, num_classes), else DataError naming ``where``."""
-    try:
-        label = int(data)
-    except (TypeError, ValueError):
-        raise DataError(f"{where}: label {bytes(data)[:20]!r} in .cls is not an integer") from None
-    if not 0 <= label < num_classes:
-        raise DataError(f"{where}: label {label} outside [0, {num_classes}) (num_classes in {INFO_NAME})")
-    return label
-
-
 def _decode_image_native(key: str, data: bytes):
     """Decode image bytes into a PIL image in its stored mode (the transform picks L/RGB)."""
     ext = key.rsplit(".", 1)[-1].lower()
@@ -287,7 +207,7 @@ class _EpochStream(IterableDataset):
         where = f"{sample.get('__url__', '?')}: sample {key}"
         if "cls" not in sample:
             raise _BadSample(f"{where}: no .cls label")
-        label = _parse_label(sample["cls"], where, self.num_classes)
+        label = parse_label(sample["cls"], where, self.num_classes)
         ext = next((e for e in _IMAGE_EXTS if e in sample), None)
         if ext is None:
             raise _BadSample(f"{where}: no image ({', '.join('.' + e for e in _IMAGE_EXTS)})")
@@ -425,14 +345,29 @@ class ShardLoader:
         if n_shards == 0 or sum(self._lengths) == 0:
             raise ValueError(f"split '{split}' of {self.root} holds no samples")
         ws, B = self.world_size, self.batch_size
-        # Fewer shards than ranks: split by sample instead (each rank reads every shard and keeps every
-        # ws-th sample of each worker's stream). Costs ws-fold reading, not decoding; fine for small splits.
         # Training reads whole shards per rank, each rank capped at a share every epoch can give (the sum of the
         # n_shards // ws smallest shards). When that cap would drop more than 10% of the split (few or uneven
         # shards), or there are fewer shards than ranks, split by sample instead: each rank reads every shard and
-        # keeps every ws-th sample of each worker's stream (ws-fold reading, no extra decoding).
+        # keeps every ws-th sample of each worker's stream (ws-fold reading, no extra decoding). The converters'
+        # default layout (writer.auto_shard_lengths: balanced shards, a power-of-two multiple of them) keeps 1, 2,
+        # 4, 8 ranks on whole shards, dropping fewer samples than there are shards (12,406 in 16 shards: 6).
         shard_cap = sum(sorted(self._lengths)[: n_shards // ws]) if self.train and ws > 1 else None
         self._split_samples = ws > n_shards or (shard_cap is not None and shard_cap * ws < 0.9 * sum(self._lengths))
+        if self.rank == 0 and ws > 1:
+            total = sum(self._lengths)
+            if self._split_samples:
+                why = ("fewer shards than ranks" if ws > n_shards else
+                       f"whole shards would give each rank only {shard_cap} samples ({total - shard_cap * ws} of "
+                       f"{total} dropped per epoch)")
+                _log.info("split '%s' of %s: %d shard(s) for %d ranks: %s, so every rank reads every shard and "
+                          "keeps one sample in %d (%d-fold reading); to read whole shards, make shards of nearly "
+                          "equal size, ideally a multiple of %d of them (tools/make_shards.py's default --maxcount "
+                          "auto: balanced, a power-of-two count; see docs/data.md, 'Shard size')", split, self.root,
+                          n_shards, ws, why, ws, ws, ws)
+            elif shard_cap is not None:
+                _log.info("split '%s' of %s: %d shards for %d ranks: each rank reads whole shards, %d samples per "
+                          "epoch (%d of %d dropped)", split, self.root, n_shards, ws, shard_cap,
+                          total - shard_cap * ws, total)
         if self._split_samples:
             nw = max(1, min(self.num_workers, n_shards))
             streams = [sum(self._lengths[w::nw]) for w in range(nw)]  # eval order; train varies per epoch
@@ -441,9 +376,6 @@ class ShardLoader:
             if self.train:  # shard order changes per epoch, so use a bound that holds for every epoch
                 cap = max(0, sum(self._lengths) // ws - nw)
                 per_rank, self._cap = [cap] * ws, cap
-            if self.rank == 0:
-                _log.info("split '%s' of %s: %d shard(s) for %d ranks: splitting by sample", split, self.root,
-                          n_shards, ws)
         elif shard_cap is not None:
             per_rank = [shard_cap] * ws
             self._cap: Optional[int] = shard_cap

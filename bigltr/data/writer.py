@@ -4,6 +4,12 @@ Each sample becomes ``<key>.png`` (or ``.jpg``) and ``<key>.cls`` (the label as 
 file ``{split}-{i:06d}.tar``. Shards are written under a hidden temporary name in the same folder and
 renamed to their final name only once complete, so an interrupted conversion never leaves a partial shard
 under a final name. Tar headers use a fixed mtime/owner, so the same input gives byte-identical shards.
+
+Shard sizes (``maxcount``): an int N fills shards in order with at most N samples each, the last one holding the
+rest (webdataset's ``maxcount``). The default, ``"auto"`` (:func:`auto_shard_lengths`), makes shards of 500 to
+1,000 samples, balanced (they differ by at most one), whose count is a multiple of a power of two (of 64 for a
+large split, of 8 when 8 shards of 500 fit, ...), so that 1, 2, 4, 8, ... ranks each read whole shards of nearly
+the same total and ``ShardLoader`` drops almost nothing (see docs/data.md, "Shard size").
 """
 from __future__ import annotations
 
@@ -17,11 +23,54 @@ import numpy as np
 from PIL import Image
 
 __all__ = ["write_split", "write_dataset", "prepare_output_dir", "encode_image", "shard_name", "EncodedImage",
-           "sha256_file", "REPORT_NAME"]
+           "sha256_file", "REPORT_NAME", "AUTO", "auto_shard_lengths", "parse_maxcount"]
 
 _FORMATS = {"png": "PNG", "jpg": "JPEG"}
 _STORED_EXTS = ("png", "jpg", "webp")  # extensions an already-encoded image may be stored under
 REPORT_NAME = "conversion_report.json"  # written by bigltr.data.convert beside the shards
+
+AUTO = "auto"  # maxcount: balanced shards of AUTO_MIN..AUTO_TARGET samples (auto_shard_lengths)
+AUTO_TARGET = 1000  # samples per shard the automatic layout aims at and never exceeds
+AUTO_MULTIPLE = 64  # the shard count is a multiple of the largest power of two up to this (world sizes 1, 2, 4, ...)
+AUTO_MIN = 500  # ... that keeps every shard at least this large
+
+
+def auto_shard_lengths(n: int, *, target: int = AUTO_TARGET, multiple: int = AUTO_MULTIPLE,
+                       min_size: int = AUTO_MIN) -> list[int]:
+    """Samples per shard of the automatic layout for a split of ``n`` samples (``maxcount="auto"``).
+
+    k = ceil(n / target) shards, rounded up to a multiple of the largest power of two m <= ``multiple`` (64) for
+    which every shard still holds at least ``min_size`` samples (k <= n // min_size; a split of fewer than
+    2 x min_size samples is one shard); the counts are balanced (the first n mod k shards hold one more). Every
+    shard holds at most ``target``. ``ShardLoader`` on W ranks, W a power of two dividing m, then gives every rank
+    k / W whole shards and drops n mod k samples per epoch at most (fewer than k).
+    Examples: 12,406 -> 16 shards of 776/775; 2,000 -> 4 of 500; 10,000 -> 16 of 625; 115,846 -> 128 of 906/905.
+    """
+    n = int(n)
+    if n <= 0:
+        return []
+    k = -(-n // int(target))
+    m = int(multiple)
+    while m > 1 and n // (-(-k // m) * m) < min_size:
+        m //= 2
+    k = -(-k // m) * m
+    q, r = divmod(n, k)
+    return [q + 1] * r + [q] * (k - r)
+
+
+def parse_maxcount(value: Any) -> int | str:
+    """``--maxcount`` / ``maxcount=``: ``"auto"`` or an int >= 1 (ValueError otherwise)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO:
+        return AUTO
+    if isinstance(value, bool):
+        raise ValueError(f"maxcount must be 'auto' or an integer >= 1, got {value!r}")
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"maxcount must be 'auto' or an integer >= 1, got {value!r}") from None
+    if n < 1 or (not isinstance(value, str) and n != value):  # 2.5 is not a count; 1e3 is
+        raise ValueError(f"maxcount must be 'auto' or an integer >= 1, got {value!r}")
+    return n
 
 
 class EncodedImage(NamedTuple):
@@ -151,7 +200,7 @@ def write_split(
     split: str,
     samples: Iterable[tuple[str, Any, int]],
     *,
-    maxcount: int = 10000,
+    maxcount: int | str = AUTO,
     maxsize: Optional[int] = None,
     image_format: str = "png",
     num_classes: Optional[int] = None,
@@ -164,9 +213,13 @@ def write_split(
     ``image`` is a PIL image or a uint8 HxW / HxWxC array (encoded as ``image_format``), or an
     :class:`EncodedImage` (stored as is under its own extension); ``label`` an int in [0, num_classes) when
     ``num_classes`` is given. Keys must be unique within the split and use only ``[A-Za-z0-9_-/]`` (a dot
-    would split the WebDataset sample). A new shard starts after ``maxcount`` samples or once the current
-    shard holds ``maxsize`` bytes of payload. Shards are written in the order given (shuffle before calling
-    if shards should mix classes).
+    would split the WebDataset sample). Shard sizes: ``maxcount=N`` starts a new shard after N samples (the last
+    shard holds the rest); ``maxcount="auto"`` (default) cuts the split into the balanced shards of
+    :func:`auto_shard_lengths` for ``total`` samples (``len(samples)`` when ``total`` is None; without either,
+    shards of ``AUTO_TARGET``); if fewer samples arrive than ``total`` (skipped images), the last shard is
+    shorter. Either way a new shard also starts once the current one holds ``maxsize`` bytes of payload (the
+    later cuts stay where they were planned). Shards are written in the order given (shuffle before calling if
+    shards should mix classes).
 
     Returns the split entry for ``_info.json``: ``{"name", "num_samples", "filenames", "shard_lengths",
     "class_hist", "checksums", "sizes"}``, ``class_hist`` holding per-shard per-class counts (length
@@ -175,8 +228,13 @@ def write_split(
     """
     if not isinstance(split, str) or not re.match(r"^[A-Za-z0-9_]+$", split):
         raise ValueError(f"split name must be alphanumeric/underscore, got {split!r}")
-    if maxcount < 1:
-        raise ValueError(f"maxcount must be >= 1, got {maxcount}")
+    maxcount = parse_maxcount(maxcount)
+    cuts: set[int] = set()  # "auto": numbers of samples written after which a shard ends
+    if maxcount == AUTO:
+        n_planned = total if total is not None else (len(samples) if hasattr(samples, "__len__") else None)
+        plan = auto_shard_lengths(n_planned) if n_planned is not None else []
+        cuts = set(np.cumsum(plan[:-1]).tolist())
+        maxcount = max(plan, default=AUTO_TARGET)  # also caps shards if more samples arrive than planned
     if maxsize is not None and maxsize < 1:
         raise ValueError(f"maxsize must be >= 1 byte, got {maxsize}")
     if image_format not in _FORMATS:
@@ -194,6 +252,7 @@ def write_split(
 
     sink = _ShardSink(out_dir, split)
     seen: set[str] = set()
+    written = 0
     try:
         for key, image, label in it:
             if not isinstance(key, str) or not _KEY_RE.match(key):
@@ -205,9 +264,10 @@ def write_split(
             if label < 0 or (num_classes is not None and label >= num_classes):
                 raise ValueError(f"sample {key!r}: label {label} outside [0, {num_classes})")
             if sink.writer is not None and (
-                sink.count >= maxcount or (maxsize is not None and sink.size >= maxsize)
+                sink.count >= maxcount or written in cuts or (maxsize is not None and sink.size >= maxsize)
             ):
                 sink.close_shard()
+            written += 1
             if isinstance(image, EncodedImage):
                 if image.ext not in _STORED_EXTS:
                     raise ValueError(f"sample {key!r}: encoded image extension must be one of {_STORED_EXTS}, "
@@ -280,7 +340,7 @@ def write_dataset(
     splits: dict[str, tuple[Iterable[tuple[str, Any, int]], Optional[int]]],
     source: dict,
     train_split: str = "train",
-    maxcount: int = 10000,
+    maxcount: int | str = AUTO,
     maxsize: Optional[int] = None,
     image_format: str = "png",
     overwrite: bool = False,
@@ -292,8 +352,8 @@ def write_dataset(
     """Convert a whole dataset: prepare ``out_dir``, write each split, then ``_info.json`` last.
 
     ``splits`` maps split name -> ``(samples, total)`` with samples as in :func:`write_split` (``total``
-    only sizes the progress bar). ``class_counts`` in the info is the per-class histogram of
-    ``train_split``. ``extra`` adds top-level keys to the info (e.g. ``category_ids``);
+    sizes the progress bar and, with ``maxcount="auto"``, the shards). ``class_counts`` in the info is the
+    per-class histogram of ``train_split``. ``extra`` adds top-level keys to the info (e.g. ``category_ids``);
     ``before_info(info)`` runs after the last shard and before ``_info.json`` is written (it may raise to
     leave the folder unfinished). Because ``_info.json`` is written last (atomically), a folder without it
     is an unfinished conversion. Returns the info dict written.

@@ -13,7 +13,8 @@ from bigltr.data.errors import DataError
 from bigltr.data.info import read_info
 from bigltr.data import check_trainable
 from bigltr.data.dali import DaliShardLoader, resolve_pipeline
-from bigltr.data.loader import ShardLoader, build_transform
+from bigltr.data.loader import ShardLoader
+from bigltr.data.transforms import build_transform
 from bigltr.distributed import Dist
 from bigltr.engine.common import evaluate
 from bigltr.metrics import summarize

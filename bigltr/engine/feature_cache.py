@@ -151,6 +151,25 @@ def _prune(root: Path, split: str, key: dict) -> None:
             pass
 
 
+def _load_entry(entry: Path, key: dict, *, with_index: bool = False):
+    """(features, labels, index.json's content or None) of the complete disk cache in folder `entry` if it was
+    written for the same key, else None (also when its files were removed meanwhile: the caller builds anew).
+    The features are a copy-on-write mapping: writable for torch, never written back (other runs may share the
+    file); bf16 features are viewed as bf16."""
+    if _read_key(entry) != key:
+        return None
+    try:
+        arr = np.load(entry / "features.bin", mmap_mode="c", allow_pickle=False)
+        labels = torch.from_numpy(np.load(entry / "labels.npy"))
+        index = json.loads((entry / "index.json").read_text()) if with_index else None
+    except FileNotFoundError:
+        return None
+    feats = torch.from_numpy(arr)
+    if key["dtype"] == "bf16":
+        feats = feats.view(torch.bfloat16)
+    return feats, labels, index
+
+
 def _np(t: torch.Tensor) -> np.ndarray:
     """numpy has no bfloat16: its bytes are stored as int16."""
     return t.view(torch.int16).numpy() if t.dtype == torch.bfloat16 else t.numpy()
@@ -198,16 +217,10 @@ class FeatureCache:
     def load(cls, entry: Path, key: dict, *, batch_size: int, seed: int) -> "FeatureCache | None":
         """The complete disk cache in folder `entry` if it was written for the same key (checkpoint, data, views,
         dtype), else None."""
-        if _read_key(entry) != key:
+        loaded = _load_entry(entry, key)
+        if loaded is None:
             return None
-        try:  # copy-on-write mapping: writable for torch, never written back (other runs may share the file)
-            arr = np.load(entry / "features.bin", mmap_mode="c", allow_pickle=False)
-            labels = torch.from_numpy(np.load(entry / "labels.npy"))
-        except FileNotFoundError:  # removed meanwhile: build anew
-            return None
-        feats = torch.from_numpy(arr)
-        if key["dtype"] == "bf16":
-            feats = feats.view(torch.bfloat16)
+        feats, labels, _ = loaded
         log.info(f"feature cache: reusing {entry} ({tuple(feats.shape)})")
         return cls(feats, labels, batch_size=batch_size, seed=seed)
 
@@ -333,17 +346,10 @@ class EvalFeatures:
     @classmethod
     def load(cls, entry: Path, key: dict) -> "EvalFeatures | None":
         """The complete disk cache in folder `entry` if it was written for the same key, else None."""
-        if _read_key(entry) != key:
+        loaded = _load_entry(entry, key, with_index=True)
+        if loaded is None:
             return None
-        try:
-            arr = np.load(entry / "features.bin", mmap_mode="c", allow_pickle=False)
-            labels = torch.from_numpy(np.load(entry / "labels.npy"))
-            index = json.loads((entry / "index.json").read_text())
-        except FileNotFoundError:  # removed meanwhile: build anew
-            return None
-        feats = torch.from_numpy(arr)
-        if key["dtype"] == "bf16":
-            feats = feats.view(torch.bfloat16)
+        feats, labels, index = loaded
         log.info(f"eval feature cache: reusing {entry} ({index['split']}, {tuple(feats.shape)})")
         return cls(feats, labels, index["keys"], index["sizes"], index["split"])
 

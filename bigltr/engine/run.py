@@ -17,8 +17,10 @@ from bigltr.engine.resume import StopFlag, resume_candidates
 from bigltr.engine.rundir import RunLock, RunLocked, compare_for_resume
 from bigltr.engine.stage1 import run_stage1
 from bigltr.engine.stage2 import run_stage2
+from bigltr.engine.tracking import Tracking
 from bigltr.distributed import Dist, resolve_device
 from bigltr.metrics import format_table
+from bigltr.results import RESULTS_NAME, read_results
 
 log = logging.getLogger("bigltr")
 
@@ -52,8 +54,8 @@ def run(cfg: Config, dist: Dist | None = None) -> dict:
 
 def _run_locked(cfg: Config, ctx: RunContext, out: Path) -> dict:
     dist = ctx.dist
-    results_path = out / "results.json"
-    results = _read_results(results_path)
+    results_path = out / RESULTS_NAME
+    results = read_results(out)
     if cfg.resume == "auto":
         _check_resume_config(cfg, out, results)
     dist.barrier()  # every rank has read the old results and config before rank 0 rewrites them
@@ -66,26 +68,13 @@ def _run_locked(cfg: Config, ctx: RunContext, out: Path) -> dict:
     log.info(f"run {out}: stage {cfg.stage}, device {dist.device}, {dist.describe()}, data {cfg.data.root} "
              f"({ctx.num_classes} classes)")
 
-    ctx.stop = StopFlag(out, dist, cfg.preempt_check_every)
-    try:
-        ctx.stop.clear_stale()
-        return _run_stages(cfg, ctx, results, results_path)
-    finally:
-        ctx.stop.close()
-
-
-def _read_results(path: Path) -> dict:
-    if not path.exists():
-        return {}
-    try:
-        results = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{path} is not readable JSON ({e}); it is rewritten atomically, so something else "
-                          f"damaged it: remove it, and resume=auto re-evaluates the finished stages from their "
-                          f"checkpoints") from None
-    if not isinstance(results, dict):
-        raise ConfigError(f"{path} does not hold a JSON object; remove it (see above)")
-    return results
+    with Tracking.open(cfg, out, dist.is_main) as tracking:  # log.trackers, main rank; finished however this ends
+        ctx.stop = StopFlag(out, dist, cfg.preempt_check_every)
+        try:
+            ctx.stop.clear_stale()
+            return _run_stages(cfg, ctx, results, results_path, tracking)
+        finally:
+            ctx.stop.close()
 
 
 def _check_resume_config(cfg: Config, out: Path, results: dict) -> None:
@@ -112,13 +101,13 @@ def _check_resume_config(cfg: Config, out: Path, results: dict) -> None:
         log.info("resume=auto: changed since the run started: " + "; ".join(allowed))
 
 
-def _run_stages(cfg: Config, ctx: RunContext, results: dict, results_path: Path) -> dict:
+def _run_stages(cfg: Config, ctx: RunContext, results: dict, results_path: Path, tracking: Tracking) -> dict:
     dist, out = ctx.dist, ctx.out
     done = set(results) if cfg.resume == "auto" else set()  # a finished stage is not rerun on resume
     ran = set()
     if cfg.stage in ("1", "all") and "stage1" not in done:
         seed_everything(cfg.seed)
-        results["stage1"] = run_stage1(ctx)
+        results["stage1"] = run_stage1(ctx, tracking)
         ran.add("stage1")
         results.pop("stage2", None)  # a new stage 1 invalidates any earlier stage 2
         done.discard("stage2")
@@ -130,7 +119,7 @@ def _run_stages(cfg: Config, ctx: RunContext, results: dict, results_path: Path)
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"stage 2 needs stage 1's checkpoint; {ckpt} does not exist (run stage=1 with "
                                     f"out={cfg.out} first, or set stage1_checkpoint=PATH)")
-        results["stage2"] = run_stage2(ctx, ckpt)
+        results["stage2"] = run_stage2(ctx, ckpt, tracking)
         ran.add("stage2")
         if dist.is_main:
             write_json(results_path, results)

@@ -127,7 +127,7 @@ class RunLock:
 RESUMABLE = ("recipe", "stage", "out", "resume", "device", "log_every", "ckpt_every_steps", "preempt_check_every",
              "stage1.epochs", "stage2.epochs", "data.root", "data.num_workers", "data.pin_memory",
              "data.max_skip_fraction", "data.eval_partial", "data.pipeline", "stage2.cache.location",
-             "stage2.cache.dir", "eval.", "dist.")
+             "stage2.cache.dir", "eval.", "dist.", "log.")
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

@@ -1,6 +1,7 @@
 """Stage 1: learn features. Whole network, plain cross-entropy, SGD + cosine LR, a tuned weight decay.
 
-The best epoch is chosen on the balanced VALIDATION accuracy (never on test); best.pt and last.pt are kept.
+The best epoch is chosen on the balanced VALIDATION accuracy (never on test); best.pt and last.pt are kept
+(bigltr.engine.epoch_end, shared with stage 2).
 """
 from __future__ import annotations
 
@@ -10,19 +11,19 @@ import time
 import torch
 import torch.nn as nn
 
-from bigltr.checkpoint import load_checkpoint, save_checkpoint
 from bigltr.config import ConfigError, to_dict
-from bigltr.engine.common import (CsvLog, build_sgd, cosine_schedule, optimizer_steps, param_groups, peak_memory_mib,
-                                  train_epoch)
-from bigltr.engine.context import RunContext, write_json
+from bigltr.engine.common import build_sgd, cosine_schedule, optimizer_steps, param_groups, train_epoch
+from bigltr.engine.context import RunContext
+from bigltr.engine.epoch_end import EpochEnd
 from bigltr.engine.resume import Preempted, Progress, epoch_end_stop, resume_candidates, step_hook
+from bigltr.engine.tracking import Tracking
 from bigltr.models import build_model
 from bigltr.objective.maxnorm import row_norms
 
 log = logging.getLogger("bigltr")
 
 
-def run_stage1(ctx: RunContext) -> dict:
+def run_stage1(ctx: RunContext, tracking: Tracking | None = None) -> dict:
     cfg, s1, device, dist = ctx.cfg, ctx.cfg.stage1, ctx.device, ctx.dist
     out = ctx.out / "stage1"
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans,
@@ -46,7 +47,7 @@ def run_stage1(ctx: RunContext) -> dict:
     loss_fn = nn.CrossEntropyLoss()
     prog = Progress(out, 1, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler).restore_newest(
         resume_candidates(out) if cfg.resume == "auto" else [])
-    summary = CsvLog(out / "summary.csv", resume=prog.resumed) if ctx.is_main else None
+    ends = EpochEnd(ctx, prog, out=out, epochs=s1.epochs, amp=s1.amp, tracking=tracking)
     log.info(f"stage 1: {cfg.model.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
              f"(local), {train_loader.num_samples} train images/rank x {dist.world_size} rank(s), {steps} steps/epoch, "
              f"wd={s1.weight_decay} ({s1.wd_scope})")
@@ -63,36 +64,13 @@ def run_stage1(ctx: RunContext) -> dict:
             raise Preempted(f"stage 1 stopped at epoch {epoch + 1}, batch {tr['batches']}")
         stop_now = epoch_end_stop(ctx, prog, epoch)  # raises if the loss went non-finite: nothing below is written then
         tr.update(ctx.data_losses(train_loader))  # samples skipped (corrupt) or lost (short shard); may raise
-        model.eval()
-        val = ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, s1.amp, "val")["m"]
-        state_model = dist.full_state_dict(model)  # collective under FSDP2
+        val, state_model = ends.validate(model, val_loader)
         norms = row_norms(state_model["classifier.weight"])
-        prog.norms_per_epoch.append([round(float(n), 6) for n in norms])
-        is_best = prog.update_best(epoch + 1, val["all"])
-        if ctx.is_main:
-            summary.write({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
-                           "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
-                           "wnorm_min": float(norms.min()), "wnorm_max": float(norms.max())})
-            # weights only; optimizer, scheduler and data position live in the resume checkpoint (below)
-            state = {"stage": 1, "epoch": epoch + 1, "model": state_model, "val_all": val["all"],
-                     "config": to_dict(cfg)}
-            save_checkpoint(state, out / "last.pt")
-            if is_best:
-                save_checkpoint(state, out / "best.pt")
-        log.info(f"stage1 epoch {epoch + 1}/{s1.epochs} loss {tr['train_loss']:.4f} train_acc {tr['train_acc']:.2f} "
-                 f"val_all {val['all']:.2f} ({tr['img_per_s']:.0f} img/s/rank){' *best' if is_best else ''}")
-        prog.checkpoint(epoch + 1, 0)
-        if stop_now:
-            raise Preempted(f"stage 1 stopped at the end of epoch {epoch + 1}")
+        ends.record(epoch, tr, val, state_model, stop_now=stop_now,
+                    columns={"wnorm_min": float(norms.min()), "wnorm_max": float(norms.max())},
+                    text=f"loss {tr['train_loss']:.4f} train_acc {tr['train_acc']:.2f} val_all {val['all']:.2f} "
+                         f"({tr['img_per_s']:.0f} img/s/rank)")
     train_s = time.perf_counter() - t_start
-    if ctx.is_main:
-        write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": prog.norms_per_epoch})
-    dist.barrier()  # best.pt is complete before any rank reads it
-    final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(device)
-    final.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    result = ctx.final_eval(final, s1.batch_size, s1.amp)
-    result["best_epoch"] = prog.best[0]
-    result["wall_time_s"] = {"train_incl_val": round(train_s, 2)}
-    result["peak_memory_mib"] = round(peak_memory_mib(device), 1)
-    result["weight_norms"] = [round(float(n), 6) for n in row_norms(final.classifier.weight)]
-    return result
+    final = ends.finish(s1.batch_size)  # weight_norms.json; best.pt's val/test metrics
+    return {**final.metrics, "best_epoch": final.best_epoch, "wall_time_s": {"train_incl_val": round(train_s, 2)},
+            "peak_memory_mib": final.peak_memory_mib, "weight_norms": final.weight_norms}

@@ -15,17 +15,18 @@ from pathlib import Path
 
 import torch
 
-from bigltr.checkpoint import load_checkpoint, save_checkpoint
+from bigltr.checkpoint import load_checkpoint
 from bigltr.config import ConfigError, to_dict
-from bigltr.engine.common import (CsvLog, autocast, build_sgd, cosine_schedule, freeze, peak_memory_mib,
-                                  train_epoch)
-from bigltr.engine.context import RunContext, write_json
+from bigltr.engine.common import autocast, build_sgd, cosine_schedule, freeze, train_epoch
+from bigltr.engine.context import RunContext
+from bigltr.engine.epoch_end import EpochEnd
 from bigltr.engine.feature_cache import EvalFeatures, FeatureCache
 from bigltr.engine.resume import Preempted, Progress, epoch_end_stop, resume_candidates, step_hook
+from bigltr.engine.tracking import Tracking
 from bigltr.models import build_model
 from bigltr.objective.fused_sgd import SGDMaxNorm
 from bigltr.objective.losses import build_loss
-from bigltr.objective.maxnorm import MaxNorm, resolve_radius, row_norms
+from bigltr.objective.maxnorm import MaxNorm, resolve_radius
 
 log = logging.getLogger("bigltr")
 
@@ -48,7 +49,7 @@ def eval_cache_key(cfg, stage1_checkpoint: str, split: str, dist) -> dict:
             "batch_size": cfg.stage2.batch_size, "rank": dist.rank, "world_size": dist.world_size}
 
 
-def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
+def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | None = None) -> dict:
     cfg, s2, device, dist = ctx.cfg, ctx.cfg.stage2, ctx.device, ctx.dist
     out = ctx.out / "stage2"
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans, pretrained=False)
@@ -106,7 +107,6 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     else:
         train_loader = ctx.loader("train", train=True, batch_size=s2.batch_size)
         val_loader = ctx.loader("val", train=False, batch_size=s2.batch_size)
-    val_s = 0.0
     steps = len(train_loader)
     if steps == 0:
         raise ConfigError(f"stage2.batch_size={s2.batch_size} gives 0 training steps per epoch: the train split has "
@@ -142,7 +142,8 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
     prog = Progress(out, 2, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler,
                     stateful={"maxnorm": maxnorm}).restore_newest(
         resume_candidates(out) if cfg.resume == "auto" else [])
-    summary = CsvLog(out / "summary.csv", resume=prog.resumed) if ctx.is_main else None
+    ends = EpochEnd(ctx, prog, out=out, epochs=s2.epochs, amp=s2.amp, tracking=tracking,
+                    checkpoint_extra={"maxnorm_radius": radius})
     log.info(f"stage 2: loss {s2.loss}, wd {s2.weight_decay}, MaxNorm {mn.when} radius {radius:.4f} "
              f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}")
     for epoch in range(prog.epoch, s2.epochs):
@@ -162,49 +163,23 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str) -> dict:
         stop_now = epoch_end_stop(ctx, prog, epoch)  # raises if the loss went non-finite: nothing below is written then
         tr.update(ctx.data_losses(train_loader))  # samples skipped (corrupt) or lost (short shard); may raise
         maxnorm.after_epoch(clf.weight, dist.row_projector)
-        model.eval()
-        t_val = time.perf_counter()
-        val = ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, s2.amp, "val")["m"]
-        val_s += time.perf_counter() - t_val
-        state_model = dist.full_state_dict(model)  # whole weights on every rank (a collective under FSDP2/ZeRO-3)
+        val, state_model = ends.validate(model, val_loader)
         mstats = maxnorm.stats(state_model["classifier.weight"], dist=dist if dist.rows_sharded else None)
-        prog.norms_per_epoch.append([round(float(n), 6) for n in row_norms(state_model["classifier.weight"])])
-        is_best = prog.update_best(epoch + 1, val["all"])
-        if ctx.is_main:
-            summary.write({"epoch": epoch + 1, "lr": trainer.optimizer.param_groups[0]["lr"], **tr, "val_all": val["all"],
-                           "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
-                           "maxnorm_radius": mstats.radius,
-                           "maxnorm_clipped_rows": -1 if mn.fused else mstats.clipped_rows,
-                           "maxnorm_rows_at_radius": mstats.rows_at_radius,
-                           "maxnorm_applications": mstats.applications, "wnorm_min": mstats.norm_min,
-                           "wnorm_mean": mstats.norm_mean, "wnorm_max": mstats.norm_max})
-            state = {"stage": 2, "epoch": epoch + 1, "model": state_model, "val_all": val["all"],
-                     "maxnorm_radius": radius, "config": to_dict(cfg)}
-            save_checkpoint(state, out / "last.pt")
-            if is_best:
-                save_checkpoint(state, out / "best.pt")
-        log.info(f"stage2 epoch {epoch + 1}/{s2.epochs} loss {tr['train_loss']:.4f} val_all {val['all']:.2f} "
-                 f"| MaxNorm radius {radius:.4f} "
-                 + ("fused into SGD" if mn.fused else
-                    f"clipped {mstats.clipped_rows} rows in {mstats.applications} projections")
-                 + f", {mstats.rows_at_radius} rows at the radius, norms {mstats.norm_min:.4f}..{mstats.norm_max:.4f}"
-                 + (" *best" if is_best else ""))
-        prog.checkpoint(epoch + 1, 0)
-        if stop_now:
-            raise Preempted(f"stage 2 stopped at the end of epoch {epoch + 1}")
-    if ctx.is_main:
-        write_json(out / "weight_norms.json", {"class_counts": ctx.class_counts, "per_epoch": prog.norms_per_epoch,
-                                               "radius": radius})
+        ends.record(epoch, tr, val, state_model, stop_now=stop_now,
+                    columns={"maxnorm_radius": mstats.radius,
+                             "maxnorm_clipped_rows": -1 if mn.fused else mstats.clipped_rows,
+                             "maxnorm_rows_at_radius": mstats.rows_at_radius,
+                             "maxnorm_applications": mstats.applications, "wnorm_min": mstats.norm_min,
+                             "wnorm_mean": mstats.norm_mean, "wnorm_max": mstats.norm_max},
+                    text=f"loss {tr['train_loss']:.4f} val_all {val['all']:.2f} | MaxNorm radius {radius:.4f} "
+                         + ("fused into SGD" if mn.fused else
+                            f"clipped {mstats.clipped_rows} rows in {mstats.applications} projections")
+                         + f", {mstats.rows_at_radius} rows at the radius, norms {mstats.norm_min:.4f}.."
+                           f"{mstats.norm_max:.4f}")
     train_s = time.perf_counter() - t_start
-    dist.barrier()  # best.pt is complete before any rank reads it
-    final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(device)
-    final.load_state_dict(load_checkpoint(out / "best.pt")["model"])
-    t_final = time.perf_counter()
-    result = ctx.final_eval(final, s2.batch_size, s2.amp, features=eval_features)
-    final_s = time.perf_counter() - t_final
-    result.update(best_epoch=prog.best[0], maxnorm_radius=radius, features=s2.features,
-                  peak_memory_mib=round(peak_memory_mib(device), 1),
-                  wall_time_s={"train_incl_val": round(train_s, 2), "feature_cache_build": round(cache_s, 2),
-                               "per_epoch_val": round(val_s, 2), "final_eval": round(final_s, 2)},
-                  weight_norms=[round(float(n), 6) for n in row_norms(final.classifier.weight)])
-    return result
+    final = ends.finish(s2.batch_size, features=eval_features, norms_extra={"radius": radius})
+    return {**final.metrics, "best_epoch": final.best_epoch, "maxnorm_radius": radius, "features": s2.features,
+            "peak_memory_mib": final.peak_memory_mib,
+            "wall_time_s": {"train_incl_val": round(train_s, 2), "feature_cache_build": round(cache_s, 2),
+                            "per_epoch_val": round(ends.val_s, 2), "final_eval": round(final.eval_s, 2)},
+            "weight_norms": final.weight_norms}

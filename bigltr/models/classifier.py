@@ -8,7 +8,8 @@ import timm
 import torch
 import torch.nn as nn
 
-from bigltr.config import ConfigError
+from bigltr.config import Config, ConfigError
+from bigltr.errors import BadInputError
 from bigltr.models import cifar_resnet  # noqa: F401  (registry side effect)
 
 
@@ -33,3 +34,17 @@ def build_model(name: str, num_classes: int, *, in_chans: int = 3, pretrained: b
     backbone = timm.create_model(name, pretrained=pretrained, num_classes=0, in_chans=in_chans,
                                  drop_rate=drop_rate)
     return LTModel(backbone, num_classes)
+
+
+def build_checkpoint_model(ckpt: dict, cfg: Config, path) -> LTModel:
+    """The LTModel of `cfg` (model.name, data.in_chans) holding the weights of a run's checkpoint `ckpt`
+    (bigltr.checkpoint.load_run_checkpoint; `path` names it in errors), in eval mode, on the CPU. Weights that do not
+    fit the model: BadInputError."""
+    num_classes = int(ckpt["model"]["classifier.weight"].shape[0])
+    model = build_model(cfg.model.name, num_classes, in_chans=cfg.data.in_chans, pretrained=False)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise BadInputError(f"{path}: the weights do not fit model.name={cfg.model.name} with data.in_chans="
+                            f"{cfg.data.in_chans} and {num_classes} classes: {str(e).splitlines()[0]}") from None
+    return model.eval()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from bigltr.objective.lp_decay import check_wd_p, lp_decay_grad
+from bigltr.objective.lp_decay import check_wd_p, closure_loss, lp_decay_grad
 from bigltr.ops import sgd_maxnorm_
 
 
@@ -32,10 +32,7 @@ class SGDMaxNorm(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for g in self.param_groups:
             for p in g["params"]:
                 if p.grad is None:

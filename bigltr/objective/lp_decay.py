@@ -27,6 +27,15 @@ def lp_decay_grad(w: torch.Tensor, p: float) -> torch.Tensor:
     return torch.sign(w) * w.abs().pow(p - 1)
 
 
+def closure_loss(closure):
+    """The loss of an optimizer step's `closure` (run with gradients enabled, as torch's optimizers do), or None
+    without one."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 def check_wd_p(p) -> float:
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (1 <= float(p) < math.inf):
         raise ValueError(f"wd_p must be a finite number >= 1, got {p!r}")
@@ -63,10 +72,7 @@ class LpSGD(torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         saved_wd, saved_grads = [], []
         try:
             for g in self.param_groups:

@@ -67,6 +67,21 @@ def _cast_out(y, out_ty: tl.constexpr, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit
+def _rescale_rows(row_base, stride_n, N, row_sel, scale, out_ty: tl.constexpr, SOFT_BF16: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """Pass 2 of the long-row path of both kernels: the rows selected by `row_sel` (the clipped ones) re-read in
+    BLOCK_N chunks from `row_base` (a [BLOCK_M, 1] block of row pointers), multiplied by `scale` and stored (the
+    masked load of an unselected row issues no memory traffic)."""
+    cols = tl.arange(0, BLOCK_N)
+    for start in range(0, N, BLOCK_N):
+        c = start + cols
+        mask = row_sel[:, None] & (c < N)[None, :]
+        ptrs = row_base + c.to(tl.int64)[None, :] * stride_n
+        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(ptrs, _cast_out(x * scale[:, None], out_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
 def _maxnorm_kernel(
     w_ptr,
     r_ptr,
@@ -116,13 +131,7 @@ def _maxnorm_kernel(
         # pass 2: only clipped rows are re-read and rewritten; skip it when none is clipped
         n_clip = tl.sum(clip.to(tl.int32), axis=0)
         if n_clip > 0:
-            row_sel = row_ok & clip
-            for start in range(0, N, BLOCK_N):
-                c = start + cols
-                mask = row_sel[:, None] & (c < N)[None, :]
-                ptrs = row_base + c.to(tl.int64)[None, :] * stride_n
-                x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(ptrs, _cast_out(x * scale[:, None], w_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+            _rescale_rows(row_base, stride_n, N, row_ok & clip, scale, w_ptr.dtype.element_ty, SOFT_BF16, BLOCK_N)
 
 
 @triton.jit
@@ -142,6 +151,27 @@ def _sgd_update(w, g, b, lr, wd, mom, damp, HAS_WD: tl.constexpr, HAS_MOM: tl.co
         else:
             d = b
     return w - lr * d, b
+
+
+@triton.jit
+def _sgd_chunk(w_ptr, g_ptr, b_ptr, rows64, c64, mask, stride_wm, stride_wn, stride_gm, stride_gn, stride_bm,
+               stride_bn, lr, wd, mom, damp, HAS_WD: tl.constexpr, HAS_MOM: tl.constexpr, FIRST_STEP: tl.constexpr,
+               NESTEROV: tl.constexpr, SOFT_BF16_W: tl.constexpr, SOFT_BF16_B: tl.constexpr):
+    """The SGD step on one [rows64, c64] chunk: reads the weight, the gradient and (after the first step) the
+    momentum buffer, stores the new buffer, and returns (the new weight rounded to its dtype, not stored yet; the
+    chunk's weight pointers)."""
+    w_ptrs = w_ptr + rows64 * stride_wm + c64 * stride_wn
+    b_ptrs = b_ptr + rows64 * stride_bm + c64 * stride_bn
+    w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + rows64 * stride_gm + c64 * stride_gn, mask=mask, other=0.0).to(tl.float32)
+    b = tl.zeros_like(w)
+    if HAS_MOM:
+        if not FIRST_STEP:
+            b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
+    w_new, b = _sgd_update(w, g, b, lr, wd, mom, damp, HAS_WD, HAS_MOM, FIRST_STEP, NESTEROV)
+    if HAS_MOM:
+        tl.store(b_ptrs, _cast_out(b, b_ptr.dtype.element_ty, SOFT_BF16_B), mask=mask)
+    return _cast_out(w_new, w_ptr.dtype.element_ty, SOFT_BF16_W), w_ptrs
 
 
 @triton.jit
@@ -176,20 +206,11 @@ def _sgd_maxnorm_kernel(
     w_ty = w_ptr.dtype.element_ty
 
     if ONE_CHUNK:
-        c64 = cols.to(tl.int64)[None, :]
         mask = row_ok[:, None] & (cols < N)[None, :]
-        w_ptrs = w_ptr + rows64 * stride_wm + c64 * stride_wn
-        b_ptrs = b_ptr + rows64 * stride_bm + c64 * stride_bn
-        w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + rows64 * stride_gm + c64 * stride_gn, mask=mask, other=0.0).to(tl.float32)
-        b = tl.zeros_like(w)
-        if HAS_MOM:
-            if not FIRST_STEP:
-                b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
-        w_new, b = _sgd_update(w, g, b, lr, wd, mom, damp, HAS_WD, HAS_MOM, FIRST_STEP, NESTEROV)
-        if HAS_MOM:
-            tl.store(b_ptrs, _cast_out(b, b_ptr.dtype.element_ty, SOFT_BF16_B), mask=mask)
-        w_r = _cast_out(w_new, w_ty, SOFT_BF16_W).to(tl.float32)  # exact for fp32
+        w_q, w_ptrs = _sgd_chunk(w_ptr, g_ptr, b_ptr, rows64, cols.to(tl.int64)[None, :], mask, stride_wm, stride_wn,
+                                 stride_gm, stride_gn, stride_bm, stride_bn, lr, wd, mom, damp, HAS_WD, HAS_MOM,
+                                 FIRST_STEP, NESTEROV, SOFT_BF16_W, SOFT_BF16_B)
+        w_r = w_q.to(tl.float32)  # exact for fp32
         ss = tl.sum(w_r * w_r, axis=1)
         clip, scale = _row_clip_scale(ss, r, CMP_POW, SCALE_POW)
         tl.store(w_ptrs, _cast_out(w_r * scale[:, None], w_ty, SOFT_BF16_W), mask=mask)
@@ -198,20 +219,10 @@ def _sgd_maxnorm_kernel(
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             c = start + cols
-            c64 = c.to(tl.int64)[None, :]
             mask = row_ok[:, None] & (c < N)[None, :]
-            w_ptrs = w_ptr + rows64 * stride_wm + c64 * stride_wn
-            b_ptrs = b_ptr + rows64 * stride_bm + c64 * stride_bn
-            w = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-            g = tl.load(g_ptr + rows64 * stride_gm + c64 * stride_gn, mask=mask, other=0.0).to(tl.float32)
-            b = tl.zeros_like(w)
-            if HAS_MOM:
-                if not FIRST_STEP:
-                    b = tl.load(b_ptrs, mask=mask, other=0.0).to(tl.float32)
-            w_new, b = _sgd_update(w, g, b, lr, wd, mom, damp, HAS_WD, HAS_MOM, FIRST_STEP, NESTEROV)
-            if HAS_MOM:
-                tl.store(b_ptrs, _cast_out(b, b_ptr.dtype.element_ty, SOFT_BF16_B), mask=mask)
-            w_q = _cast_out(w_new, w_ty, SOFT_BF16_W)
+            w_q, w_ptrs = _sgd_chunk(w_ptr, g_ptr, b_ptr, rows64, c.to(tl.int64)[None, :], mask, stride_wm,
+                                     stride_wn, stride_gm, stride_gn, stride_bm, stride_bn, lr, wd, mom, damp, HAS_WD,
+                                     HAS_MOM, FIRST_STEP, NESTEROV, SOFT_BF16_W, SOFT_BF16_B)
             tl.store(w_ptrs, w_q, mask=mask)
             w_r = w_q.to(tl.float32)
             acc += w_r * w_r
@@ -222,13 +233,7 @@ def _sgd_maxnorm_kernel(
         n_clip = tl.sum(clip.to(tl.int32), axis=0)
         tl.debug_barrier()
         if n_clip > 0:
-            row_sel = row_ok & clip
-            for start in range(0, N, BLOCK_N):
-                c = start + cols
-                mask = row_sel[:, None] & (c < N)[None, :]
-                w_ptrs = w_ptr + rows64 * stride_wm + c.to(tl.int64)[None, :] * stride_wn
-                x = tl.load(w_ptrs, mask=mask, other=0.0).to(tl.float32)
-                tl.store(w_ptrs, _cast_out(x * scale[:, None], w_ty, SOFT_BF16_W), mask=mask)
+            _rescale_rows(w_ptr + rows64 * stride_wm, stride_wn, N, row_ok & clip, scale, w_ty, SOFT_BF16_W, BLOCK_N)
 
 
 def _is_interpreted(fn) -> bool:
@@ -262,10 +267,11 @@ def _pick_config(M: int, N: int, stride_m: int, stride_n: int) -> tuple[int, int
     return block_m, block_n, num_warps
 
 
-def maxnorm_triton_(weight: torch.Tensor, radius, cmp_pow: float, scale_pow: float) -> torch.Tensor:
-    """Launch the kernel on a validated 2-D floating weight: rows with ||w||**cmp_pow > radius are scaled by
-    radius / ||w||**scale_pow. `radius` is a Python float or a 0-d fp32 tensor on the weight's device. Checks
-    and the choice of rule are done by the caller (bigltr.ops.maxnorm.maxnorm_)."""
+def _launch(kernel, weight: torch.Tensor, radius, cmp_pow: float, scale_pow: float, **args) -> torch.Tensor:
+    """Launch `kernel` (either kernel above) on BLOCK_M-row blocks of the 2-D `weight` with what both take alike:
+    the weight, its shape, the radius (a Python float by value, or a 0-d fp32 tensor on the weight's device by
+    pointer), the rule's powers and the tiling; `args` are the kernel's other arguments, by name. An empty weight
+    launches nothing."""
     M, N = weight.shape
     if M == 0 or N == 0:
         return weight
@@ -275,59 +281,31 @@ def maxnorm_triton_(weight: torch.Tensor, radius, cmp_pow: float, scale_pow: flo
     else:
         # r_ptr is never read when RADIUS_IS_PTR is False; any valid pointer will do
         r_ptr, r_val, radius_is_ptr = weight, float(radius), False
-    grid = (triton.cdiv(M, block_m),)
-    _maxnorm_kernel[grid](
-        weight,
-        r_ptr,
-        r_val,
-        M,
-        N,
-        weight.stride(0),
-        weight.stride(1),
-        CMP_POW=float(cmp_pow),
-        SCALE_POW=float(scale_pow),
-        RADIUS_IS_PTR=radius_is_ptr,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        ONE_CHUNK=N <= block_n,
-        SOFT_BF16=INTERPRETED and weight.dtype == torch.bfloat16,
-        num_warps=num_warps,
-    )
+    kernel[(triton.cdiv(M, block_m),)](
+        w_ptr=weight, r_ptr=r_ptr, r_val=r_val, M=M, N=N, CMP_POW=float(cmp_pow), SCALE_POW=float(scale_pow),
+        RADIUS_IS_PTR=radius_is_ptr, BLOCK_M=block_m, BLOCK_N=block_n, ONE_CHUNK=N <= block_n, num_warps=num_warps,
+        **args)
     return weight
+
+
+def maxnorm_triton_(weight: torch.Tensor, radius, cmp_pow: float, scale_pow: float) -> torch.Tensor:
+    """Launch the kernel on a validated 2-D floating weight: rows with ||w||**cmp_pow > radius are scaled by
+    radius / ||w||**scale_pow. `radius` is a Python float or a 0-d fp32 tensor on the weight's device. Checks
+    and the choice of rule are done by the caller (bigltr.ops.maxnorm.maxnorm_)."""
+    return _launch(_maxnorm_kernel, weight, radius, cmp_pow, scale_pow, stride_m=weight.stride(0),
+                   stride_n=weight.stride(1), SOFT_BF16=INTERPRETED and weight.dtype == torch.bfloat16)
 
 
 def sgd_maxnorm_triton_(weight, grad, buf, radius, *, cmp_pow, scale_pow, lr, weight_decay, momentum, dampening,
                         nesterov, first_step) -> torch.Tensor:
     """Launch the fused SGD + MaxNorm kernel on validated tensors (see bigltr.ops.maxnorm.sgd_maxnorm_).
     `buf` may be None when momentum == 0."""
-    M, N = weight.shape
-    if M == 0 or N == 0:
-        return weight
-    block_m, block_n, num_warps = _pick_config(M, N, weight.stride(0), weight.stride(1))
-    if isinstance(radius, torch.Tensor):
-        r_ptr, r_val, radius_is_ptr = radius, 0.0, True
-    else:
-        r_ptr, r_val, radius_is_ptr = weight, float(radius), False
     has_mom = momentum != 0
     b = buf if has_mom else weight  # never read or written without momentum
-    grid = (triton.cdiv(M, block_m),)
-    _sgd_maxnorm_kernel[grid](
-        weight, grad, b, r_ptr, r_val,
-        float(lr), float(weight_decay), float(momentum), float(dampening),
-        M, N,
-        weight.stride(0), weight.stride(1), grad.stride(0), grad.stride(1), b.stride(0), b.stride(1),
-        CMP_POW=float(cmp_pow),
-        SCALE_POW=float(scale_pow),
-        RADIUS_IS_PTR=radius_is_ptr,
-        HAS_WD=weight_decay != 0,
-        HAS_MOM=has_mom,
-        FIRST_STEP=bool(first_step),
-        NESTEROV=bool(nesterov),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        ONE_CHUNK=N <= block_n,
-        SOFT_BF16_W=INTERPRETED and weight.dtype == torch.bfloat16,
-        SOFT_BF16_B=INTERPRETED and b.dtype == torch.bfloat16,
-        num_warps=num_warps,
-    )
-    return weight
+    return _launch(_sgd_maxnorm_kernel, weight, radius, cmp_pow, scale_pow, g_ptr=grad, b_ptr=b, lr=float(lr),
+                   wd=float(weight_decay), mom=float(momentum), damp=float(dampening), stride_wm=weight.stride(0),
+                   stride_wn=weight.stride(1), stride_gm=grad.stride(0), stride_gn=grad.stride(1),
+                   stride_bm=b.stride(0), stride_bn=b.stride(1), HAS_WD=weight_decay != 0, HAS_MOM=has_mom,
+                   FIRST_STEP=bool(first_step), NESTEROV=bool(nesterov),
+                   SOFT_BF16_W=INTERPRETED and weight.dtype == torch.bfloat16,
+                   SOFT_BF16_B=INTERPRETED and b.dtype == torch.bfloat16)

@@ -7,8 +7,9 @@ Subcommands (one per source format; the readers live in ``bigltr.data.sources``,
   list         OLTR-style text lists "relative/path label" (ImageNet-LT, Places-LT) under an image root
   inat         iNaturalist 2018/2019/2021 COCO-style JSON (iNat's val set becomes the test split)
   cifar        CIFAR-10 / CIFAR-100 python pickles -> CIFAR-LT (LDAM-DRW or official weight-balancing subset)
-  idx          MNIST / Fashion-MNIST idx files -> long-tailed train (LDAM-DRW profile), balanced val held out
-               from the official training set, and the official test set
+  idx          MNIST / Fashion-MNIST idx files -> long-tailed train (LDAM-DRW profile; --class-order-seed: which
+               class gets which count), balanced val held out from the official training set, and the official
+               test set; --pairs: 100 classes of item pairs side by side (CIFAR-100-LT's profile)
   verify       check an existing shard folder: every shard present, sizes/sha256 as recorded, sample counts
                and labels as _info.json says (exit 1 and one line per problem otherwise)
 
@@ -40,7 +41,19 @@ def add_output_args(p: argparse.ArgumentParser, formats: tuple = ("png", "jpg"),
     """Options every subcommand shares: output folder, shard size, image format."""
     p.add_argument("--out", required=True, help="output folder (refused if not empty, unless --overwrite)")
     p.add_argument("--name", default=None, help="dataset name stored in _info.json (default: basename of --out)")
-    p.add_argument("--maxcount", type=int, default=5000, help="samples per shard (default 5000)")
+    from ..writer import AUTO, parse_maxcount
+
+    def maxcount(text: str):
+        try:
+            return parse_maxcount(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    p.add_argument("--maxcount", type=maxcount, default=AUTO, metavar="N|auto",
+                   help="at most N samples per shard, filled in order, the last shard holding the rest (webdataset's "
+                        "maxcount); default auto: 500-1000 per shard, balanced, a power-of-two multiple of them (of 8 "
+                        "from 8000 samples up) so that 1, 2, 4, 8 ranks read whole shards (docs/data.md, 'Shard "
+                        "size')")
     p.add_argument("--maxsize", type=float, default=None,
                    help="optional max bytes per shard: a new shard starts once one holds this much (e.g. 1e9)")
     p.add_argument("--format", dest="image_format", choices=formats, default=default_format,
@@ -87,10 +100,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None, help="comma-separated class names (overrides --dataset)")
     p.add_argument("--imbalance", type=float, default=100.0,
                    help="imbalance factor n_max / n_min of the exponential profile (default 100; 1 = balanced)")
-    p.add_argument("--n-max", type=int, default=5000, help="training images of class 0 (default 5000)")
-    p.add_argument("--val-per-class", type=int, default=200,
-                   help="balanced validation images per class, held out first (default 200)")
+    p.add_argument("--n-max", type=int, default=None,
+                   help="training images of the largest class (default 5000; 500 with --pairs)")
+    p.add_argument("--val-per-class", type=int, default=None,
+                   help="balanced validation images per class, held out first (default 200; 20 with --pairs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the hold-out, long-tail and shard order (default 0)")
+    p.add_argument("--class-order-seed", type=int, default=None, metavar="S",
+                   help="give the profile's counts to the classes in the order of numpy default_rng(S).permutation(C) "
+                        "(default: label order, class 0 gets n_max); the labels stay the dataset's")
+    p.add_argument("--pairs", action="store_true",
+                   help="C*C classes of ordered pairs of items side by side (class = C*left + right; 28x56 for "
+                        "Fashion-MNIST), CIFAR-100-LT's profile by default; val and test balanced, each pair from "
+                        "one split only")
+    p.add_argument("--test-per-class", type=int, default=None,
+                   help="--pairs: test pairs per class, from the official test items only (default 100)")
     add_output_args(p)
 
     p = add("imagefolder", imagefolder)
@@ -151,7 +174,15 @@ def run(args: argparse.Namespace) -> dict:
                    splits=data.splits, source={**data.source, **tail}, opts=opts,
                    workers=getattr(args, "workers", 1), max_skip_fraction=getattr(args, "max_skip_fraction", 0.01),
                    maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite, progress=args.progress,
-                   extra=data.extra, record_encode=not data.legacy_source, expected_class_counts=data.expected_counts)
+                   extra=data.extra, record_encode=not data.legacy_source, expected_class_counts=data.expected_counts,
+                   report_extra=_report_extra(data.source))
+
+
+def _report_extra(source: dict) -> dict | None:
+    """What conversion_report.json adds for a source with a class order (idx --class-order-seed, idx --pairs): the
+    profile, the order used and the resulting per-class training counts."""
+    lt = source.get("longtail") or {}
+    return {"longtail": lt} if "class_order" in lt else None
 
 
 def print_summary(info: dict, seconds: float) -> None:

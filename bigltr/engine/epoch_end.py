@@ -1,0 +1,107 @@
+"""What a stage does after each training epoch and after its last one: the one place for model selection.
+
+After every epoch (`EpochEnd.validate`, then `EpochEnd.record`): validation metrics and the whole weights, the
+best-so-far decision on the balanced VALIDATION accuracy (never on test), the summary.csv row, the tracker scalars,
+last.pt / best.pt, the log line, the epoch-end resume checkpoint, and the stop on request. After the last epoch
+(`EpochEnd.finish`): weight_norms.json, best.pt reloaded on every rank and evaluated on val and test.
+
+Both stages use it; what differs between them comes in as data: extra summary columns and the log text (stage 2's
+MaxNorm statistics), extra checkpoint fields (stage 2's maxnorm_radius), the val loader and a `features(split)`
+function (stage 2's cached backbone features). An EMA of the weights or another selection metric goes here.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from bigltr.checkpoint import load_checkpoint, save_checkpoint
+from bigltr.config import to_dict
+from bigltr.engine.common import CsvLog, peak_memory_mib
+from bigltr.engine.context import RunContext, write_json
+from bigltr.engine.resume import Preempted, Progress
+from bigltr.engine.tracking import Tracking
+from bigltr.models import build_model
+from bigltr.objective.maxnorm import row_norms
+
+log = logging.getLogger("bigltr")
+
+
+@dataclass
+class Final:
+    """The stage's end: val/test metrics of the best epoch's weights (`metrics`: results.json's val, test and
+    posthoc entries) and what the stage reports with them."""
+    metrics: dict
+    best_epoch: int
+    peak_memory_mib: float  # measured after the final evaluation: the stage's peak, evaluation included
+    weight_norms: list[float]  # classifier row norms of the best epoch's weights
+    eval_s: float  # seconds of the final val/test evaluation
+
+
+class EpochEnd:
+    def __init__(self, ctx: RunContext, prog: Progress, *, out: Path, epochs: int, amp: str,
+                 tracking: Tracking | None = None, checkpoint_extra: dict | None = None):
+        """`prog`: the stage's Progress (its stage number, trainer and best-so-far); `out`: the stage's folder;
+        `checkpoint_extra`: fields last.pt / best.pt carry besides the weights (stage 2: maxnorm_radius)."""
+        self.ctx, self.prog, self.out, self.epochs, self.amp = ctx, prog, out, epochs, amp
+        self.stage = prog.stage
+        self.tracking = tracking or Tracking()
+        self.checkpoint_extra = checkpoint_extra or {}
+        self.summary = CsvLog(out / "summary.csv", resume=prog.resumed) if ctx.is_main else None
+        self.val_s = 0.0  # seconds spent in per-epoch validation
+
+    def validate(self, model, val_loader) -> tuple[dict, dict]:
+        """(validation metrics, whole state dict) of `model`: what the selection sees and last.pt/best.pt hold.
+        `val_loader` may yield cached backbone features (stage 2), the backbone then does not run."""
+        model.eval()
+        t = time.perf_counter()
+        val = self.ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, self.amp, "val")["m"]
+        self.val_s += time.perf_counter() - t
+        # whole weights on every rank (a collective under FSDP2/ZeRO-3)
+        return val, self.ctx.dist.full_state_dict(model)
+
+    def record(self, epoch: int, tr: dict, val: dict, state_model: dict, *, columns: dict, text: str,
+               stop_now: bool) -> None:
+        """Everything after validation of epoch `epoch` (0-based). `tr`: train_epoch's numbers (+ data losses);
+        `columns`: the stage's own summary.csv columns, after the shared ones; `text`: the log line after
+        "stageN epoch e/E". Collective (the resume checkpoint); raises Preempted after it when `stop_now`."""
+        ctx, prog = self.ctx, self.prog
+        prog.norms_per_epoch.append([round(float(n), 6) for n in row_norms(state_model["classifier.weight"])])
+        is_best = prog.update_best(epoch + 1, val["all"])
+        if ctx.is_main:
+            row = {"epoch": epoch + 1, "lr": prog.trainer.optimizer.param_groups[0]["lr"], **tr,
+                   "val_all": val["all"], "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
+                   **columns}
+            self.summary.write(row)
+            self.tracking.log_epoch(self.stage, row)
+            # weights only; optimizer, scheduler and data position live in the resume checkpoint (below)
+            state = {"stage": self.stage, "epoch": epoch + 1, "model": state_model, "val_all": val["all"],
+                     **self.checkpoint_extra, "config": to_dict(ctx.cfg)}
+            save_checkpoint(state, self.out / "last.pt")
+            if is_best:
+                save_checkpoint(state, self.out / "best.pt")
+        log.info(f"stage{self.stage} epoch {epoch + 1}/{self.epochs} {text}{' *best' if is_best else ''}")
+        prog.checkpoint(epoch + 1, 0)
+        if stop_now:
+            raise Preempted(f"stage {self.stage} stopped at the end of epoch {epoch + 1}")
+
+    def finish(self, batch_size: int, *, features: Callable | None = None, norms_extra: dict | None = None) -> Final:
+        """After the last epoch: weight_norms.json (per-epoch row norms, + `norms_extra`), then best.pt reloaded
+        on every rank and evaluated on val and test (`features(split)`: cached backbone features, stage 2)."""
+        ctx, cfg, prog = self.ctx, self.ctx.cfg, self.prog
+        if ctx.is_main:
+            write_json(self.out / "weight_norms.json", {"class_counts": ctx.class_counts,
+                                                        "per_epoch": prog.norms_per_epoch, **(norms_extra or {})})
+        ctx.dist.barrier()  # best.pt is complete before any rank reads it
+        final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(ctx.device)
+        final.load_state_dict(load_checkpoint(self.out / "best.pt")["model"])
+        t = time.perf_counter()
+        metrics = ctx.final_eval(final, batch_size, self.amp, features=features)
+        eval_s = time.perf_counter() - t
+        result = Final(metrics=metrics, best_epoch=prog.best[0], peak_memory_mib=round(peak_memory_mib(ctx.device), 1),
+                       weight_norms=[round(float(n), 6) for n in row_norms(final.classifier.weight)], eval_s=eval_s)
+        if ctx.is_main:
+            self.tracking.log_final(self.stage, metrics, result.best_epoch, step=self.epochs)
+        return result
