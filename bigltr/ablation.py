@@ -17,7 +17,10 @@ ablation.png in `out`.
 With --tuned DIR (a bigltr-tune output, DIR/tune_result.json) the rows use the values tuned on validation: row 2
 (and row 1, with WD 0) the phase-1 best, row 7 the phase-2 best, row 5 its values without the MaxNorm ones, row 6
 without the stage-2 weight decay. --tuned-row5 DIR / --tuned-row6 DIR take rows 5 / 6 from studies tuned for that
-row (MaxNorm off / WD 0); docs/tuning.md has the commands.
+row (MaxNorm off / WD 0), --tuned-row7 DIR row 7 from a phase-2 study of its own; docs/tuning.md has the commands.
+A row whose run the studies already hold is not trained again: row 2 is the phase-1 best trial, row 1 the phase-1
+trial with the same values and WD 0 (if the study ran one), rows 5-7 the studies' phase-2 best trials when they
+started from row 2's checkpoint. Then only the missing rows and the post-hoc rows 3-4 are computed.
 """
 from __future__ import annotations
 
@@ -42,11 +45,26 @@ def _finished(run: Path, stage: str) -> dict | None:
         raise SystemExit(f"[ablation] {e}") from None
 
 
-def run_or_reuse(train, run: Path, stage: str, argv: list[str]) -> dict:
+def run_or_reuse(train, run: Path, stage: str, argv: list[str], trial: Path | None = None) -> dict:
+    """The finished results of `trial` (a tuning study's run, when its config is this row's) or of `run` (this
+    ablation's own folder, which must hold this row's config); else train `run` (train=None: --no-train, an error
+    saying which row is missing)."""
+    why = reuse_problem(trial, argv, stage) if trial is not None and _finished(trial, stage) is not None else None
+    if why:
+        print(f"[ablation] not reusing {trial}: {why}")
+    elif trial is not None and _finished(trial, stage) is not None:
+        print(f"[ablation] reusing {trial}")
+        return _finished(trial, stage)
     res = _finished(run, stage)
     if res is not None:
+        other = reuse_problem(run, argv, stage)
+        if other:
+            raise SystemExit(f"[ablation] {run} holds another run ({other}): give this ablation its own out=DIR")
         print(f"[ablation] reusing {run}")
         return res
+    if train is None:
+        raise SystemExit(f"[ablation] --no-train: no finished run for {run.name}"
+                         + (f" ({trial} is not it: {why})" if why else "") + f"; it would train {' '.join(argv)}")
     rc = train(argv + [f"stage={stage}", f"out={run}"])
     if rc != 0:
         raise SystemExit(f"[ablation] run {run} failed with exit code {rc}")
@@ -56,7 +74,93 @@ def run_or_reuse(train, run: Path, stage: str, argv: list[str]) -> dict:
     return res
 
 
-def tuned_overrides(tuned: str | None, row5: str | None = None, row6: str | None = None) -> dict[int, list[str]]:
+def _same(a: str, b) -> bool:
+    try:
+        return float(a) == float(b)
+    except (TypeError, ValueError):
+        return str(a).lower() == str(b).lower()
+
+
+def study_trial(d: str | None, phase: int, params: dict | None = None) -> Path | None:
+    """The run folder of a finished trial in bigltr-tune output `d`: the phase's best trial, or (`params` given) the
+    COMPLETE trial of the phase's study whose values are exactly `params` (tune_summary.csv). None when there is none.
+    """
+    if not d:
+        return None
+    try:
+        sel = json.loads((Path(d) / "tune_result.json").read_text()).get(f"phase{phase}")
+    except (OSError, ValueError):
+        return None
+    if not sel:
+        return None
+    if params is None:
+        return Path(sel["dir"]) if sel.get("dir") else None
+    try:
+        with open(Path(d) / "tune_summary.csv", newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError:
+        return None
+    for r in rows:
+        if r.get("study") != sel.get("study") or r.get("state") != "COMPLETE":
+            continue
+        have = dict(kv.split("=", 1) for kv in (r.get("params") or "").split() if "=" in kv)
+        if have.keys() == params.keys() and all(_same(have[k], v) for k, v in params.items()):
+            return Path(r["dir"])
+    return None
+
+
+def study_budget(d: str | None, phase: int) -> str:
+    """What tuning the phase's study of bigltr-tune output `d` cost: its trials (by state) and their summed wall
+    time, from tune_summary.csv; "" when there is no such study."""
+    if not d:
+        return ""
+    try:
+        sel = json.loads((Path(d) / "tune_result.json").read_text()).get(f"phase{phase}")
+        with open(Path(d) / "tune_summary.csv", newline="") as fh:
+            rows = [r for r in csv.DictReader(fh) if sel and r.get("study") == sel.get("study")]
+    except (OSError, ValueError):
+        return ""
+    if not rows:
+        return ""
+    states = {st: sum(r["state"] == st for r in rows) for st in ("COMPLETE", "PRUNED", "FAIL")}
+    wall = sum(float(r["wall_s"] or 0) for r in rows)
+    extra = ", ".join(f"{n} {st.lower()}" for st, n in states.items() if n and st != "COMPLETE")
+    return f"{len(rows)} trial{'s' * (len(rows) != 1)}{f' ({extra})' if extra else ''}, {wall / 60:.1f} min"
+
+
+# Keys that do not change a run's numbers: where and how it ran. Everything else must be equal for a study's trial to
+# stand in for an ablation row (a trial of another dataset, schedule or evaluation is never reused silently).
+REUSE_IGNORED = ("recipe", "out", "resume", "stage", "device", "log_every", "ckpt_every_steps", "preempt_check_every",
+                 "data.num_workers", "data.pin_memory", "stage2.cache.location", "stage2.cache.dir", "dist.", "log.")
+
+
+def reuse_problem(run: Path, argv: list[str], stage: str) -> str | None:
+    """Why `run` (its config.yaml) is not the stage-`stage` run that `argv` describes; None when it is."""
+    import yaml
+
+    from bigltr.config import build_config, flatten, to_dict
+
+    try:
+        saved = flatten(yaml.safe_load((run / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError, AttributeError) as e:
+        return f"its config.yaml is unreadable ({e})"
+    other = "stage2." if stage == "1" else "stage1."
+    for key, want in flatten(to_dict(build_config(argv))).items():
+        if key.startswith(other) or (stage == "1" and key == "stage1_checkpoint") or any(
+                key == r or (r.endswith(".") and key.startswith(r)) for r in REUSE_IGNORED):
+            continue
+        have = saved.get(key)
+        if key in ("data.root", "stage1_checkpoint"):
+            same = bool(have) == bool(want) and (not want or Path(have).resolve() == Path(want).resolve())
+        else:
+            same = have == want or _same(str(have), want) if not isinstance(want, (list, dict)) else have == want
+        if not same:
+            return f"it ran with {key}={have!r}, this row needs {want!r}"
+    return None
+
+
+def tuned_overrides(tuned: str | None, row5: str | None = None, row6: str | None = None,
+                    row7: str | None = None) -> dict[int, list[str]]:
     """key=value overrides per ablation row (2, 5, 6, 7) from bigltr-tune's tune_result.json files."""
     def load(d: str, phase: int) -> dict | None:
         f = Path(d) / "tune_result.json"
@@ -75,7 +179,7 @@ def tuned_overrides(tuned: str | None, row5: str | None = None, row6: str | None
         rows[7] = kv(p2)
         rows[5] = kv({k: v for k, v in p2.items() if not k.startswith("stage2.maxnorm.")})
         rows[6] = kv({k: v for k, v in p2.items() if k != "stage2.weight_decay"})
-    for row, d in ((5, row5), (6, row6)):
+    for row, d in ((5, row5), (6, row6), (7, row7)):
         if d:
             params = load(d, 2)
             if params is None:
@@ -108,20 +212,24 @@ def data_name(root: str) -> str:
     return name if name == folder else f"{name} (in {folder}/)"
 
 
-def write_outputs(rows: list[tuple[str, dict]], out: Path, title: str) -> str:
+def write_outputs(rows: list[tuple[str, dict]], out: Path, title: str, tuning: dict[int, str] | None = None) -> str:
+    """ablation.md / .csv / .png; `tuning`: row index -> what choosing its values on validation cost (a column)."""
     def f(v):
         return "-" if v is None else f"{v:.2f}"
 
+    tuning = tuning or {}
     lines = [f"### {title}", "",
-             "| row | val Many | val Med | val Few | val All | test Many | test Med | test Few | test All |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| row | val Many | val Med | val Few | val All | test Many | test Med | test Few | test All |"
+             + (" tuning (on val) |" if tuning else ""),
+             "|---|---|---|---|---|---|---|---|---|" + ("---|" if tuning else "")]
     with open(out / "ablation.csv", "w", newline="") as fh:
         w = csv.writer(fh)
-        w.writerow(["row"] + [f"{s}_{g}" for s in ("val", "test") for g in GROUPS])
-        for name, m in rows:
+        w.writerow(["row"] + [f"{s}_{g}" for s in ("val", "test") for g in GROUPS] + ["tuning"] * bool(tuning))
+        for i, (name, m) in enumerate(rows):
             vals = [m[s][g] for s in ("val", "test") for g in GROUPS]
-            w.writerow([name] + ["" if v is None else v for v in vals])
-            lines.append(f"| {name} | " + " | ".join(f(v) for v in vals) + " |")
+            extra = [tuning.get(i, "")] if tuning else []
+            w.writerow([name] + ["" if v is None else v for v in vals] + extra)
+            lines.append(f"| {name} | " + " | ".join([f(v) for v in vals] + [e or "-" for e in extra]) + " |")
     table = "\n".join(lines)
     (out / "ablation.md").write_text(table + "\n")
 
@@ -139,6 +247,10 @@ def main(argv=None) -> list[tuple[str, dict]]:
     ap.add_argument("--tuned", metavar="DIR", help="take rows 2 and 5-7 from a bigltr-tune output (tune_result.json)")
     ap.add_argument("--tuned-row5", metavar="DIR", help="row 5 from a phase-2 study tuned with MaxNorm off")
     ap.add_argument("--tuned-row6", metavar="DIR", help="row 6 from a phase-2 study tuned with stage-2 WD 0")
+    ap.add_argument("--tuned-row7", metavar="DIR", help="row 7 from a phase-2 study of its own (stage-2 WD and radius)")
+    ap.add_argument("--no-train", action="store_true",
+                    help="only assemble the table from finished runs (studies' trials, earlier rows); a missing row "
+                         "is an error naming it (the post-hoc rows 3-4 are still computed)")
     args, rest = ap.parse_known_args(argv)
     from bigltr.cli import split_override  # the key=value parser every bigltr command uses
     from bigltr.config import ConfigError
@@ -159,9 +271,11 @@ def main(argv=None) -> list[tuple[str, dict]]:
     out.mkdir(parents=True, exist_ok=True)
 
     from bigltr.config import build_config
-    from bigltr.train import main as train
+    from bigltr.train import main as train_main
 
-    tuned = tuned_overrides(args.tuned, args.tuned_row5, args.tuned_row6)
+    train = None if args.no_train else train_main
+
+    tuned = tuned_overrides(args.tuned, args.tuned_row5, args.tuned_row6, args.tuned_row7)
     cfg = build_config(overrides + tuned[2])  # fail fast on a typo, before any training
     for row in (5, 6, 7):
         build_config(overrides + tuned[row])
@@ -169,16 +283,23 @@ def main(argv=None) -> list[tuple[str, dict]]:
     wd2 = build_config(overrides + tuned[5]).stage2.weight_decay
     radius = build_config(overrides + tuned[6]).stage2.maxnorm.radius
     tag = ", tuned" if args.tuned else ""
-    if wd1 == 0:
+    if wd1 == 0 and not args.tuned:
         raise SystemExit("[ablation] the recipe's stage1.weight_decay is 0: row 2 (CE + WD) needs a tuned value")
+    # Runs the studies already hold (validation picked them; reusing them changes no number, it saves the CPU time)
+    p1 = json.loads(Path(args.tuned, "tune_result.json").read_text()).get("phase1") if args.tuned else None
+    trial2 = study_trial(args.tuned, 1)
+    trial1 = study_trial(args.tuned, 1, {**p1["params"], "stage1.weight_decay": 0}) if p1 else None
     s2 = [] if args.online else ["stage2.features=cached", "stage2.cache.location=disk",
                                  f"stage2.cache.dir={out / 'feature_cache'}"]
 
     rows = []
     s1 = overrides + tuned[2]
-    rows.append(("naive CE (WD 0)", run_or_reuse(train, out / "s1_naive", "1", s1 + ["stage1.weight_decay=0"])))
-    rows.append((f"CE + WD ({wd1:g}{tag})", run_or_reuse(train, out / "s1_wd", "1", s1)))
-    ckpt = out / "s1_wd" / "stage1" / "best.pt"
+    rows.append(("naive CE (WD 0)", run_or_reuse(train, out / "s1_naive", "1", s1 + ["stage1.weight_decay=0"],
+                                                 trial1)))
+    rows.append((f"CE + WD ({wd1:g}{tag})", run_or_reuse(train, out / "s1_wd", "1", s1, trial2)))
+    s1_run = trial2 if trial2 is not None and _finished(trial2, "1") is not None and \
+        reuse_problem(trial2, s1, "1") is None else out / "s1_wd"
+    ckpt = s1_run / "stage1" / "best.pt"
     ph_file = out / "posthoc.json"
     if ph_file.is_file():
         ph = json.loads(ph_file.read_text())
@@ -188,13 +309,23 @@ def main(argv=None) -> list[tuple[str, dict]]:
     rows.append(("+ L2-normalised classifier", ph["l2"]))
     rows.append((f"+ tau-norm (tau={ph['best_tau']}, on val)", ph["tau"]))
     base2 = overrides + s2 + [f"stage1_checkpoint={ckpt}"]
+
     rows.append((f"+ stage 2 CB & WD ({wd2:g}{tag})",
-                 run_or_reuse(train, out / "s2_cb_wd", "2", base2 + tuned[5] + ["stage2.maxnorm.when=off"])))
+                 run_or_reuse(train, out / "s2_cb_wd", "2", base2 + tuned[5] + ["stage2.maxnorm.when=off"],
+                              study_trial(args.tuned_row5, 2))))
     rows.append((f"+ stage 2 CB & MaxNorm{f' (radius {radius:g}{tag})' if args.tuned else ''}",
-                 run_or_reuse(train, out / "s2_cb_maxnorm", "2", base2 + tuned[6] + ["stage2.weight_decay=0"])))
-    rows.append(("+ stage 2 CB & WD & MaxNorm (full)", run_or_reuse(train, out / "s2_full", "2", base2 + tuned[7])))
+                 run_or_reuse(train, out / "s2_cb_maxnorm", "2", base2 + tuned[6] + ["stage2.weight_decay=0"],
+                              study_trial(args.tuned_row6, 2))))
+    c7 = build_config(overrides + tuned[7]).stage2
+    full = f" (WD {c7.weight_decay:g}, radius {c7.maxnorm.radius:g}{tag})" if args.tuned else ""
+    rows.append((f"+ stage 2 CB & WD & MaxNorm (full){full}",
+                 run_or_reuse(train, out / "s2_full", "2", base2 + tuned[7],
+                              study_trial(args.tuned_row7 or args.tuned, 2))))
+    tuning = {1: study_budget(args.tuned, 1), 3: f"tau: best of {len(TAUS)} on val",
+              4: study_budget(args.tuned_row5, 2), 5: study_budget(args.tuned_row6, 2),
+              6: study_budget(args.tuned_row7 or args.tuned, 2)} if args.tuned else None
     table = write_outputs(rows, out, f"Ablation on {data_name(cfg.data.root)}, recipe {cfg.recipe} (balanced top-1 %, "
-                                     f"best epoch on validation)")
+                                     f"best epoch on validation)", tuning)
     print("\n" + table)
     return rows
 

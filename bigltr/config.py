@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import numbers
 import os
 import types
 import typing
@@ -427,6 +428,20 @@ def _dali_importable() -> bool:
     return _importable("nvidia.dali")
 
 
+def image_hw(img_size: Any) -> tuple[int, int]:
+    """``(H, W)`` of an ``img_size`` given as S, ``[S]`` or ``[H, W]``; ValueError otherwise (or for a side < 1)."""
+    if isinstance(img_size, numbers.Integral) and not isinstance(img_size, bool):
+        sides = [int(img_size)]
+    elif (isinstance(img_size, (list, tuple)) and len(img_size) in (1, 2)
+          and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in img_size)):
+        sides = [int(s) for s in img_size]
+    else:
+        raise ValueError(f"img_size must be an integer S or a list [S] or [H, W], got {img_size!r}")
+    if min(sides) < 1:
+        raise ValueError(f"img_size must be >= 1 pixel per side, got {img_size!r}")
+    return sides[0], sides[-1]
+
+
 def validate(cfg: Config) -> None:
     """Cross-field and range checks (types were checked while applying)."""
     def need(cond: bool, key: str, msg: str):
@@ -449,9 +464,10 @@ def validate(cfg: Config) -> None:
     need(mn.tau > 0, "stage2.maxnorm.tau", "must be > 0")
     need(not (mn.fused and mn.when != "step"), "stage2.maxnorm.fused", "needs stage2.maxnorm.when=step")
     need(cfg.stage2.cache.num_aug >= 1, "stage2.cache.num_aug", "must be >= 1")
-    size = cfg.data.img_size if isinstance(cfg.data.img_size, list) else [cfg.data.img_size]
-    need(len(size) in (1, 2) and min(size) >= 1, "data.img_size", f"must be S or [H, W] with sides >= 1, got "
-                                                                  f"{cfg.data.img_size}")
+    try:
+        image_hw(cfg.data.img_size)
+    except ValueError as e:
+        need(False, "data.img_size", str(e))
     need(not (cfg.stage2.features == "cached" and cfg.stage2.bn_mode == "train"), "stage2.features",
          "cached features need a fixed backbone: use stage2.bn_mode=eval (bn_mode=train changes BatchNorm "
          "statistics every step, so features cannot be computed once)")
@@ -482,6 +498,17 @@ def validate(cfg: Config) -> None:
     need(not (mn.fused and cfg.dist.backend == "deepspeed"), "stage2.maxnorm.fused",
          "cannot run under dist.backend=deepspeed: ZeRO's optimizer steps flat 1-D partitions that cut across "
          "class rows; use the default (unfused) MaxNorm, which DeepSpeed projects on the fp32 master")
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """A nested config mapping as {"section.key": value} (what resume checks, trackers and the ablation compare)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def to_dict(cfg: Config) -> dict:

@@ -36,6 +36,13 @@ def test_ablation_rows_and_resume(tiny_shards, tmp_path, capsys):
     ablation.main(argv)
     assert "reusing" in capsys.readouterr().out
     assert (out / "s2_full" / "results.json").stat().st_mtime_ns == mtime
+    # the same folder with another schedule: an error naming the key, not the old rows under a new title
+    with pytest.raises(SystemExit, match=r"s1_naive holds another run \(it ran with stage1.epochs=1, this row needs 2"):
+        ablation.main(argv[:-2] + ["stage1.epochs=2", "stage2.epochs=1"])
+    # --no-train on a fresh folder: says which row is missing and what it would train; nothing is trained
+    with pytest.raises(SystemExit, match=r"--no-train: no finished run for s1_naive; it would train .*weight_decay=0"):
+        ablation.main(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={tmp_path / 'none'}", "--no-train"])
+    assert not (tmp_path / "none" / "s1_naive").exists()
 
 
 def test_data_name(tmp_path):

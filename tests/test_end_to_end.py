@@ -74,7 +74,7 @@ def test_table_row_names_follow_the_config():
 
     m = {"many": 90.0, "medium": 60.0, "few": 40.0, "all": 63.3, "per_class": []}
     results = {"stage1": {"test": m}, "stage2": {"test": m, "maxnorm_radius": 0.66234}}
-    demo = build_config(["recipe=fmnist_lt"])
+    demo = build_config(["recipe=tiny_test"])
     t = summary_table(results, {"stage1": demo, "stage2": demo})
     assert "| stage 1 (CE + WD 5e-3) |" in t and "| stage 2 (CB + WD 0.1 + MaxNorm step, r=0.662) |" in t, t
     plain = build_config(["recipe=fmnist_lt", "stage1.weight_decay=0", "stage2.loss=ce", "stage2.weight_decay=0",

@@ -108,7 +108,7 @@ def test_class_order_seed_converter(idx_src, tmp_path):
     report = json.loads((tmp_path / "s3" / "conversion_report.json").read_text())
     assert report["status"] == "ok" and report["longtail"]["class_order"] == order
     assert report["longtail"]["counts"] == seeded["class_counts"]
-    assert _digest(tmp_path / "s3") == _digest(tmp_path / "s3b")
+    assert _digest(tmp_path / "s3") == _digest(tmp_path / "s3b") and again["class_counts"] == seeded["class_counts"]
     assert other["class_counts"] != seeded["class_counts"]
     # the shards hold those counts; labels are the dataset's (class names unchanged); val and test are the same
     train = _read(tmp_path / "s3", "train")

@@ -88,7 +88,7 @@ def _dead_pid() -> int:
 
 
 # ----------------------------------------------------------------------------------------------- real trainer runs
-def test_two_workers_resume_and_phase2(tiny_shards, tmp_path, capfd):
+def test_two_workers_resume_and_phase2(tiny_shards, tmp_path, capfd, monkeypatch):
     out = tmp_path / "t"
     common = ["recipe=tiny_test", f"out={out}", f"data.root={tiny_shards}", "stage1.epochs=2", "stage2.epochs=1",
               "--poll", "0.5"]
@@ -137,6 +137,36 @@ def test_two_workers_resume_and_phase2(tiny_shards, tmp_path, capfd):
     res = json.loads((out / "tune_result.json").read_text())
     assert res["phase2"]["study"] == name and "stage2.maxnorm.radius=" in res["command"]
     assert f"stage1.weight_decay={wd}" in res["command"]
+
+    # the tuned ablation from these studies: rows 2 and 7 are the studies' best runs (not trained again); row 1 (no
+    # WD-0 trial in the study) and rows 5-6 are trained; a study whose best run is not the row's is not reused
+    import bigltr.train
+    from bigltr import ablation
+
+    trained, real_train = [], bigltr.train.main
+    monkeypatch.setattr(bigltr.train, "main", lambda argv: trained.append(Path(argv[-1][4:]).name) or real_train(argv))
+    capfd.readouterr()
+    rows = ablation.main(["recipe=tiny_test", f"out={tmp_path / 'abl'}", f"data.root={tiny_shards}", "stage1.epochs=2",
+                          "stage2.epochs=1", "--online", "--tuned", str(out), "--tuned-row5", str(out)])
+    log = capfd.readouterr().out
+    assert trained == ["s1_naive", "s2_cb_wd", "s2_cb_maxnorm"]
+    p1_dir, p2_dir = out / "trials" / "phase1" / str(best.number), out / "trials" / name / "0"
+    assert rows[1][1] == json.loads((p1_dir / "results.json").read_text())["stage1"] and f"reusing {p1_dir}" in log
+    assert rows[6][1] == json.loads((p2_dir / "results.json").read_text())["stage2"] and f"reusing {p2_dir}" in log
+    assert f"not reusing {p2_dir}: it ran with stage2.maxnorm.when='step', this row needs 'off'" in log
+    # what the tuning cost, per row, from the studies' summaries (3 phase-1 trials; rows 5 and 7: the 1 phase-2 trial)
+    table = (tmp_path / "abl" / "ablation.md").read_text()
+    assert " tuning (on val) |" in table and table.count("| 3 trials, ") == 1 and table.count("| 1 trial, ") == 2
+    # the trained stage-2 rows start from the reused row 2's checkpoint
+    cb_wd = yaml.safe_load((tmp_path / "abl" / "s2_cb_wd" / "config.yaml").read_text())
+    assert cb_wd["stage1_checkpoint"] == str(p1_dir / "stage1" / "best.pt")
+    # a study of another schedule or data is never taken for this one
+    argv = ["recipe=tiny_test", f"data.root={tiny_shards}", f"stage1.weight_decay={wd}"]
+    assert ablation.reuse_problem(p1_dir, argv + ["stage1.epochs=2"], "1") is None
+    assert ablation.reuse_problem(p1_dir, argv + ["stage1.epochs=3"], "1") == \
+        "it ran with stage1.epochs=2, this row needs 3"
+    assert ablation.reuse_problem(p1_dir, argv + ["stage1.epochs=2", f"data.root={tmp_path}"], "1").startswith(
+        "it ran with data.root=")
 
 
 def test_failing_trial_is_recorded_and_the_study_goes_on(tiny_shards, tmp_path, capfd):

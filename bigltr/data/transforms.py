@@ -16,26 +16,13 @@ Augmentations (``aug``):
 """
 from __future__ import annotations
 
-import numbers
-from typing import Any, Callable, Sequence
+from typing import Callable, Sequence
+
+from bigltr.config import image_hw  # the one rule for data.img_size (config.validate uses it too)
 
 __all__ = ["AUGS", "image_hw", "build_transform"]
 
 AUGS = ("none", "cifar", "crop", "imagenet")
-
-
-def image_hw(img_size: Any) -> tuple[int, int]:
-    """``(H, W)`` of an ``img_size`` given as S, ``[S]`` or ``[H, W]``; ValueError otherwise (or for a side < 1)."""
-    if isinstance(img_size, numbers.Integral) and not isinstance(img_size, bool):
-        sides = [int(img_size)]
-    elif (isinstance(img_size, (list, tuple)) and len(img_size) in (1, 2)
-          and all(isinstance(s, numbers.Integral) and not isinstance(s, bool) for s in img_size)):
-        sides = [int(s) for s in img_size]
-    else:
-        raise ValueError(f"img_size must be an integer S or a list [S] or [H, W], got {img_size!r}")
-    if min(sides) < 1:
-        raise ValueError(f"img_size must be >= 1 pixel per side, got {img_size!r}")
-    return sides[0], sides[-1]
 
 
 def _size_text(hw: tuple[int, int]) -> str:

@@ -264,7 +264,7 @@ class Progress:
                 f"stage {self.stage}: the weights became non-finite (nan/inf) by the "
                 + (f"end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch}")
                 + "; nothing was saved after it, so the newest resume checkpoint holds finite weights. "
-                f"Lower the learning rate and resume with resume=auto, or start over")
+                "Lower the learning rate and resume with resume=auto, or start over")
 
     def checkpoint(self, epoch: int, batch: int) -> Path:
         """Collective: every rank writes its part into a temporary folder; rank 0 renames it when all are done."""

@@ -16,7 +16,7 @@ import threading
 import time
 from pathlib import Path
 
-from bigltr.config import ConfigError
+from bigltr.config import ConfigError, flatten
 
 log = logging.getLogger("bigltr")
 
@@ -130,22 +130,12 @@ RESUMABLE = ("recipe", "stage", "out", "resume", "device", "log_every", "ckpt_ev
              "stage2.cache.dir", "eval.", "dist.", "log.")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def compare_for_resume(saved: dict, new: dict, defaults: dict, started: set[str]) -> tuple[list[str], list[str]]:
     """(errors, allowed changes) between the saved and the new resolved config.
 
     `started`: the stages ("stage1", "stage2") with results or resume checkpoints; a key of a stage that has not
     started may change. A key the saved config lacks (written by an older bigltr) counts as its default."""
-    s, n, dflt = _flatten(saved), _flatten(new), _flatten(defaults)
+    s, n, dflt = flatten(saved), flatten(new), flatten(defaults)
     errors, allowed = [], []
     for key in sorted(set(s) | set(n)):
         if key not in n:

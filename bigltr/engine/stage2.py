@@ -77,7 +77,6 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
 
     t_start = time.perf_counter()
     cache_s = 0.0
-    eval_features = None  # split -> EvalFeatures when the frozen backbone's eval features are cached too
     if s2.features == "cached":
         c = s2.cache
         cache_dir = Path(c.dir) if c.dir else out / "feature_cache"
@@ -94,7 +93,9 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
             train_loader.to(device)  # features then never cross the host link again
         built = {}
 
-        def eval_features(split):  # val once (per-epoch and final validation), test at the final evaluation
+        # split -> EvalFeatures: the frozen backbone's eval features, cached too: val once (per-epoch and final
+        # validation), test at the final evaluation
+        def eval_features(split):
             if split not in built:
                 built[split] = EvalFeatures.build(
                     model.backbone, ctx.loader(split, train=False, batch_size=s2.batch_size), flip=cfg.eval.tta_flip,
@@ -107,6 +108,7 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
     else:
         train_loader = ctx.loader("train", train=True, batch_size=s2.batch_size)
         val_loader = ctx.loader("val", train=False, batch_size=s2.batch_size)
+        eval_features = None  # the final evaluation reads the images
     steps = len(train_loader)
     if steps == 0:
         raise ConfigError(f"stage2.batch_size={s2.batch_size} gives 0 training steps per epoch: the train split has "

@@ -23,8 +23,7 @@ from pathlib import Path
 from accelerate.state import PartialState
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-from bigltr.config import Config, to_dict
-from bigltr.engine.rundir import _flatten
+from bigltr.config import Config, flatten, to_dict
 
 log = logging.getLogger("bigltr")
 
@@ -37,7 +36,7 @@ TRACKED = ("train_loss", "lr", "train_acc", "val_all", "val_many", "val_medium",
 def flatten_config(cfg: Config) -> dict:
     """The resolved config as {"a.b": value} (the dotted keys of resume=auto's comparison), values as trackers take
     them: bool, int, float, str, and a list as its text."""
-    return {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in _flatten(to_dict(cfg)).items()}
+    return {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in flatten(to_dict(cfg)).items()}
 
 
 class Tracking:
