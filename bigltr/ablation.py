@@ -45,23 +45,24 @@ def _finished(run: Path, stage: str) -> dict | None:
         raise SystemExit(f"[ablation] {e}") from None
 
 
-def run_or_reuse(train, run: Path, stage: str, argv: list[str], trial: Path | None = None) -> dict:
-    """The finished results of `trial` (a tuning study's run, when its config is this row's) or of `run` (this
+def run_or_reuse(train, run: Path, stage: str, argv: list[str], trial: Path | None = None) -> tuple[Path, dict]:
+    """(run folder, results): the finished results of `trial` (a tuning study's run, when its config is this row's) or of `run` (this
     ablation's own folder, which must hold this row's config); else train `run` (train=None: --no-train, an error
     saying which row is missing)."""
-    why = reuse_problem(trial, argv, stage) if trial is not None and _finished(trial, stage) is not None else None
+    res = _finished(trial, stage) if trial is not None else None
+    why = reuse_problem(trial, argv, stage) if res is not None else None
+    if res is not None and not why:
+        print(f"[ablation] reusing {trial}")
+        return trial, res
     if why:
         print(f"[ablation] not reusing {trial}: {why}")
-    elif trial is not None and _finished(trial, stage) is not None:
-        print(f"[ablation] reusing {trial}")
-        return _finished(trial, stage)
     res = _finished(run, stage)
     if res is not None:
         other = reuse_problem(run, argv, stage)
         if other:
             raise SystemExit(f"[ablation] {run} holds another run ({other}): give this ablation its own out=DIR")
         print(f"[ablation] reusing {run}")
-        return res
+        return run, res
     if train is None:
         raise SystemExit(f"[ablation] --no-train: no finished run for {run.name}"
                          + (f" ({trial} is not it: {why})" if why else "") + f"; it would train {' '.join(argv)}")
@@ -71,7 +72,7 @@ def run_or_reuse(train, run: Path, stage: str, argv: list[str], trial: Path | No
     res = _finished(run, stage)
     if res is None:
         raise SystemExit(f"[ablation] run {run} exited 0 but its results.json has no finished stage{stage}")
-    return res
+    return run, res
 
 
 def _same(a: str, b) -> bool:
@@ -153,7 +154,7 @@ def reuse_problem(run: Path, argv: list[str], stage: str) -> str | None:
         if key in ("data.root", "stage1_checkpoint"):
             same = bool(have) == bool(want) and (not want or Path(have).resolve() == Path(want).resolve())
         else:
-            same = have == want or _same(str(have), want) if not isinstance(want, (list, dict)) else have == want
+            same = have == want if isinstance(want, (list, dict)) else (have == want or _same(str(have), want))
         if not same:
             return f"it ran with {key}={have!r}, this row needs {want!r}"
     return None
@@ -295,10 +296,9 @@ def main(argv=None) -> list[tuple[str, dict]]:
     rows = []
     s1 = overrides + tuned[2]
     rows.append(("naive CE (WD 0)", run_or_reuse(train, out / "s1_naive", "1", s1 + ["stage1.weight_decay=0"],
-                                                 trial1)))
-    rows.append((f"CE + WD ({wd1:g}{tag})", run_or_reuse(train, out / "s1_wd", "1", s1, trial2)))
-    s1_run = trial2 if trial2 is not None and _finished(trial2, "1") is not None and \
-        reuse_problem(trial2, s1, "1") is None else out / "s1_wd"
+                                                 trial1)[1]))
+    s1_run, res2 = run_or_reuse(train, out / "s1_wd", "1", s1, trial2)
+    rows.append((f"CE + WD ({wd1:g}{tag})", res2))
     ckpt = s1_run / "stage1" / "best.pt"
     ph_file = out / "posthoc.json"
     if ph_file.is_file():
@@ -312,15 +312,15 @@ def main(argv=None) -> list[tuple[str, dict]]:
 
     rows.append((f"+ stage 2 CB & WD ({wd2:g}{tag})",
                  run_or_reuse(train, out / "s2_cb_wd", "2", base2 + tuned[5] + ["stage2.maxnorm.when=off"],
-                              study_trial(args.tuned_row5, 2))))
+                              study_trial(args.tuned_row5, 2))[1]))
     rows.append((f"+ stage 2 CB & MaxNorm{f' (radius {radius:g}{tag})' if args.tuned else ''}",
                  run_or_reuse(train, out / "s2_cb_maxnorm", "2", base2 + tuned[6] + ["stage2.weight_decay=0"],
-                              study_trial(args.tuned_row6, 2))))
+                              study_trial(args.tuned_row6, 2))[1]))
     c7 = build_config(overrides + tuned[7]).stage2
     full = f" (WD {c7.weight_decay:g}, radius {c7.maxnorm.radius:g}{tag})" if args.tuned else ""
     rows.append((f"+ stage 2 CB & WD & MaxNorm (full){full}",
                  run_or_reuse(train, out / "s2_full", "2", base2 + tuned[7],
-                              study_trial(args.tuned_row7 or args.tuned, 2))))
+                              study_trial(args.tuned_row7 or args.tuned, 2))[1]))
     tuning = {1: study_budget(args.tuned, 1), 3: f"tau: best of {len(TAUS)} on val",
               4: study_budget(args.tuned_row5, 2), 5: study_budget(args.tuned_row6, 2),
               6: study_budget(args.tuned_row7 or args.tuned, 2)} if args.tuned else None
