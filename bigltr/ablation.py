@@ -139,10 +139,10 @@ def reuse_problem(run: Path, argv: list[str], stage: str) -> str | None:
     """Why `run` (its config.yaml) is not the stage-`stage` run that `argv` describes; None when it is."""
     import yaml
 
-    from bigltr.config import build_config, flatten, to_dict
+    from bigltr.config import BoundedSafeLoader, build_config, flatten, to_dict
 
     try:
-        saved = flatten(yaml.safe_load((run / "config.yaml").read_text()) or {})
+        saved = flatten(yaml.load((run / "config.yaml").read_text(), Loader=BoundedSafeLoader) or {})
     except (OSError, yaml.YAMLError, AttributeError) as e:
         return f"its config.yaml is unreadable ({e})"
     other = "stage2." if stage == "1" else "stage1."
@@ -253,7 +253,7 @@ def main(argv=None) -> list[tuple[str, dict]]:
                     help="only assemble the table from finished runs (studies' trials, earlier rows); a missing row "
                          "is an error naming it (the post-hoc rows 3-4 are still computed)")
     args, rest = ap.parse_known_args(argv)
-    from bigltr.cli import split_override  # the key=value parser every bigltr command uses
+    from bigltr.config import split_override  # the key=value parser every bigltr command uses
     from bigltr.config import ConfigError
 
     overrides, outs = [], []

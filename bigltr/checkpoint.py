@@ -33,6 +33,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be written or read; the message names the path."""
 
 
+EXIT_NON_FINITE = 3  # bigltr-eval / bigltr-export, like bigltr-train's "the loss or weights became non-finite"
+
+
+class NonFiniteWeightsError(CheckpointError):
+    """A model checkpoint holds nan/inf weights; the message names the file and the first such tensor. The entry
+    points that evaluate or export weights exit with EXIT_NON_FINITE (3)."""
+
+
 def _no_space(e: BaseException, path) -> bool:
     if (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)) or "No space left" in str(e):
         return True
@@ -87,9 +95,11 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 # ------------------------------------------------------------------------------------------ a run's model checkpoint
 def load_run_checkpoint(path: str | os.PathLike) -> dict:
-    """A run's best.pt / last.pt: {"stage", "epoch", "model": state_dict, "val_all", "config"}, read safely
-    (`load_checkpoint`: tensors and plain values only). A folder, or a file without a model and its config:
-    BadInputError; a missing file: FileNotFoundError; an unreadable one: CheckpointError."""
+    """A run's best.pt / last.pt: {"stage", "epoch", "model": state_dict, "val_all", "config", ["classes",
+    "category_ids"]}, read safely (`load_checkpoint`: tensors and plain values only). A folder, or a file without a
+    model and its config: BadInputError; a missing file: FileNotFoundError; an unreadable one: CheckpointError;
+    nan/inf in any floating-point tensor of the model: NonFiniteWeightsError (naming the first such tensor), so no
+    command evaluates or exports weights that cannot give meaningful logits."""
     path = Path(path)
     if path.is_dir():
         raise BadInputError(f"{path} is a folder; give a checkpoint file such as RUN/stage2/best.pt (resume "
@@ -100,7 +110,47 @@ def load_run_checkpoint(path: str | os.PathLike) -> dict:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
         raise BadInputError(f"{path} is not a bigltr model checkpoint (expected a run's stage1/ or stage2/ best.pt "
                             f"or last.pt, with 'model' holding classifier.weight and 'config'; found {keys})")
+    check_finite(model, path)
     return ckpt
+
+
+def check_finite(state: dict, path) -> None:
+    """Raise NonFiniteWeightsError naming the first floating-point tensor of `state` that holds nan or inf."""
+    for name, t in state.items():
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()) and not bool(
+                torch.isfinite(t).all()):
+            n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+            raise NonFiniteWeightsError(f"{path}: tensor '{name}' {tuple(t.shape)} holds non-finite values ({n_nan} "
+                                        f"nan, {n_inf} inf of {t.numel()}); refusing to use these weights")
+
+
+def checkpoint_classes(ckpt: dict) -> dict[str, list] | None:
+    """The class identity a checkpoint was trained with: {"classes": [names], ["category_ids": [ids]]}, as its run's
+    _info.json gave them (written into best.pt / last.pt since bigltr stored them); None for an older checkpoint."""
+    classes = ckpt.get("classes")
+    if not isinstance(classes, list):
+        return None
+    out = {"classes": classes}
+    if isinstance(ckpt.get("category_ids"), list):
+        out["category_ids"] = ckpt["category_ids"]
+    return out
+
+
+def class_mismatch(ckpt: dict, info: dict) -> str | None:
+    """Why the checkpoint's classes are not the data's (`info`: its _info.json): the first index whose class name or
+    category id differs, in words; None when they agree. Needs checkpoint_classes(ckpt) (not None)."""
+    mine = checkpoint_classes(ckpt)
+    for key in ("classes", "category_ids"):
+        a, b = mine.get(key), info.get(key)
+        if a is None or b is None:
+            continue
+        if len(a) != len(b):
+            return f"{len(a)} {key} in the checkpoint, {len(b)} in the data"
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                what = "class" if key == "classes" else "category id"
+                return f"{what} {i} is {str(x)[:80]!r} in the checkpoint but {str(y)[:80]!r} in the data"
+    return None
 
 
 def _known_keys(data: dict, cls=Config) -> dict:

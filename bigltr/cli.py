@@ -1,8 +1,8 @@
-"""The command line shared by bigltr's entry points: the one `key=value` parser, and help generated from the config.
+"""Help generated from the config, for bigltr's entry points.
 
-Every command that takes config keys (bigltr-train, bigltr-tune, bigltr-eval, tools/ablation.py) reads its
-`key=value` arguments with `split_override` / `parse_overrides` here, so `--key=value`, spaces around the key and an
-empty value mean the same everywhere. `config_help()` lists every key of `bigltr.config.Config` with its type, default
+Every command that takes config keys (bigltr-train, bigltr-tune, bigltr-eval, bigltr-ablation) reads its `key=value`
+arguments with `split_override` / `parse_overrides` of bigltr.config, so `--key=value`, spaces around the key and an
+empty value mean the same everywhere. This module only imports bigltr.config (no circle). `config_help()` lists every key of `bigltr.config.Config` with its type, default
 and description, read from the dataclass fields themselves (`metadata["help"]`): adding a field adds it to --help.
 
 Only `bigltr.config` and PyYAML are imported: `--help` and config errors answer before torch is loaded.
@@ -15,41 +15,7 @@ import types
 import typing
 from typing import Any, Literal
 
-import yaml
-
-from bigltr.config import Config, ConfigError
-
-EXAMPLE = "stage1.epochs=10"
-
-
-# ----------------------------------------------------------------------------------------------- key=value
-def split_override(arg: str) -> tuple[str, str]:
-    """`key=value` -> (key, raw value text). The key loses surrounding spaces and leading dashes (`--seed=1` is
-    `seed=1`); the value is everything after the first `=`, unparsed. Not of that form: ConfigError."""
-    if "=" not in arg or arg.startswith("="):
-        raise ConfigError(f"argument '{arg}' is not of the form key=value (e.g. {EXAMPLE})")
-    key, raw = arg.split("=", 1)
-    return key.strip().lstrip("-"), raw
-
-
-def parse_value(raw: str) -> Any:
-    """A value as a YAML scalar (`5e-3` stays text: the config's float check converts it; `stage=1` is an int,
-    `true` a bool, `[0.5, 0.5]` a list); an empty value is the empty string, unparseable YAML the raw text."""
-    if raw == "":
-        return ""
-    try:
-        return yaml.safe_load(raw)
-    except yaml.YAMLError:
-        return raw
-
-
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """[`key=value`, ...] -> {key: typed value}; a later key wins."""
-    out = {}
-    for arg in argv:
-        key, raw = split_override(arg)
-        out[key] = parse_value(raw)
-    return out
+from bigltr.config import Config
 
 
 # ----------------------------------------------------------------------------------------------- help

@@ -37,8 +37,23 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE_DIR = REPO_ROOT / "recipes"
 
 
+EXAMPLE = "stage1.epochs=10"
+
+
 class ConfigError(ValueError):
     """A bad recipe or override; the message names the key."""
+
+
+def _brief(value: Any, limit: int = 200) -> str:
+    """repr(value) cut to about `limit` characters: an error shows at most a line's worth of a bad value. reprlib
+    bounds the work too: a huge nested value is never turned into text in full."""
+    import reprlib
+
+    r = reprlib.Repr()
+    r.maxlevel, r.maxstring, r.maxother, r.maxlong = 4, limit, limit, limit
+    r.maxlist = r.maxtuple = r.maxdict = r.maxset = r.maxfrozenset = r.maxdeque = r.maxarray = 12
+    text = r.repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def opt(default: Any, help: str) -> Any:
@@ -52,6 +67,15 @@ def opt(default: Any, help: str) -> Any:
 def section(cls: type, help: str) -> Any:
     """A nested config section (a dataclass) with its description."""
     return field(default_factory=cls, metadata={"help": help})
+
+
+# One meaning of a batch on 1 process and on 64: `batch_size` is GLOBAL (what papers report, what the LR is tuned
+# for); each process runs micro-batches of `micro_batch_size` and accumulates gradients until the global batch is
+# reached (`batch_plan`). Resolved per launch, logged, and written in the header of <out>/config.yaml.
+BATCH_HELP = ("GLOBAL batch per optimiser step, all processes together (the paper's number): "
+              "= processes x micro_batch_size x accumulation steps")
+MICRO_HELP = ("images per process per forward pass; 0: batch_size / processes (no accumulation); smaller values "
+              "accumulate gradients over batch_size / (processes x micro_batch_size) micro-batches")
 
 
 @dataclass
@@ -98,11 +122,23 @@ class ModelConfig:
 @dataclass
 class Stage1Config:
     epochs: int = opt(200, "stage-1 training epochs (paper: 200 on CIFAR)")
-    batch_size: int = opt(64, "images per process per step")
+    batch_size: int = opt(64, BATCH_HELP)
+    micro_batch_size: int = opt(0, MICRO_HELP)
     lr: float = opt(0.01, "peak learning rate of SGD; per-step cosine decay to 0")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(5e-3, "weight decay: the paper's tuned value for CIFAR-100-LT; 0 gives the naive "
                                     "baseline")
+    # Baselines (docs/baselines.md): weight balancing's stage 1 is plain CE.
+    loss: Literal["ce", "la_ce", "balanced_softmax"] = opt(
+        "ce", "ce (the paper); la_ce (logit-adjusted loss, Menon et al.: CE on logits + la_tau log prior); "
+              "balanced_softmax (Ren et al.: la_ce with tau 1)")
+    la_tau: float = opt(1.0, "loss=la_ce: tau of the logit adjustment")
+    # One-stage weight balancing (Hasegawa & Sato, ICLR 2024): a fixed simplex-ETF classifier + a feature-norm penalty.
+    classifier: Literal["linear", "etf"] = opt(
+        "linear", "linear (trained nn.Linear); etf (a fixed simplex equiangular tight frame, only the bias trains: "
+                  "one-stage weight balancing, with stage=1 and eval.posthoc=mla)")
+    feature_reg: float = opt(0.0, "weight of the feature-norm penalty feature_reg * mean ||h||^2 / 2 on the pooled "
+                                  "features (one-stage weight balancing: 0.01)")
     # p != 2 is the paper's open question; 2 is plain torch SGD weight decay, bit for bit.
     wd_p: float = opt(2.0, "Lp weight decay exponent p in [1, inf): the step adds weight_decay * sign(w) |w|^(p-1), "
                            "the gradient of (weight_decay/p) sum |w|^p, before momentum")
@@ -110,7 +146,6 @@ class Stage1Config:
         "all", "parameters decayed: all (official code) or no_norm_bias (timm convention: no decay on 1-D params)")
     warmup_epochs: int = opt(0, "epochs of linear learning-rate warm-up before the cosine")
     amp: Literal["none", "bf16", "fp16"] = opt("none", "autocast precision (fp16 needs CUDA; bf16 works on CPU)")
-    accum_steps: int = opt(1, "gradient accumulation: one optimiser step every accum_steps batches")
     channels_last: bool = opt(False, "channels-last memory format for model and images (faster convs on GPU)")
     compile: bool = opt(False, "torch.compile the model (needs a working compiler toolchain for inductor)")
 
@@ -141,6 +176,11 @@ class FeatureCacheConfig:
                        "transform), center_flip (and its horizontal flip), augment (num_aug training-transform draws)")
     num_aug: int = opt(4, "views=augment: draws of the training transform per image")
     dtype: Literal["bf16", "fp16", "fp32"] = opt("bf16", "precision the cached features are stored in")
+    # The backbone was trained (and selected) in stage 1's precision: computing its features in it is both faithful
+    # and fast (bf16 ~1.8x fp32 on CPU, more on a GPU); fp32 ("none") stays available.
+    compute: Literal["stage1", "none", "bf16", "fp16"] = opt(
+        "stage1", "autocast precision of the frozen backbone while it computes the cache: stage1 (stage1.amp), none "
+                  "(fp32), bf16 or fp16")
     location: Literal["memory", "disk"] = opt("memory", "keep the cached features in memory or on disk")
     # One folder per split (train, val, test) and key (checkpoint, data, views, dtype, ...): runs with the same
     # stage-1 checkpoint (a tuner's trials) can share it.
@@ -150,20 +190,26 @@ class FeatureCacheConfig:
 @dataclass
 class Stage2Config:
     epochs: int = opt(10, "stage-2 (classifier) training epochs (paper: 10)")
-    batch_size: int = opt(64, "images (or cached feature vectors) per process per step")
+    batch_size: int = opt(64, BATCH_HELP + " (images or cached feature vectors)")
+    micro_batch_size: int = opt(0, MICRO_HELP)
     lr: float = opt(0.01, "peak learning rate of SGD; per-step cosine decay to 0")
     momentum: float = opt(0.9, "SGD momentum")
     weight_decay: float = opt(0.1, "weight decay on the classifier")
     wd_p: float = opt(2.0, "Lp weight decay exponent, as stage1.wd_p (2: torch SGD's own weight decay)")
-    loss: Literal["ce", "cb_ce", "cb_official_bce"] = opt(
+    loss: Literal["ce", "cb_ce", "cb_official_bce", "la_ce", "balanced_softmax"] = opt(
         "cb_ce", "ce (plain cross-entropy); cb_ce (class-balanced weighted softmax CE, the paper); cb_official_bce "
-                 "(BCE on softmax probabilities, the official code)")
+                 "(BCE on softmax probabilities, the official code); la_ce, balanced_softmax (as stage1.loss)")
+    la_tau: float = opt(1.0, "loss=la_ce: tau of the logit adjustment")
+    # cRT / LWS (Kang et al., ICLR 2020): class-balanced sampling (on cached features).
+    sampler: Literal["shuffle", "class_balanced"] = opt(
+        "shuffle", "order of the training samples: shuffle (each once per epoch) or class_balanced (a class drawn "
+                   "uniformly, then one of its samples: cRT, LWS; needs stage2.features=cached)")
     cb_beta: float = opt(0.9999, "beta of the effective number of samples (1 - beta^n) / (1 - beta), in (0, 1)")
     bn_mode: Literal["eval", "train"] = opt(
         "eval", "BatchNorm of the frozen backbone: eval (frozen statistics, paper) or train (statistics keep "
                 "moving, official code)")
     classifier_init: Literal["keep", "reinit"] = opt(
-        "keep", "start stage 2 from stage 1's classifier (keep) or a freshly initialised one (reinit)")
+        "keep", "start stage 2 from stage 1's classifier (keep) or a freshly initialised one (reinit: cRT)")
     amp: Literal["none", "bf16", "fp16"] = opt("none", "autocast precision (fp16 needs CUDA; bf16 works on CPU)")
     # online is what the reference code does; cached needs bn_mode=eval (a fixed backbone).
     features: Literal["online", "cached"] = opt(
@@ -176,10 +222,12 @@ class Stage2Config:
 @dataclass
 class EvalConfig:
     tta_flip: bool = opt(False, "average logits with a horizontal flip (the official code's reported numbers)")
-    # The paper's ablation rows (L2-normalised classifier, tau-norm).
-    posthoc: Literal["none", "l2", "tau_norm"] = opt(
-        "none", "post-hoc classifier normalisation, evaluated in addition after each stage: l2 or tau_norm")
-    posthoc_tau: float = opt(1.0, "posthoc=tau_norm: rows scaled by 1/||w_c||^tau")
+    # The paper's ablation rows (L2-normalised classifier, tau-norm) and the post-hoc baselines (docs/baselines.md).
+    posthoc: Literal["none", "l2", "tau_norm", "la", "mla"] = opt(
+        "none", "post-hoc classifier, evaluated in addition after each stage: l2, tau_norm (rows / ||w_c||^tau), la "
+                "(logit adjustment, Menon et al.: logits - tau log prior), mla (multiplicative, Hasegawa & Sato: "
+                "logits * prior^-tau)")
+    posthoc_tau: float = opt(1.0, "tau of eval.posthoc (tau_norm, la, mla); choose it on val (bigltr-tune)")
 
 
 @dataclass
@@ -206,6 +254,9 @@ class LogConfig:
                                   "and the test results: any of " + ", ".join(TRACKERS) + " (empty: none); local "
                                   "logs in <out>/trackers")
     project: str = opt("", "project / run name the trackers log under (empty: the run directory's name)")
+    # Off in tuning trials (bigltr-tune passes log.plots=false): dozens of runs whose plots nobody looks at.
+    plots: bool = opt(True, "write the PNG plots (weight_norms.png, per_class_accuracy.png, stage{1,2}_norm_evolution"
+                            ".png) after the run; results.json and table.md are written either way")
 
 
 @dataclass
@@ -213,6 +264,12 @@ class Config:
     recipe: str = opt("", "a recipe name in recipes/ or a path to a YAML file; its keys replace the defaults")
     stage: Literal["1", "2", "all"] = opt("all", "which stages to run (2: from <out>/stage1/best.pt or "
                                                  "stage1_checkpoint)")
+    # docs/reproduce.md "Protocol": tune with holdout (never selecting on test), then refit with the tuned values.
+    protocol: Literal["holdout", "refit"] = opt(
+        "holdout", "holdout: train on the train split, keep the epoch with the best val accuracy; refit: train on the "
+                   "whole official training set (the splits _info.json's official_train_splits lists: train + the "
+                   "val held out of it), a fixed schedule, keep the LAST epoch (the paper's protocol; run it with "
+                   "the values tuned under holdout)")
     out: str = opt("", "run directory (empty: runs/<recipe>)")
     seed: int = opt(0, "seed of weights, data order and augmentation (stage 2 uses seed + 1)")
     device: Literal["auto", "cpu", "cuda"] = opt("auto", "auto: cuda when available, else cpu")
@@ -251,6 +308,7 @@ def valid_keys(cls=Config, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str, where: str) -> ConfigError:
+    key = _brief(key)[1:-1] if len(str(key)) > 200 else key  # a YAML key can be any text: a line's worth of it
     close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid_keys())}"
     return ConfigError(f"unknown config key '{key}' ({where}){hint}")
@@ -266,7 +324,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ConfigError:
                 pass
         names = [a.__name__ if isinstance(a, type) else str(a) for a in typing.get_args(tp)]
-        raise ConfigError(f"config key '{key}' expects {' or '.join(names)}, got {value!r}")
+        raise ConfigError(f"config key '{key}' expects {' or '.join(names)}, got {_brief(value)}")
     if origin is Literal:
         choices = typing.get_args(tp)
         if isinstance(value, bool) and "off" in choices:
@@ -274,7 +332,7 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         elif isinstance(value, (int, float)) and not isinstance(value, bool) and str(value) in choices:
             value = str(value)  # `stage=1` arrives as the int 1
         if value not in choices:
-            raise ConfigError(f"config key '{key}': {value!r} is not one of {list(choices)}")
+            raise ConfigError(f"config key '{key}': {_brief(value)} is not one of {list(choices)}")
         return value
     if origin is list:
         (item_tp,) = typing.get_args(tp)
@@ -283,11 +341,11 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         return [_coerce(f"{key}[{i}]", v, item_tp) for i, v in enumerate(value)]
     if tp is bool:
         if not isinstance(value, bool):
-            raise ConfigError(f"config key '{key}' expects true/false, got {value!r}")
+            raise ConfigError(f"config key '{key}' expects true/false, got {_brief(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"config key '{key}' expects an integer, got {value!r}")
+            raise ConfigError(f"config key '{key}' expects an integer, got {_brief(value)}")
         return value
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads `5e-3` (no dot) as a string
@@ -296,15 +354,15 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"config key '{key}' expects a number, got {value!r}")
+            raise ConfigError(f"config key '{key}' expects a number, got {_brief(value)}")
         if not math.isfinite(value):
-            raise ConfigError(f"config key '{key}' expects a finite number, got {value!r}")
+            raise ConfigError(f"config key '{key}' expects a finite number, got {_brief(value)}")
         return float(value)
     if tp is str:
         if value is None:
             return ""
         if isinstance(value, (bool, list, dict)):
-            raise ConfigError(f"config key '{key}' expects a string, got {value!r}")
+            raise ConfigError(f"config key '{key}' expects a string, got {_brief(value)}")
         return str(value)
     raise TypeError(f"unsupported annotation {tp} for {key}")  # a bug in the schema, not in user input
 
@@ -352,14 +410,71 @@ def recipe_path(name: str) -> Path:
     raise ConfigError(f"recipe '{name}' not found (looked in {RECIPE_DIR}); available: {', '.join(available)}{hint}")
 
 
+# YAML that bigltr reads (recipes, key=value overrides, a saved config.yaml read back) goes through
+# BoundedSafeLoader. PyYAML shares an aliased node instead of copying it, so nine levels of `&aN [*aM, *aM, ...]`
+# (a few hundred bytes) load at once but stand for 10**9 values as soon as anything walks or prints them: 18 s,
+# 2 GB and a 522 MB error line before this bound. A resolved bigltr config has a few hundred nodes.
+YAML_MAX_NODES = 10_000
+
+
+class YAMLTooLarge(yaml.YAMLError):
+    """A YAML document that, with every alias expanded, has more than YAML_MAX_NODES nodes or refers to itself."""
+
+
+def _check_expanded_size(root: yaml.Node) -> None:
+    sizes: dict[int, int] = {}  # id(node) -> size with aliases expanded (a shared node is counted once per use)
+    open_: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in open_:
+            raise YAMLTooLarge(f"an alias at line {node.start_mark.line + 1} refers to a node that contains it")
+        open_.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            children = [n for pair in node.value for n in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        n = 1
+        for child in children:
+            n += size(child)
+            if n > YAML_MAX_NODES:
+                raise YAMLTooLarge(f"aliases expand it to more than {YAML_MAX_NODES} values (the node at line "
+                                   f"{node.start_mark.line + 1}); write the values out instead of nesting aliases")
+        open_.discard(id(node))
+        sizes[id(node)] = n
+        return n
+
+    size(root)
+
+
+class BoundedSafeLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a document whose aliases expand beyond YAML_MAX_NODES (YAMLTooLarge, a YAMLError)
+    before anything is constructed from it."""
+
+    def construct_document(self, node):
+        _check_expanded_size(node)
+        return super().construct_document(node)
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """`text` parsed like yaml.safe_load, with aliases bounded (BoundedSafeLoader). Invalid, alias-expanding or too
+    deeply nested YAML: ConfigError in one line that starts with `where`."""
+    try:
+        return yaml.load(text, Loader=BoundedSafeLoader)
+    except YAMLTooLarge as e:
+        raise ConfigError(f"{where}: {e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: invalid YAML: {_brief(' '.join(str(e).split()), 300)}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+
+
 def load_recipe(name: str, _seen: tuple = ()) -> dict:
     path = recipe_path(name)
     if path.resolve() in _seen:
         raise ConfigError(f"recipe '{name}': circular 'base' chain {[str(p) for p in _seen]}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {path}: invalid YAML: {e}") from None
+    data = load_yaml(path.read_text(), f"recipe {path}") or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {path}: top level must be a mapping")
     base = data.pop("base", None)
@@ -378,11 +493,40 @@ def _deep_update(dst: dict, src: dict) -> None:
             dst[k] = v
 
 
-def parse_overrides(argv: list[str]) -> dict[str, Any]:
-    """[`key=value`, ...] -> {key: value}: the one parser every command uses, `bigltr.cli.parse_overrides`."""
-    from bigltr.cli import parse_overrides as parse  # bigltr.cli imports this module: import at call time
+def split_override(arg: str) -> tuple[str, str]:
+    """`key=value` -> (key, raw value text). The key loses surrounding spaces and leading dashes (`--seed=1` is
+    `seed=1`); the value is everything after the first `=`, unparsed. Not of that form: ConfigError."""
+    if "=" not in arg or arg.startswith("="):
+        raise ConfigError(f"argument '{arg}' is not of the form key=value (e.g. {EXAMPLE})")
+    key, raw = arg.split("=", 1)
+    return key.strip().lstrip("-"), raw
 
-    return parse(argv)
+
+def parse_value(raw: str, key: str = "") -> Any:
+    """A value as a YAML scalar (`5e-3` stays text: the config's float check converts it; `stage=1` is an int,
+    `true` a bool, `[0.5, 0.5]` a list); an empty value is the empty string, unparseable YAML the raw text. Read
+    with bigltr.config's BoundedSafeLoader: aliases that expand beyond YAML_MAX_NODES values, or nesting too deep
+    to parse, are a ConfigError naming `key`."""
+    if raw == "":
+        return ""
+    try:
+        return yaml.load(raw, Loader=BoundedSafeLoader)
+    except YAMLTooLarge as e:
+        raise ConfigError(f"config key '{key}' (command line): {e}") from None
+    except RecursionError:
+        raise ConfigError(f"config key '{key}' (command line): value nested too deeply") from None
+    except yaml.YAMLError:
+        return raw
+
+
+def parse_overrides(argv: list[str]) -> dict[str, Any]:
+    """[`key=value`, ...] -> {key: typed value}; a later key wins."""
+    out = {}
+    for arg in argv:
+        key, raw = split_override(arg)
+        out[key] = parse_value(raw, key)
+    return out
+
 
 
 def config_from_dict(data: dict, overrides: dict[str, Any] | None = None, *, where: str) -> Config:
@@ -456,7 +600,13 @@ def validate(cfg: Config) -> None:
         need(sc.weight_decay >= 0, f"{s}.weight_decay", "must be >= 0")
         need(1 <= sc.wd_p < math.inf, f"{s}.wd_p", "must be a finite number >= 1 (p in [1, inf))")
         need(0 <= sc.momentum < 1, f"{s}.momentum", "must be in [0, 1)")
-    need(cfg.stage1.accum_steps >= 1, "stage1.accum_steps", "must be >= 1")
+        need(sc.micro_batch_size >= 0, f"{s}.micro_batch_size", "must be >= 0 (0: batch_size / processes)")
+        need(sc.micro_batch_size <= sc.batch_size, f"{s}.micro_batch_size",
+             f"{sc.micro_batch_size} is larger than {s}.batch_size={sc.batch_size} (the global batch)")
+    launched = os.environ.get("WORLD_SIZE", "")
+    if launched.isdigit() and int(launched) >= 1:  # under torchrun / accelerate launch: refuse before any set-up
+        for s in ("stage1", "stage2"):
+            batch_plan(getattr(cfg, s), int(launched), s)
     need(0 <= cfg.stage1.warmup_epochs < cfg.stage1.epochs, "stage1.warmup_epochs", "must be in [0, stage1.epochs)")
     need(0 < cfg.stage2.cb_beta < 1, "stage2.cb_beta", "must be in (0, 1)")
     mn = cfg.stage2.maxnorm
@@ -464,6 +614,13 @@ def validate(cfg: Config) -> None:
     need(mn.tau > 0, "stage2.maxnorm.tau", "must be > 0")
     need(not (mn.fused and mn.when != "step"), "stage2.maxnorm.fused", "needs stage2.maxnorm.when=step")
     need(cfg.stage2.cache.num_aug >= 1, "stage2.cache.num_aug", "must be >= 1")
+    need(cfg.stage1.feature_reg >= 0, "stage1.feature_reg", "must be >= 0")
+    need(not (cfg.stage2.sampler == "class_balanced" and cfg.stage2.features != "cached"), "stage2.sampler",
+         "class_balanced draws from the cached features: set stage2.features=cached")
+    need(not (cfg.stage1.classifier == "etf" and cfg.stage != "1"), "stage1.classifier",
+         "etf is one-stage weight balancing: run it with stage=1 (its stage 2 is eval.posthoc=mla)")
+    need(not (cache_amp(cfg) == "fp16" and cfg.device == "cpu"), "stage2.cache.compute",
+         "fp16 autocast needs CUDA; use bf16 or none on CPU")
     try:
         image_hw(cfg.data.img_size)
     except ValueError as e:
@@ -500,6 +657,45 @@ def validate(cfg: Config) -> None:
          "class rows; use the default (unfused) MaxNorm, which DeepSpeed projects on the fp32 master")
 
 
+def cache_amp(cfg: Config) -> str:
+    """The autocast precision the stage-2 feature cache is computed in (stage2.cache.compute resolved)."""
+    c = cfg.stage2.cache.compute
+    return cfg.stage1.amp if c == "stage1" else c
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How one stage's global batch is made on this launch: processes x per_process x accum_steps = global_."""
+    global_: int
+    processes: int
+    per_process: int  # images per process per forward pass (the loader's batch)
+    accum_steps: int  # forward/backward passes per optimiser step
+
+    def record(self) -> dict:
+        return {"global": self.global_, "processes": self.processes, "per_process": self.per_process,
+                "accum_steps": self.accum_steps}
+
+    def describe(self) -> str:
+        return (f"global batch {self.global_} = {self.processes} process(es) x {self.per_process} per process x "
+                f"{self.accum_steps} accumulation step(s)")
+
+
+def batch_plan(stage_cfg, processes: int, key: str) -> BatchPlan:
+    """The stage's BatchPlan for `processes` processes; ConfigError (naming both numbers) when the global batch
+    cannot be split into equal micro-batches on that many processes."""
+    g, micro = stage_cfg.batch_size, stage_cfg.micro_batch_size
+    if g % processes:
+        raise ConfigError(f"config key '{key}.batch_size': the global batch {g} does not split over {processes} "
+                          f"processes ({g} / {processes} is not a whole number); pick a batch_size that is a "
+                          f"multiple of {processes}, or launch a number of processes that divides {g}")
+    per_rank = g // processes
+    micro = micro or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"config key '{key}.micro_batch_size': {micro} does not divide the {per_rank} images each "
+                          f"of {processes} processes takes of {key}.batch_size={g}; pick a divisor of {per_rank}")
+    return BatchPlan(global_=g, processes=processes, per_process=micro, accum_steps=per_rank // micro)
+
+
 def flatten(d: dict, prefix: str = "") -> dict:
     """A nested config mapping as {"section.key": value} (what resume checks, trackers and the ablation compare)."""
     out = {}
@@ -515,6 +711,8 @@ def to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def save_config(cfg: Config, path: str | os.PathLike) -> None:
-    """Write the resolved config atomically (tmp file then rename)."""
-    write_text_atomic(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+def save_config(cfg: Config, path: str | os.PathLike, header: list[str] = ()) -> None:
+    """Write the resolved config atomically (tmp file then rename); `header` lines go first as YAML comments
+    (what the launch resolved, e.g. each stage's BatchPlan)."""
+    head = "".join(f"# {line}\n" for line in header)
+    write_text_atomic(path, head + yaml.safe_dump(to_dict(cfg), sort_keys=False))

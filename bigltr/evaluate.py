@@ -7,21 +7,31 @@ CHECKPOINT is a run's `stage{1,2}/best.pt` or `last.pt`. The model (model.name, 
 eval.posthoc and the stage's batch_size / amp come from the config saved in the checkpoint; any config key given as
 key=value replaces them (`bigltr-train --help` lists the keys). Classes are grouped by the training counts of
 DIR/_info.json. Prints the Many / Medium / Few / All table (balanced top-1, %); `--json PATH` also writes the
-metrics, in the layout of a run's results.json (`{"all", "many", "medium", "few", "per_class", ...}`).
+split's metrics at the top level, exactly as a run's results.json holds them under `stageN.<split>`
+(`{"all", "many", "medium", "few", "per_class", "num_samples", "samples"}`), beside what was evaluated
+(`checkpoint`, `stage`, `epoch`, `model`, `data_root`, `split`, `many_thr`, `few_thr`, `groups`, `warnings`) and,
+with eval.posthoc, `"posthoc": {"method", "tau", "<split>": {...}}` as in results.json. (Files written before this
+layout nested the metrics under "metrics": `read_eval_json` reads both.)
+
+The checkpoint's class names (and iNat category ids), stored in best.pt / last.pt at training time, must equal
+DIR/_info.json's, index by index: the same class count in another order would otherwise give regrouped numbers. A
+checkpoint from an older bigltr without them is evaluated with a warning that its class order cannot be checked.
 
 The numbers equal the run's own results.json for the same checkpoint and split (same evaluation code), except for a
 stage 2 trained with stage2.features=cached, whose final evaluation ran on cached (by default bf16) features.
 
-Exit codes: 0 done; 2 bad input (missing file, not a bigltr checkpoint, class-count mismatch, bad key, bad data).
+Exit codes: 0 done; 2 bad input (missing file, not a bigltr checkpoint, class-count or class-order mismatch, bad
+key, bad data); 3 the checkpoint's weights are non-finite (nan/inf; the message names the first such tensor).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from bigltr.cli import parse_overrides
+from bigltr.config import parse_overrides
 from bigltr.config import Config, ConfigError
 from bigltr.errors import BadInputError, fail
 
@@ -33,10 +43,40 @@ class EvalError(BadInputError):
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
+# what an evaluation's result holds besides the split's metrics (which sit at its top level, as in results.json)
+ABOUT_KEYS = ("checkpoint", "stage", "epoch", "model", "data_root", "split", "many_thr", "few_thr", "groups",
+              "posthoc", "warnings")
+
+
+def split_metrics(result: dict) -> dict:
+    """The split's metrics of an evaluation result (`{"all", "many", "medium", "few", "per_class", ...}`)."""
+    return {k: v for k, v in result.items() if k not in ABOUT_KEYS}
+
+
+def read_eval_json(path: str | Path) -> dict:
+    """A `bigltr-eval --json` file in the current layout (metrics at the top level, posthoc metrics under the split's
+    name); a file of the older layout (`"metrics": {...}`, `"posthoc": {..., "metrics": {...}}`) is converted.
+    Unreadable or not a JSON object: BadInputError."""
+    try:
+        r = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise BadInputError(f"{path} is not a readable bigltr-eval JSON file ({type(e).__name__}: {e})") from None
+    if not isinstance(r, dict):
+        raise BadInputError(f"{path} does not hold a JSON object")
+    if isinstance(r.get("metrics"), dict):
+        r = {**{k: v for k, v in r.items() if k != "metrics"}, **r["metrics"]}
+        ph = r.get("posthoc")
+        if isinstance(ph, dict) and isinstance(ph.get("metrics"), dict):
+            r["posthoc"] = {**{k: v for k, v in ph.items() if k != "metrics"}, str(r.get("split")): ph["metrics"]}
+    return r
+
+
 def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = None, split: str = "test") -> dict:
-    """Metrics of one checkpoint on one split: {"checkpoint", "stage", "epoch", "model", "data_root", "split",
-    "many_thr", "few_thr", "groups", "metrics", ["posthoc"]}; "metrics" as in results.json."""
-    from bigltr.checkpoint import checkpoint_config, checkpoint_stage, load_run_checkpoint
+    """Metrics of one checkpoint on one split, in the `--json` layout: the split's metrics as in results.json
+    (`split_metrics`) + {"checkpoint", "stage", "epoch", "model", "data_root", "split", "many_thr", "few_thr",
+    "groups", "warnings", ["posthoc": {"method", "tau", split: metrics}]}."""
+    from bigltr.checkpoint import (
+        checkpoint_classes, checkpoint_config, checkpoint_stage, class_mismatch, load_run_checkpoint)
     from bigltr.data.info import read_info
     from bigltr.distributed import Dist, resolve_device
     from bigltr.engine.common import evaluate
@@ -55,6 +95,13 @@ def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = Non
     if num_classes != len(info["class_counts"]):
         raise EvalError(f"class-count mismatch: {path} has {num_classes} classes, {cfg.data.root}/_info.json has "
                         f"{len(info['class_counts'])}; give the data.root the model was trained on")
+    warnings = []
+    if checkpoint_classes(ckpt) is None:
+        warnings.append(f"{path} stores no class names (saved by an older bigltr): cannot check that its classes are "
+                        f"those of {cfg.data.root}/_info.json, in the same order")
+    elif why := class_mismatch(ckpt, info):
+        raise EvalError(f"class mismatch: {why} ({path} vs {cfg.data.root}/_info.json); the model's outputs would "
+                        f"be scored against other classes: give the data.root the model was trained on")
     try:
         device = resolve_device(cfg.device)
     except RuntimeError as e:
@@ -66,24 +113,27 @@ def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = Non
     stage_cfg = cfg.stage1 if stage == 1 else cfg.stage2
     classifiers = {"model": model.classifier}
     if cfg.eval.posthoc != "none":
-        classifiers["posthoc"] = posthoc_classifier(model.classifier, cfg.eval.posthoc, cfg.eval.posthoc_tau)
+        classifiers["posthoc"] = posthoc_classifier(model.classifier, cfg.eval.posthoc, cfg.eval.posthoc_tau,
+                                                    class_counts=ctx.class_counts)
     loader = ctx.loader(split, train=False, batch_size=stage_cfg.batch_size)
     counts = evaluate(backbone=model.backbone, classifiers=classifiers, loader=loader, num_classes=num_classes,
                       device=device, amp=stage_cfg.amp, tta_flip=cfg.eval.tta_flip, desc=f"eval {split}", dist=dist)
-    groups = class_groups(ctx.class_counts, cfg.data.many_thr, cfg.data.few_thr)
+    groups = class_groups(ctx.group_counts, cfg.data.many_thr, cfg.data.few_thr)
     result = {"checkpoint": str(path), "stage": stage, "epoch": ckpt.get("epoch"), "model": cfg.model.name,
               "data_root": cfg.data.root, "split": split, "many_thr": cfg.data.many_thr, "few_thr": cfg.data.few_thr,
-              "groups": {k: len(v) for k, v in groups.items()}, "metrics": ctx.metrics(*counts["model"], split=split)}
+              "groups": {k: len(v) for k, v in groups.items()}, "warnings": warnings,
+              **ctx.metrics(*counts["model"], split=split)}
     if "posthoc" in counts:
         result["posthoc"] = {"method": cfg.eval.posthoc, "tau": cfg.eval.posthoc_tau,
-                             "metrics": ctx.metrics(*counts["posthoc"], split=split)}
+                             split: ctx.metrics(*counts["posthoc"], split=split)}
     return result
 
 
-def tau_sweep(cfg: Config, checkpoint: str | Path, taus: Sequence[float], splits: Sequence[str] = ("val", "test")
-              ) -> dict[str, dict[float, dict]]:
-    """Metrics of one checkpoint's classifier tau-normalised (w_c / ||w_c||**tau, bigltr.objective.posthoc) for
-    every tau of `taus`, on each split: {split: {tau: metrics}}. One backbone pass per split evaluates every tau.
+def tau_sweep(cfg: Config, checkpoint: str | Path, taus: Sequence[float], splits: Sequence[str] = ("val", "test"),
+              method: str = "tau_norm") -> dict[str, dict[float, dict]]:
+    """Metrics of one checkpoint's post-hoc classifier `method` (tau_norm: w_c / ||w_c||**tau; la, mla: logit
+    adjustment; bigltr.objective.posthoc) for every tau of `taus`, on each split: {split: {tau: metrics}}. One
+    backbone pass per split evaluates every tau: pick tau on val, read test once.
     `cfg` gives the model, the data and the evaluation settings (bigltr-ablation: the config of the stage-1 run);
     images go in batches of cfg.stage1.batch_size."""
     import torch
@@ -98,7 +148,7 @@ def tau_sweep(cfg: Config, checkpoint: str | Path, taus: Sequence[float], splits
     device = resolve_device(cfg.device)
     ctx = RunContext.create(cfg, Dist("ddp", device=device))
     model = build_checkpoint_model(load_run_checkpoint(checkpoint), cfg, checkpoint).to(device)
-    clfs = {t: posthoc_classifier(model.classifier, "tau_norm", t) for t in taus}
+    clfs = {t: posthoc_classifier(model.classifier, method, t, class_counts=ctx.class_counts) for t in taus}
     out = {}
     for split in splits:
         counts = evaluate(backbone=model.backbone, classifiers=clfs, num_classes=ctx.num_classes, device=device,
@@ -113,11 +163,11 @@ def tau_sweep(cfg: Config, checkpoint: str | Path, taus: Sequence[float], splits
 def format_result(r: dict) -> str:
     from bigltr.metrics import format_table
 
-    m, g = r["metrics"], r["groups"]
+    m, g = split_metrics(r), r["groups"]
     name = f"stage {r['stage']}, epoch {r['epoch']}"
     rows = {name: m}
     if "posthoc" in r:
-        rows[f"{name} + {r['posthoc']['method']} (tau {r['posthoc']['tau']:g})"] = r["posthoc"]["metrics"]
+        rows[f"{name} + {r['posthoc']['method']} (tau {r['posthoc']['tau']:g})"] = r["posthoc"][r["split"]]
     samples = f"{m['samples']} of {m['expected_samples']}" if "expected_samples" in m else str(m["samples"])
     return "\n".join([
         f"{r['checkpoint']} ({r['model']}) on {r['data_root']} split '{r['split']}': {samples} images",
@@ -135,9 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("checkpoint", help="a run's stage1/ or stage2/ best.pt or last.pt")
     ap.add_argument("overrides", nargs="*", metavar="key=value",
                     help="split=NAME (default test), and any config key (data.root=DIR, ...)")
-    ap.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH")
+    ap.add_argument("--json", metavar="PATH", help="also write the result as JSON to PATH: the split's metrics at "
+                    "the top level, as results.json holds them under stageN.<split>, and what was evaluated")
     args = ap.parse_args(argv)
-    from bigltr.checkpoint import CheckpointError
+    from bigltr.checkpoint import EXIT_NON_FINITE, CheckpointError, NonFiniteWeightsError
     from bigltr.data.errors import DataError
 
     try:
@@ -148,8 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         return fail(PROG, f"config error: {e}")
     except DataError as e:  # also a missing data folder (DataMissingError)
         return fail(PROG, f"data error: {e}")
+    except NonFiniteWeightsError as e:
+        return fail(PROG, str(e), EXIT_NON_FINITE)
     except (FileNotFoundError, CheckpointError, BadInputError) as e:
         return fail(PROG, str(e))
+    for w in result["warnings"]:
+        print(f"{PROG}: warning: {w}", file=sys.stderr)
     print(format_result(result))
     if args.json:
         from bigltr.atomic import write_json_atomic

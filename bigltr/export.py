@@ -1,6 +1,6 @@
 """bigltr-export: a trained bigltr model as a timm model folder (`model.safetensors` + `config.json`).
 
-    bigltr-export RUN_DIR OUT [--stage 1|2]
+    bigltr-export RUN_DIR OUT [--stage 1|2] [--overwrite]
 
 RUN_DIR is a run's out= folder (or a checkpoint file); the default stage is 2 when RUN_DIR/stage2/best.pt exists,
 else 1. OUT gets exactly what timm's `save_for_hf` / `push_to_hf_hub` write, written by timm's own
@@ -25,7 +25,13 @@ Load it with timm (gives the same logits as bigltr's model; checked by the expor
 bigltr's CIFAR ResNets (resnet32_cifar, resnet34_cifar) are registered with timm's registry by bigltr.models:
 `import bigltr.models` before loading them.
 
-Exit codes: 0 done; 2 bad input (no checkpoint, not a bigltr checkpoint, a model timm cannot hold the classifier of).
+OUT must be a new or empty folder: an existing file is refused, and so is a folder that holds anything unless
+--overwrite is given (then model.safetensors and config.json are replaced, each atomically, and nothing else in OUT
+is touched).
+
+Exit codes: 0 done; 2 bad input (no checkpoint, not a bigltr checkpoint, a model timm cannot hold the classifier of,
+OUT a file or a non-empty folder without --overwrite); 3 the checkpoint's weights are non-finite (nan/inf; the
+message names the first such tensor).
 """
 from __future__ import annotations
 
@@ -69,6 +75,23 @@ def find_checkpoint(run_dir: str | Path, stage: int | None = None) -> Path:
     return path
 
 
+def check_out(out: str | Path, overwrite: bool = False) -> Path:
+    """OUT may be written: absent, an empty folder, or (with `overwrite`) a folder; else ExportError naming it."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder; give a new or empty folder as OUT")
+    if out.is_dir() and not overwrite:
+        try:
+            entries = sorted(p.name for p in out.iterdir())
+        except OSError as e:
+            raise ExportError(f"{out} cannot be read ({type(e).__name__}: {e.strerror or e})") from None
+        if entries:
+            shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+            raise ExportError(f"{out} is not empty ({shown}); give a new or empty folder, or --overwrite to replace "
+                              f"its model.safetensors and config.json")
+    return out
+
+
 def to_timm(model, name: str, in_chans: int):
     """The timm model `name` (num_classes = bigltr's classes) holding bigltr's weights, and the name of its head."""
     import timm
@@ -107,10 +130,10 @@ def _run_results(run_dir: Path) -> dict:
         return {}
 
 
-def _label_names(results: dict, data_root: str, num_classes: int) -> list[str] | None:
-    """Class names: the run's results.json `classes` (`results`), else the data folder's _info.json; None if neither
-    fits."""
-    candidates = [results.get("classes")]
+def _label_names(ckpt: dict, results: dict, data_root: str, num_classes: int) -> list[str] | None:
+    """Class names: those stored in the checkpoint, else the run's results.json `classes` (`results`), else the data
+    folder's _info.json; None if none fits."""
+    candidates = [ckpt.get("classes"), results.get("classes")]
     try:
         candidates.append(json.loads((Path(data_root) / "_info.json").read_text()).get("classes"))
     except (OSError, ValueError, AttributeError):
@@ -121,13 +144,14 @@ def _label_names(results: dict, data_root: str, num_classes: int) -> list[str] |
     return None
 
 
-def _class_counts(results: dict, num_classes: int) -> list[int] | None:
-    counts = results.get("class_counts")
+def _class_counts(results: dict, num_classes: int, key: str) -> list[int] | None:
+    counts = results.get(key)
     return counts if isinstance(counts, list) and len(counts) == num_classes else None
 
 
-def export(run_dir: str | Path, out: str | Path, stage: int | None = None) -> dict:
-    """Write OUT/model.safetensors + OUT/config.json for the run's checkpoint; return a summary."""
+def export(run_dir: str | Path, out: str | Path, stage: int | None = None, overwrite: bool = False) -> dict:
+    """Write OUT/model.safetensors + OUT/config.json for the run's checkpoint; return a summary. OUT: a new or empty
+    folder, or any folder with `overwrite` (check_out)."""
     import timm
     import torch
     from timm.models import save_for_hf
@@ -136,8 +160,9 @@ def export(run_dir: str | Path, out: str | Path, stage: int | None = None) -> di
     from bigltr.data.transforms import image_hw
     from bigltr.models import build_checkpoint_model
 
+    check_out(out, overwrite)  # before any heavy work
     path = find_checkpoint(run_dir, stage)
-    ckpt = load_run_checkpoint(path)
+    ckpt = load_run_checkpoint(path)  # nan/inf weights: NonFiniteWeightsError
     cfg = checkpoint_config(ckpt, {"data.pipeline": "torch"}, where=f"config saved in {path}")  # reader: irrelevant
     run = path.parent.parent if path.parent.name in ("stage1", "stage2") else path.parent
     d = cfg.data
@@ -148,7 +173,7 @@ def export(run_dir: str | Path, out: str | Path, stage: int | None = None) -> di
     h, w = image_hw(d.img_size)
     x = torch.randn(2, d.in_chans, h, w)
     diff = _max_diff(model, timm_model, x)
-    if diff > ATOL:
+    if not diff <= ATOL:  # nan compares False
         raise ExportError(f"{cfg.model.name}: timm's model with bigltr's weights gives other logits (max abs "
                         f"difference {diff:.3g}); its head does more than one Linear layer on pooled features")
 
@@ -160,10 +185,14 @@ def export(run_dir: str | Path, out: str | Path, stage: int | None = None) -> di
         "input_size": (d.in_chans, h, w), "mean": tuple(d.mean), "std": tuple(d.std),
         "interpolation": "bilinear", "crop_pct": 0.875 if imagenet else 1.0, "crop_mode": "center"}
     results = _run_results(run)
-    labels = _label_names(results, d.root, num_classes)
+    labels = _label_names(ckpt, results, d.root, num_classes)
     info = {"source_checkpoint": str(path), "stage": checkpoint_stage(ckpt), "epoch": ckpt.get("epoch"),
             "val_all": ckpt.get("val_all"), "model_name": cfg.model.name, "classifier": head_name,
-            "class_counts": _class_counts(results, num_classes), "many_thr": d.many_thr, "few_thr": d.few_thr,
+            "class_counts": _class_counts(results, num_classes, "class_counts"),
+            # the counts behind Many / Medium / Few: the official training counts (results.json says them when they
+            # differ from what was trained on, e.g. after a validation hold-out)
+            "group_counts": _class_counts(results, num_classes, "group_counts")
+            or _class_counts(results, num_classes, "class_counts"), "many_thr": d.many_thr, "few_thr": d.few_thr,
             "eval_tta_flip": cfg.eval.tta_flip}
     if cfg.model.name in BIGLTR_MODELS:
         info["requires"] = "import bigltr.models (registers this architecture with timm) before timm.create_model"
@@ -171,14 +200,17 @@ def export(run_dir: str | Path, out: str | Path, stage: int | None = None) -> di
     if labels:
         model_config["label_names"] = labels
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = check_out(out, overwrite)  # again: the folder may have changed during the checks
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ExportError(f"cannot create {out}: {type(e).__name__}: {e.strerror or e}") from None
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp:
         save_for_hf(timm_model, tmp, model_config=model_config, safe_serialization=True)
         # what was written loads back through timm's own loader with the same logits
         loaded = timm.create_model(f"local-dir:{tmp}", pretrained=True).eval()
         diff_loaded = _max_diff(model, loaded, x)
-        if diff_loaded > ATOL:
+        if not diff_loaded <= ATOL:
             raise ExportError(f"{cfg.model.name}: the exported folder loads in timm with other logits (max abs "
                             f"difference {diff_loaded:.3g})")
         umask = os.umask(0)
@@ -199,13 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", metavar="OUT", help="folder to write model.safetensors and config.json into")
     ap.add_argument("--stage", type=int, choices=[1, 2],
                     help="which stage's best.pt (default: 2 if RUN_DIR/stage2/best.pt exists, else 1)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="OUT may be a folder that already holds files: its model.safetensors and config.json are "
+                         "replaced, nothing else is touched (without it, a non-empty OUT is refused; an OUT that "
+                         "is a file always is)")
     args = ap.parse_args(argv)
-    from bigltr.checkpoint import CheckpointError
+    from bigltr.checkpoint import EXIT_NON_FINITE, CheckpointError, NonFiniteWeightsError
 
     try:
-        r = export(args.run_dir, args.out, args.stage)
+        r = export(args.run_dir, args.out, args.stage, overwrite=args.overwrite)
     except ConfigError as e:
         return fail(PROG, f"config error: {e}")
+    except NonFiniteWeightsError as e:
+        return fail(PROG, str(e), EXIT_NON_FINITE)
     except (FileNotFoundError, CheckpointError, BadInputError) as e:
         return fail(PROG, str(e))
     load = f'timm.create_model("local-dir:{r["out"]}", pretrained=True)'

@@ -8,7 +8,7 @@ import sys
 import traceback
 
 try:  # also as a script (accelerate launch bigltr/train.py): the installed package (`pip install -e .`, make)
-    from bigltr.config import ConfigError, build_config
+    from bigltr.config import ConfigError, batch_plan, build_config
     from bigltr.errors import EXIT_BAD_INPUT, fail
 except ModuleNotFoundError as e:
     if e.name != "bigltr":
@@ -36,16 +36,20 @@ def main(argv: list[str] | None = None) -> int:
         return fail("bigltr", f"config error: {e}")
     from bigltr.checkpoint import CheckpointError  # heavy imports only after the config is known to be good
     from bigltr.data.errors import DataError
-    from bigltr.distributed import Dist, DistError
+    from bigltr.distributed import Dist, DistError, launched_world_size
     from bigltr.engine.resume import EXIT_PREEMPTED, Preempted, TrainingDiverged
     from bigltr.engine.rundir import RunLocked
     from bigltr.engine.run import run
 
     try:
         d = cfg.dist
+        # the global batch split for this launch (a config error before any process group is joined)
+        accum = batch_plan(cfg.stage1, launched_world_size(), "stage1").accum_steps
         dist = Dist.setup(d.backend, cfg.device, d.world_size, d.timeout_s, zero_stage=d.zero_stage,
                           zero3_persistence_threshold=d.zero3_persistence_threshold, amp=cfg.stage1.amp,
-                          accum_steps=cfg.stage1.accum_steps)
+                          accum_steps=accum)
+    except ConfigError as e:
+        return fail("bigltr", f"config error: {e}")
     except DistError as e:
         return fail("bigltr", f"launch error: {e}")
     # rank 0 logs; the other ranks only warnings and errors

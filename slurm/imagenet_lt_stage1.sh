@@ -5,7 +5,8 @@
 #   sbatch --dependency=afterok:<job id> slurm/imagenet_lt_stage2.sh
 #
 # Requeued on USR1 (90 s before the time limit) until the epochs are done; each run resumes from the last
-# checkpoint. stage1.batch_size in recipes/imagenet_lt.yaml is the paper's 64: see the recipe about scaling.
+# checkpoint. stage1.batch_size (recipes/imagenet_lt.yaml) is the paper's GLOBAL 64: 16 per GPU on these 4 GPUs,
+# whatever --nodes/--gres you give (a count that does not divide 64 is refused at start-up).
 # The logic is in slurm/lib.sh (variables: slurm/train.sh); key=value arguments are passed to the trainer.
 #SBATCH --job-name=bigltr-imnlt-s1
 #SBATCH --nodes=1

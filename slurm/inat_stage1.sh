@@ -1,5 +1,6 @@
 #!/bin/bash
-# iNaturalist 2018, stage 1 (features): ResNet-50, 200 epochs, global batch 512, on 2 nodes x 4 GPUs.
+# iNaturalist 2018, stage 1 (features): ResNet-50, 200 epochs, global batch 512 (the paper's; stage1.batch_size is
+# global: 64 per GPU on these 2 nodes x 4 GPUs, 32 per GPU on 16), on 2 nodes x 4 GPUs.
 #
 #   sbatch slurm/inat_stage1.sh [key=value ...]                 # run directory: runs/inat2018 (BIGLTR_RUN)
 #   sbatch --dependency=afterok:<job id> slurm/inat_stage2.sh    # then stage 2 on the same run directory

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigltr.cli import parse_overrides, split_override
-from bigltr.config import Config, ConfigError, build_config, config_from_dict, to_dict, valid_keys
+from bigltr.config import (Config, ConfigError, build_config, config_from_dict, parse_overrides, split_override, to_dict,
+                           valid_keys)
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +164,45 @@ def test_export_bigltr_cifar_resnets(name, tmp_path):
                                    model(x), atol=1e-5, rtol=0)
 
 
+def test_export_refuses_an_occupied_out_without_overwrite(tmp_path, capsys):
+    """OUT that is a file, or a folder holding anything: exit 2 with one line (a file gave a FileExistsError
+    traceback; a folder had its config.json silently replaced). --overwrite replaces the two files only; --help says
+    so."""
+    from bigltr.checkpoint import save_checkpoint
+    from bigltr.export import main as export
+    from bigltr.models import build_model
+
+    model = build_model("resnet32_cifar", 10, in_chans=1)
+    cfg = build_config(["recipe=tiny_test"])
+    save_checkpoint({"stage": 1, "epoch": 1, "model": model.state_dict(), "val_all": 0.0, "config": to_dict(cfg)},
+                    tmp_path / "run" / "stage1" / "best.pt")
+    run = str(tmp_path / "run")
+    (tmp_path / "afile").write_text("x")
+    hub = tmp_path / "hub"
+    hub.mkdir()
+    (hub / "config.json").write_text('{"mine": 1}')
+    (hub / "notes.txt").write_text("keep")
+    for out, message in [(tmp_path / "afile", "exists and is not a folder"),
+                         (hub, "is not empty (config.json, notes.txt); give a new or empty folder, or --overwrite")]:
+        assert export([run, str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("bigltr-export: ") and message in err and err.count("\n") == 1, err
+    assert (hub / "config.json").read_text() == '{"mine": 1}' and (tmp_path / "afile").read_text() == "x"
+    assert export([run, str(tmp_path / "afile"), "--overwrite"]) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert export([run, str(hub), "--overwrite"]) == 0
+    assert json.loads((hub / "config.json").read_text())["architecture"] == "resnet32_cifar"
+    assert (hub / "notes.txt").read_text() == "keep" and (hub / "model.safetensors").is_file()
+    (tmp_path / "empty").mkdir()
+    assert export([run, str(tmp_path / "empty")]) == 0  # a new or empty folder needs no flag
+    r = subprocess.run([str(BIN / "bigltr-export"), "--help"], capture_output=True, text=True, timeout=60)
+    assert "--overwrite" in r.stdout and "non-empty OUT is refused" in " ".join(r.stdout.split())
+
+
 def test_eval_gives_the_runs_numbers(run18, tiny_shards, tmp_path, capsys):
+    """Same numbers as the run's results.json, and --json in its layout: the split's metrics at the top level, as
+    results.json holds them under stageN.<split> (they were nested under "metrics"); read_eval_json also reads the
+    older layout. The trainer stores the data's class names in best.pt / last.pt, so no class-order warning."""
     from bigltr.evaluate import main as evaluate
 
     results = json.loads((run18 / "results.json").read_text())
@@ -172,11 +210,28 @@ def test_eval_gives_the_runs_numbers(run18, tiny_shards, tmp_path, capsys):
         out = tmp_path / f"{stage}_{split}.json"
         argv = [str(run18 / stage / "best.pt"), f"data.root={tiny_shards}", f"split={split}", "--json", str(out)]
         assert evaluate(argv) == 0
-        printed = capsys.readouterr().out
+        captured = capsys.readouterr()
+        printed = captured.out
+        assert captured.err == ""
         assert "| | Many | Medium | Few | All |" in printed and f"| stage {stage[-1]}, epoch 1 |" in printed
         r = json.loads(out.read_text())
-        assert r["metrics"] == results[stage][split], (stage, split)
+        assert "metrics" not in r, (stage, split)
+        assert {k: r[k] for k in ("all", "many", "medium", "few", "per_class")} == \
+            {k: results[stage][split][k] for k in ("all", "many", "medium", "few", "per_class")}
         assert r["groups"] == {"many": 3, "medium": 4, "few": 3}  # tiny_test: many_thr 20, few_thr 8
+        from bigltr.evaluate import read_eval_json, split_metrics
+
+        assert split_metrics(r) == results[stage][split] and read_eval_json(out) == r
+    info = json.loads((tiny_shards / "_info.json").read_text())
+    for stage in ("stage1", "stage2"):
+        for name in ("best.pt", "last.pt"):
+            assert torch.load(run18 / stage / name, weights_only=True)["classes"] == info["classes"]
+    old = tmp_path / "old_layout.json"  # what bigltr-eval --json wrote before
+    about = {k: v for k, v in r.items() if k in ("checkpoint", "stage", "split", "groups")}
+    old.write_text(json.dumps({**about, "metrics": results["stage2"]["val"],
+                               "posthoc": {"method": "tau_norm", "tau": 1.0, "metrics": results["stage2"]["test"]}}))
+    assert read_eval_json(old) == {**about, **results["stage2"]["val"],
+                                   "posthoc": {"method": "tau_norm", "tau": 1.0, "val": results["stage2"]["test"]}}
 
 
 def test_eval_bad_input_is_one_line(run18, tiny_shards, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """Config: recipes parse, overrides are typed, unknown keys and wrong types fail with the closest valid key."""
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -93,3 +94,50 @@ def test_unknown_model_and_mismatched_checkpoint_are_clean_errors(tiny_shards, t
     capsys.readouterr()
     assert main(base + [f"out={tmp_path / 'b'}", "stage=2", "model.name=test_efficientnet_gn"]) == 2
     assert "does not match model.name=test_efficientnet_gn" in capsys.readouterr().err
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """`levels` nested anchors, each a list of 9 references to the previous one: a few hundred bytes that stand for
+    9**levels numbers."""
+    value = "&a0 [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]"
+    for i in range(1, levels):
+        value = f"&a{i} [{value}, " + ", ".join([f"*a{i - 1}"] * 8) + "]"
+    return value
+
+
+def test_yaml_alias_bomb_is_refused_at_once_in_one_short_line(tmp_path):
+    """An alias bomb under a valid key (data.mean), as a recipe, as a saved config.yaml read back as a recipe, and
+    as a command-line value: exit 2 within seconds, one line of bounded length (it took 18 s, 2 GB and printed a
+    522 MB line). A bad value without aliases is shown cut to a line's worth; ordinary aliases still work."""
+    bomb = _alias_bomb()
+    recipe = tmp_path / "bomb.yaml"
+    recipe.write_text(f"data: {{mean: {bomb}}}\n")
+    assert len(recipe.read_bytes()) < 600
+    saved = tmp_path / "run" / "config.yaml"
+    saved.parent.mkdir()
+    saved.write_text(f"stage1:\n  epochs: 3\ndata:\n  mean: {bomb}\n")
+    for argv in ([f"recipe={recipe}"], [f"recipe={saved}"], ["recipe=fmnist_lt", f"data.mean={bomb}"]):
+        t = time.perf_counter()
+        r = subprocess.run([sys.executable, "-m", "bigltr.train", *argv], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 2 and time.perf_counter() - t < 30, (argv, r.returncode)
+        assert r.stderr.count("\n") == 1 and len(r.stderr) < 400 and "Traceback" not in r.stderr, r.stderr[:500]
+        assert "aliases expand it to more than 10000 values" in r.stderr, r.stderr
+    assert "config key 'data.mean' (command line)" in r.stderr
+    # a self-referencing alias
+    from bigltr.config import load_yaml
+
+    with pytest.raises(ConfigError, match="refers to a node that contains it"):
+        load_yaml("a: &x [1, *x]\n", "test")
+    # a long bad value (no alias): at most a line's worth of it in the message
+    long = "[" + ", ".join(["[1.0, 2.0]"] * 3000) + "]"
+    with pytest.raises(ConfigError) as e:
+        build_config(["recipe=fmnist_lt", f"data.mean={long}"])
+    assert "config key 'data.mean[0]' expects a number" in str(e.value) and len(str(e.value)) < 400
+    with pytest.raises(ConfigError) as e:
+        build_config(["recipe=fmnist_lt", f"out={long}"])
+    assert "config key 'out' expects a string" in str(e.value) and len(str(e.value)) < 400, str(e.value)[:500]
+    # aliases of ordinary size are YAML like any other
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("base: fmnist_lt\ndata:\n  mean: &m [0.25]\n  std: *m\n")
+    cfg = build_config([f"recipe={ok}"])
+    assert cfg.data.mean == [0.25] and cfg.data.std == [0.25]

@@ -193,12 +193,14 @@ def test_list_content_and_holdout(list_src, tmp_path):
     # --num-classes 4: class 2 has no training image (warned, kept); test list given, no val list -> hold-out
     info = _run("list", "--src", list_src / "images", "--train-list", list_src / "LT_train.txt",
                 "--test-list", list_src / "LT_test.txt", "--classes-file", list_src / "classes.txt",
-                "--val-per-class", 2, "--out", tmp_path / "a", "--workers", 1)
+                "--val-per-class", 2, "--val-max-fraction", 0.5, "--val-min-count", 2, "--out", tmp_path / "a",
+                "--workers", 1)
     assert info["classes"] == ["tench", "goldfish", "shark", "hen"]
-    # held out min(2, n // 2) per class: 2, 2, 0, 1
+    # held out min(2, floor(0.5 n)) per class of n >= 2: 2, 2, 0, 1
     assert info["class_counts"] == [6, 2, 0, 1]
     assert _split_counts(tmp_path / "a", info, "val", 4) == [2, 2, 0, 1]
-    assert info["source"]["source_train_class_counts"] == [8, 4, 0, 2]
+    assert info["source"]["source_train_class_counts"] == info["official_train_counts"] == [8, 4, 0, 2]
+    assert info["official_train_splits"] == ["train", "val"]
     assert _split_counts(tmp_path / "a", info, "test", 4) == [2, 2, 2, 2]
     val = _read_split(tmp_path / "a", info, "val")
     assert all(k.startswith("train_") for k in val)  # held-out images keep their train_<line> key
@@ -209,6 +211,7 @@ def test_list_content_and_holdout(list_src, tmp_path):
                 "--out", tmp_path / "b", "--workers", 1)
     assert info["classes"] == ["0", "1", "2", "3"] and info["class_counts"] == [8, 4, 0, 2]
     assert sorted(info["splits"]) == ["test", "train", "val"] and info["splits"]["val"]["num_samples"] == 4
+    assert info["official_train_counts"] == [8, 4, 0, 2] and info["official_train_splits"] == ["train"]
     line = (list_src / "LT_train.txt").read_text().splitlines().index(
         next(ln for ln in (list_src / "LT_train.txt").read_text().splitlines() if ln.endswith(" 3"))) + 1
     assert _read_split(tmp_path / "b", info, "train")[f"train_{line:07d}"][0] == 3
@@ -264,11 +267,12 @@ def inat_src(tmp_path_factory):
 
 def test_inat_content(inat_src, tmp_path):
     info = _run("inat", "--src", inat_src / "images", "--train-json", inat_src / "train2018.json",
-                "--val-json", inat_src / "val2018.json", "--val-per-class", 1, "--out", tmp_path / "o", "--workers", 1)
+                "--val-json", inat_src / "val2018.json", "--val-per-class", 1, "--val-max-fraction", 0.5,
+                "--val-min-count", 2, "--out", tmp_path / "o", "--workers", 1)
     assert info["category_ids"] == [3, 7, 42] and info["classes"] == ["species_3", "species_7", "species_42"]
-    # iNat convention: val2018 -> test; val held out of train (min(1, n // 2): 1, 1, 0)
+    # iNat convention: val2018 -> test; val held out of train (min(1, floor(0.5 n)) from n >= 2: 1, 1, 0)
     assert info["class_counts"] == [5, 2, 1]
-    assert info["source"]["source_train_class_counts"] == [6, 3, 1]
+    assert info["source"]["source_train_class_counts"] == info["official_train_counts"] == [6, 3, 1]
     assert _split_counts(tmp_path / "o", info, "test") == [2, 2, 2]
     assert _split_counts(tmp_path / "o", info, "val") == [1, 1, 0]
     test = _read_split(tmp_path / "o", info, "test")
@@ -292,6 +296,180 @@ def test_inat_errors(inat_src, tmp_path):
     with pytest.raises(SystemExit, match=r"v3\.json: not valid JSON"):
         _run("inat", "--src", inat_src / "images", "--train-json", inat_src / "train2018.json",
              "--val-json", tmp_path / "v3.json", "--out", tmp_path / "o3", "--workers", 1)
+
+
+# ----------------------------------------------------------------------------------------------- hold-out policy
+# A tail-shaped iNat set: category id -> listed training images (and how many of them are truncated JPEGs)
+TAIL_TRAIN = {5: 2, 9: 3, 11: 12, 20: 25, 31: 52}
+
+
+def _coco(root: Path, name: str, per_cat: dict, start_id: int, rng, bad: dict | None = None) -> dict:
+    """A COCO-style JSON dict whose images are real JPEG files under root/images; ``bad[cid]`` of category cid's
+    images (its last ones) are truncated halfway (they exist, but do not decode)."""
+    images, anns, i = [], [], start_id
+    for cid, n in per_cat.items():
+        for j in range(n):
+            rel = f"{name}/Aves/{cid}/{i:05d}.jpg"
+            _save(rng, root / "images" / rel, j)
+            if j >= n - (bad or {}).get(cid, 0):
+                data = (root / "images" / rel).read_bytes()
+                (root / "images" / rel).write_bytes(data[: len(data) // 2])
+            images.append({"id": i, "file_name": rel})
+            anns.append({"id": 10000 + i, "image_id": i, "category_id": cid})
+            i += 1
+    return {"images": images, "annotations": anns,
+            "categories": [{"id": c, "name": f"species_{c}"} for c in per_cat]}
+
+
+@pytest.fixture(scope="module")
+def tail_src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tail")
+    rng = np.random.default_rng(6)
+    (root / "train.json").write_text(json.dumps(_coco(root, "train", TAIL_TRAIN, 1, rng)))
+    (root / "val.json").write_text(json.dumps(_coco(root, "val", {c: 1 for c in TAIL_TRAIN}, 5000, rng)))
+    return root
+
+
+def _split_hist(info, split):
+    e = info["splits"].get(split)
+    return [sum(h[c] for h in e["class_hist"]) for c in range(info["num_classes"])] if e else [0] * info["num_classes"]
+
+
+def test_holdout_never_starves_the_tail_and_groups_use_official_counts(tail_src, tmp_path, capsys):
+    from bigltr.metrics import class_groups, group_counts
+
+    out = tmp_path / "o"
+    info = _run("inat", "--src", tail_src / "images", "--train-json", tail_src / "train.json",
+                "--val-json", tail_src / "val.json", "--out", out, "--workers", 2)
+    official = list(TAIL_TRAIN.values())  # categories 5, 9, 11, 20, 31 -> labels 0..4
+    assert info["official_train_counts"] == official and info["official_train_splits"] == ["train", "val"]
+    # default policy: nothing from a class under 10 images, at most floor(0.1 n) and at most 5 of any class
+    val = [0, 0, 1, 2, 5]
+    assert _split_counts(out, info, "val", 5) == _split_hist(info, "val") == val
+    assert info["class_counts"] == _split_counts(out, info, "train", 5) == [n - v for n, v in zip(official, val)]
+    assert [a + b for a, b in zip(info["class_counts"], _split_hist(info, "val"))] == official  # the refit set
+    train, held = _read_split(out, info, "train"), _read_split(out, info, "val")
+    assert not set(train) & set(held) and all(k.startswith("train_") for k in held)
+    assert _split_counts(out, info, "test", 5) == [1] * 5
+    summary = {"per_class": 5, "max_fraction": 0.1, "min_count": 10, "seed": 0, "images": 8, "classes": 3,
+               "num_classes": 5, "decodable_train_images": 94, "classes_under_min_count": 2}
+    assert {k: info["source"]["holdout"][k] for k in summary} == summary
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["holdout"]["images"] == 8
+    assert report["splits"]["train"] == {"listed": 94, "written": 86, "skipped": 0, "held_out": 8}
+    assert report["splits"]["val"]["written"] == 8
+    assert "val held out of train: 8 image(s) from 3 of 5 classes (8.5% of 94" in capsys.readouterr().out
+    # groups from the official counts: the 52-image class is Many (> 50) though 47 of its images are trained on
+    assert group_counts(info) == official
+    assert class_groups(group_counts(info), 50, 20) == {"many": [4], "medium": [3], "few": [0, 1, 2]}
+    assert class_groups(info["class_counts"], 50, 20)["many"] == []  # what the groups were computed from before
+    assert read_info(out)["official_train_counts"] == official  # validated on read
+    # the decode-first path is deterministic too: refused on a non-empty --out, byte-identical with 1 worker
+    digest = _digest(out)
+    args = ["inat", "--src", tail_src / "images", "--train-json", tail_src / "train.json", "--val-json",
+            tail_src / "val.json", "--out", out, "--workers", 1]
+    with pytest.raises(SystemExit, match="not empty.*--overwrite"):
+        _run(*args)
+    _run(*args, "--overwrite")
+    assert _digest(out) == digest and not [p for p in os.listdir(out) if p.startswith(".")]
+
+
+def test_val_per_class_zero_trains_on_the_whole_official_set(tail_src, tmp_path, capsys):
+    info = _run("inat", "--src", tail_src / "images", "--train-json", tail_src / "train.json",
+                "--val-json", tail_src / "val.json", "--val-per-class", 0, "--out", tmp_path / "o", "--workers", 1)
+    assert sorted(info["splits"]) == ["test", "train"]
+    assert info["class_counts"] == info["official_train_counts"] == list(TAIL_TRAIN.values())
+    assert info["official_train_splits"] == ["train"] and info["source"]["val_rule"] == "none (--val-per-class 0)"
+    assert "val: none (--val-per-class 0)" in capsys.readouterr().out
+
+
+def test_undecodable_files_are_removed_before_the_holdout(tmp_path):
+    rng = np.random.default_rng(7)
+    # cat 11: 12 listed, 3 truncated -> 9 decodable: under 10, no val (drawn before decoding it gave 1 of 12)
+    # cat 20: 25 listed, 4 truncated -> 21 decodable: floor(0.1 * 21) = 2 val (from 25 it was also 2, but could
+    #         land on a truncated file); cat 31: 52 listed, 3 truncated -> 49: 4 val (from 52: 5)
+    per_cat, bad = {11: 12, 20: 25, 31: 52}, {11: 3, 20: 4, 31: 3}
+    (tmp_path / "train.json").write_text(json.dumps(_coco(tmp_path, "train", per_cat, 1, rng, bad)))
+    out = tmp_path / "o"
+    info = _run("inat", "--src", tmp_path / "images", "--train-json", tmp_path / "train.json", "--out", out,
+                "--workers", 2, "--max-skip-fraction", 0.2)
+    assert info["official_train_counts"] == [12, 25, 52]
+    assert _split_hist(info, "val") == [0, 2, 4] and info["class_counts"] == [9, 19, 45]
+    report = json.loads((out / "conversion_report.json").read_text())
+    assert report["splits"]["train"] == {"listed": 89, "written": 73, "skipped": 10, "held_out": 6}
+    assert report["splits"]["val"] == {"listed": 6, "written": 6, "skipped": 0, "held_out_of": "train"}
+    skipped = {s["key"] for s in report["skipped"]}
+    assert len(skipped) == 10 and all(s["split"] == "train" for s in report["skipped"])
+    assert not skipped & (set(_read_split(out, info, "train")) | set(_read_split(out, info, "val")))
+    for _, ext, data in _read_split(out, info, "val").values():
+        Image.open(io.BytesIO(data)).load()  # every val image decodes
+
+
+def test_class_emptied_by_undecodable_files_is_an_error(tmp_path, capsys):
+    rng = np.random.default_rng(8)
+    per_cat, bad = {3: 30, 77: 2, 90: 5}, {77: 2}
+    (tmp_path / "train.json").write_text(json.dumps(_coco(tmp_path, "train", per_cat, 1, rng, bad)))
+    (tmp_path / "val.json").write_text(json.dumps(_coco(tmp_path, "val", {3: 2, 77: 2, 90: 2}, 900, rng)))
+    (tmp_path / "test.json").write_text(json.dumps(_coco(tmp_path, "test", {3: 1, 77: 1, 90: 1}, 950, rng)))
+    msg = (r"class 1 \('species_77', category_id 77\): all 2 of its listed training image\(s\) could not be "
+           r"decoded \(last: .*train\.json images\[3[01]\] \(id 3[12]\): .*[Tt]runcated")
+    common = ["inat", "--src", tmp_path / "images", "--train-json", tmp_path / "train.json", "--workers", 1,
+              "--max-skip-fraction", 0.5]
+    for extra in ([], ["--test-json", tmp_path / "test.json"]):  # hold-out path, then val given (no hold-out)
+        out = tmp_path / f"o{len(extra)}"
+        with pytest.raises(SystemExit, match=msg) as e:
+            _run(*common, "--val-json", tmp_path / "val.json", *extra, "--out", out)
+        assert e.value.code == 2 and "species_77" in capsys.readouterr().err  # one line on stderr, exit status 2
+        report = json.loads((out / "conversion_report.json").read_text())
+        assert report["status"] == "failed" and "category_id 77" in report["message"]
+        assert not (out / "_info.json").exists()
+
+
+def test_val_equal_to_test_is_refused(tail_src, list_src, tmp_path):
+    import shutil
+
+    common = ["inat", "--src", tail_src / "images", "--train-json", tail_src / "train.json", "--workers", 1]
+    same = r"--val-json .*val\.json and --test-json .*val\.json are the same file"
+    with pytest.raises(SystemExit, match=same) as e:
+        _run(*common, "--val-json", tail_src / "val.json", "--test-json", tail_src / "val.json", "--out",
+             tmp_path / "a")
+    assert e.value.code == 2
+    shutil.copy(tail_src / "val.json", tmp_path / "copy.json")
+    with pytest.raises(SystemExit, match=r"the val split \(--val-json\) shares the same images as the test split "
+                                         r"\(first: .*val\.json images\[0\] .* = .*copy\.json images\[0\]") as e:
+        _run(*common, "--val-json", tail_src / "val.json", "--test-json", tmp_path / "copy.json", "--out",
+             tmp_path / "b")
+    assert e.value.code == 2
+    lines = (list_src / "LT_test.txt").read_text().splitlines()
+    (tmp_path / "val.txt").write_text("\n".join(lines[:3]) + "\n")  # 3 test images in the val list
+    with pytest.raises(SystemExit, match=r"shares 3 image\(s\) with the test split") as e:
+        _run("list", "--src", list_src / "images", "--train-list", list_src / "LT_train.txt", "--val-list",
+             tmp_path / "val.txt", "--test-list", list_src / "LT_test.txt", "--out", tmp_path / "c", "--workers", 1)
+    assert e.value.code == 2
+    with pytest.raises(SystemExit, match=r"are the same file") as e:
+        _run("list", "--src", list_src / "images", "--train-list", list_src / "LT_train.txt", "--val-list",
+             list_src / "LT_test.txt", "--test-list", list_src / "LT_test.txt", "--out", tmp_path / "d", "--workers", 1)
+    assert e.value.code == 2 and not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_holdout_policy_at_inat_shape():
+    """iNat 2018's class count with counts from 100 down to 2 (the rehearsal's scale): the default policy holds out
+    ~7%, never from a class under 10 images, never more than 10% or 5 of a class (`min(5, n // 2)` took 15.4% of
+    this profile and halved every 2- and 3-image class)."""
+    from bigltr.data.longtail import HoldoutPolicy, holdout_per_class
+
+    C = 8142
+    counts = np.array([int(round(100 * 0.02 ** (c / (C - 1)))) for c in range(C)])
+    labels = np.repeat(np.arange(C), counts)
+    tr, va = holdout_per_class(labels, C, 5, seed=0)
+    took = np.bincount(labels[va], minlength=C)
+    assert np.array_equal(np.sort(np.r_[tr, va]), np.arange(labels.size))
+    assert took[counts < 10].sum() == 0 and np.all(took <= np.minimum(5, np.floor(0.1 * counts)))
+    assert np.array_equal(took, [HoldoutPolicy().take(n) for n in counts])
+    assert 0.06 < va.size / labels.size < 0.08 and np.all(counts - took >= 1)
+    for bad in (dict(max_fraction=0.6), dict(min_count=0), dict(max_fraction=float("nan"))):
+        with pytest.raises(ValueError, match="--val-m"):
+            holdout_per_class(labels[:10], C, 5, 0, **bad)
 
 
 # ----------------------------------------------------------------------------------------------- CIFAR pickles
@@ -332,6 +510,8 @@ def test_cifar_conventions(cifar10_src, tmp_path):
         info = _run("cifar", "--src", root, "--out", out, "--n-max", N_MAX, "--imbalance", IF, "--convention", conv,
                     "--val-per-class", 3, "--workers", 1, "--maxcount", 64)
         assert info["class_counts"] == counts and info["classes"][0] == "c0"
+        # CIFAR-LT: val comes from the images the subset leaves unused, so train IS the official LT training set
+        assert info["official_train_counts"] == counts and info["official_train_splits"] == ["train"]
         train = _read_split(out, info, "train")
         picked[conv] = {int(k.split("_")[1]) for k in train}
         for k, (lab, ext, png) in train.items():  # pixels and labels match the source row
@@ -423,7 +603,7 @@ def test_split_rules_share_one_draw():
 
     labels = np.array([0, 1, 0, 2, 1, 0, 0, 1, 2, 0, 1, 1])
     pools = [np.flatnonzero(labels == c) for c in range(3)]
-    tr, va = holdout_per_class(labels, 3, 2, seed=4)
+    tr, va = holdout_per_class(labels, 3, 2, seed=4, max_fraction=0.5, min_count=2)
     assert np.array_equal(va, draw_per_class(pools, [2, 2, 1], 4)) and np.array_equal(np.sort(np.r_[tr, va]),
                                                                                       np.arange(labels.size))
     rng = np.random.default_rng(4)  # the rule as it was written inline: one generator, class by class

@@ -48,7 +48,7 @@ def jpeg_shards(tmp_path_factory):
         arr = np.clip(np.asarray(small, np.float32) + rng.normal(0, 8, (h, w, 3)), 0, 255).astype(np.uint8)
         Image.fromarray(arr).save(d / f"{i:03d}.jpg", quality=90)
     make_shards.main(["imagefolder", "--src", str(base / "src"), "--out", str(base / "shards"), "--val-per-class",
-                      "2", "--maxcount", "8", "--workers", "1", "--no-progress"])
+                      "2", "--val-max-fraction", "0.5", "--maxcount", "8", "--workers", "1", "--no-progress"])
     return base / "shards"
 
 
@@ -325,3 +325,104 @@ def test_pipeline_choice_config_and_context(shards, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"data.pipeline.*pip install -e '\.\[dali\]'"):
         build_config(["data.pipeline=dali"])
     build_config(["data.pipeline=auto"])  # auto falls back to torch at run time
+
+
+def _zero_pngs(shard: Path, which: list[int]) -> list[str]:
+    """Overwrite PNGs of a shard (positions among its images) with the PNG signature followed by zeros, keeping
+    their length (so the shard keeps its recorded byte size, as a bit-rotted copy would); their keys."""
+    import io
+
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    pngs = [i for i, (m, _) in enumerate(members) if m.name.endswith(".png")]
+    keys = []
+    for w in which:
+        m, data = members[pngs[w]]
+        members[pngs[w]] = (m, data[:8] + bytes(len(data) - 8))
+        keys.append(m.name.split(".", 1)[0])
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for m, data in members:
+            tf.addfile(m, io.BytesIO(data))
+    return keys
+
+
+# one epoch of each split through DaliShardLoader at batch 64 (where DALI's CPU PNG decoder crashed on a zeroed PNG)
+_DALI_EPOCHS = r"""
+import json, sys
+from bigltr.data.dali import DaliShardLoader
+root, idx = sys.argv[1], sys.argv[2]
+out = {}
+for split, train in (("val", False), ("test", False), ("train", True)):
+    d = DaliShardLoader(root, split, batch_size=64, train=train, drop_last=False, img_size=28, in_chans=1,
+                        mean=(0.3,), std=(0.4,), num_workers=2, index_dir=idx, aug="cifar")
+    out[split] = {"keys": [k for _, _, ks in d for k in ks], "skipped": d.epoch_skipped}
+print(json.dumps(out))
+"""
+
+
+def test_undecodable_images_never_reach_dali(shards, tmp_path):
+    """PNGs that are the signature followed by zeros (1 in val, 1 in test, 10 in train) used to kill the process
+    inside DALI's decoder (SIGSEGV, exit 139). The index pass decodes every image once with PIL (cached with the
+    index): those samples are skipped and counted exactly as ShardLoader skips them, and DALI never sees them."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "zeroed"
+    shutil.copytree(shards, root)
+    bad = {"val": _zero_pngs(root / "val-000000.tar", [7]), "test": _zero_pngs(root / "test-000000.tar", [40])}
+    bad["train"] = (_zero_pngs(root / "train-000000.tar", [0, 9, 30, 63]) + _zero_pngs(root / "train-000001.tar",
+                    [1, 2, 50, 60]) + _zero_pngs(root / "train-000002.tar", [5, 30]))
+    idx = tmp_path / "idx"
+    p = subprocess.run([sys.executable, "-c", _DALI_EPOCHS, str(root), str(idx)], capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, f"DALI pipeline died (exit {p.returncode}):\n{p.stderr[-3000:]}"
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    for split, train in (("val", False), ("test", False), ("train", True)):
+        t = _torch(root, split, train=train, drop_last=False)
+        _, _, tk, _ = _epoch(t)
+        keys = got[split]["keys"]
+        assert sorted(keys) == sorted(tk) and len(keys) == len(set(keys)), split
+        assert not set(keys) & set(bad[split])
+        assert got[split]["skipped"] == t.epoch_skipped == len(bad[split]), split
+    assert f"sample {bad['val'][0]}: .png does not decode (" in p.stderr  # logged with shard and key
+    # the check is cached with each shard's index: 12 undecodable images recorded, none in the clean shards
+    cached = [json.loads(f.read_text()) for f in idx.glob("*.json")]
+    assert len(cached) == 6 and sum(len(c["bad"]) for c in cached) == 12
+
+
+def test_trainer_and_eval_skip_undecodable_images_with_dali(shards, tmp_path):
+    """The real trainer and bigltr-eval with data.pipeline=dali: a zeroed train PNG (within data.max_skip_fraction)
+    is skipped in stage 1 and in stage 2's feature-cache build, and the run finishes; a zeroed test PNG is the
+    documented one-line exit 2 of an incomplete test split, and with data.eval_partial=true reports "79 of 80"."""
+    import subprocess
+    import sys
+
+    root = tmp_path / "data"
+    shutil.copytree(shards, root)
+    _zero_pngs(root / "train-000001.tar", [3])
+    idx, out = tmp_path / "idx", tmp_path / "run"
+    common = ["data.pipeline=dali", "data.num_workers=1", f"data.dali_index_dir={idx}"]
+
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=600)
+
+    p = run("bigltr.train", "recipe=tiny_test", f"data.root={root}", *common, "stage1.epochs=1", "stage2.epochs=1",
+            "stage1.batch_size=64", "stage2.batch_size=64", "stage2.features=cached", f"out={out}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "feature cache: 2 view(s) x 158 images" in p.stderr and "1 corrupt sample(s) skipped" in p.stderr
+    res = json.loads((out / "results.json").read_text())
+    assert res["stage2"]["test"]["samples"] == 80
+
+    broken = tmp_path / "broken"
+    shutil.copytree(shards, broken)
+    _zero_pngs(broken / "test-000000.tar", [10])
+    ckpt = out / "stage1" / "best.pt"
+    p = run("bigltr.evaluate", str(ckpt), f"data.root={broken}", *common, "stage1.batch_size=64")
+    assert p.returncode == 2, p.stderr[-3000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("bigltr-eval: data error: test split of") and "only 79 of 80 samples" in last
+    assert "Traceback" not in p.stderr
+    p = run("bigltr.evaluate", str(ckpt), f"data.root={broken}", *common, "stage1.batch_size=64",
+            "data.eval_partial=true")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "79 of 80 images" in p.stdout

@@ -119,6 +119,31 @@ def test_read_info_messages(tmp_path):
                               "splits": {}})
 
 
+def test_official_train_counts_define_the_groups_and_are_validated(shards, tmp_path):
+    from bigltr.metrics import class_groups, group_counts
+
+    # idx (the demo's converter): no hold-out out of the LT train set, so no official_* keys (its _info.json stays
+    # byte-identical to earlier conversions) and the groups come from class_counts, as before
+    info = read_info(shards)
+    assert "official_train_counts" not in info and "official_train_splits" not in info
+    assert group_counts(info) == info["class_counts"] == longtail_counts(N_MAX, IMBALANCE, C)
+    # a folder whose val was held out of train: groups from the official counts, validated against the shards
+    base = {"name": "x", "num_classes": 2, "classes": ["a", "b"], "class_counts": [96, 18],
+            "splits": {s: {"name": s, "num_samples": n, "filenames": [f"{s}-000000.tar"], "shard_lengths": [n],
+                           "class_hist": [h]} for s, n, h in (("train", 114, [96, 18]), ("val", 6, [5, 1]))}}
+    good = {**base, "official_train_counts": [101, 19], "official_train_splits": ["train", "val"]}
+    write_info(tmp_path, good)
+    assert group_counts(good) == [101, 19] and class_groups(group_counts(good), 100, 20)["many"] == [0]
+    assert class_groups(good["class_counts"], 100, 20)["many"] == []  # the reduced counts would regroup class 0
+    for bad, key in (({"official_train_counts": [101]}, "official_train_counts"),
+                     ({"official_train_counts": [101, -1]}, "official_train_counts"),
+                     ({"official_train_splits": ["val", "train"]}, "official_train_splits"),
+                     ({"official_train_splits": ["train", "test"]}, "official_train_splits"),
+                     ({"official_train_counts": [100, 19]}, r"train\+val hold 101 images of class 0 \('a'\)")):
+        with pytest.raises(ValueError, match=key):
+            write_info(tmp_path, {**good, **bad})
+
+
 def test_bad_idx_magic_names_file(tmp_path, idx_src):
     for f in idx_src.iterdir():
         shutil.copy(f, tmp_path / f.name)

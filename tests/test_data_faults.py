@@ -331,3 +331,76 @@ def test_verify_clean_and_damaged(root, capsys):
         make_shards.main(["verify", str(root), "--split", "test"])
     out = capsys.readouterr().out.splitlines()
     assert e.value.code == 1 and len(out) == 2 and "label 77" in out[0] and "2 shard(s)" in out[1]
+
+
+# ----------------------------------------------------------------------------------------------- 5: trainer start
+def _train(root: Path, tmp_path: Path, capsys, *extra) -> tuple[int, str]:
+    """The real trainer (in this process) on `root`, one short stage 1; (exit status, stderr)."""
+    from bigltr.train import main
+
+    capsys.readouterr()
+    code = main(["recipe=tiny_test", f"data.root={root}", f"out={tmp_path / 'run'}", "stage=1", "stage1.epochs=1",
+                 f"data.dali_index_dir={tmp_path / 'idx'}", *extra])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("key, value", [
+    ("class_counts", "100000000000000000000"), ("class_counts", "1" + "0" * 400), ("class_counts", "1e20"),
+    ("splits.train.shard_lengths", "1" + "0" * 400), ("splits.test.sizes", "1e20"),
+])
+def test_huge_counts_are_one_line_data_errors(root, tmp_path, capsys, key, value):
+    """A count of 1e20 or 10**400 in _info.json (here without class_hist, as in folders of older converters, so no
+    sum can disagree) is a DataError naming file and key, and the trainer's exit 2 with one line; 10**20 in
+    class_counts used to train to the end and crash in the plots (OverflowError traceback, exit 1)."""
+    def fn(info):
+        for entry in info["splits"].values():
+            entry.pop("class_hist", None)
+        obj = info
+        for k in key.split(".")[:-1]:
+            obj = obj[k]
+        obj[key.split(".")[-1]][0] = "@@"
+    _edit_info(root, fn)
+    (root / INFO_NAME).write_text((root / INFO_NAME).read_text().replace('"@@"', value))
+    with pytest.raises(DataError, match=rf"{INFO_NAME}: key '{key}\[0\]' is .*counts must be integers in "
+                                        r"\[0, 2\*\*53\)"):
+        read_info(root)
+    code, err = _train(root, tmp_path, capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and "Traceback" not in err and len(lines[-1]) < 300
+    assert lines[-1].startswith(f"bigltr: data error: {root / INFO_NAME}: key '{key}[0]' is ")
+
+
+def _swap_classes(info: dict, a: int, b: int, *, hist: bool = True) -> None:
+    """Swap classes a and b in class_counts and (hist) in every train class_hist: consistent, so read_info's sum
+    check passes, but not what the shards hold."""
+    cc = info["class_counts"]
+    cc[a], cc[b] = cc[b], cc[a]
+    for h in info["splits"]["train"]["class_hist"] if hist else ():
+        h[a], h[b] = h[b], h[a]
+    if not hist:
+        for entry in info["splits"].values():
+            entry.pop("class_hist", None)
+
+
+@pytest.mark.parametrize("hist", [True, False])
+def test_swapped_class_counts_stop_the_trainer_at_start(root, tmp_path, capsys, hist):
+    """class_counts and class_hist swapped consistently for two classes (or, in a folder without class_hist,
+    class_counts alone): read_info cannot notice, `make_shards verify` does, and so does the trainer now, at
+    start-up, before any training (it used to train with the wrong Many/Few groups and loss weights)."""
+    from bigltr.data.verify import check_label_counts
+
+    _edit_info(root, lambda info: _swap_classes(info, 0, 3, hist=hist))
+    read_info(root)  # consistent: passes
+    with pytest.raises(SystemExit) as e:
+        make_shards.main(["verify", str(root)])
+    assert e.value.code == 1  # per shard against class_hist; without class_hist, the train totals vs class_counts
+    with pytest.raises(DataError, match=r"class_hist of train-000000\.tar records \d+ sample\(s\) of class 0 "
+                       if hist else r"class_counts\[0\]=18 \('T-shirt/top'\) but the train shards' labels hold 40"):
+        check_label_counts(root, read_info(root), index_dir=str(tmp_path / "idx"))
+    code, err = _train(root, tmp_path, capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and "Traceback" not in err and last.startswith(f"bigltr: data error: {root / INFO_NAME}: ")
+    assert "loss weights and the Many/Medium/Few groups" in last
+    assert not (tmp_path / "run" / "stage1").exists()  # stopped before training
+    _edit_info(root, lambda info: _swap_classes(info, 0, 3, hist=hist))  # swapped back: passes
+    check_label_counts(root, read_info(root), index_dir=str(tmp_path / "idx"))

@@ -2,8 +2,9 @@
 `accelerate launch`) train the same model as one process on the same data and seed, and evaluate every sample
 exactly once.
 
-Full-batch training makes the comparison exact: each rank's batch is half of the single process's batch, the
-gradient average over ranks equals the single-process gradient, and the order of samples does not matter. The
+Full-batch training makes the comparison exact: `stage1.batch_size` is the GLOBAL batch, so the same value (156, the
+whole training set) on 1 and 2 processes gives each rank half of it; the gradient average over ranks equals the
+single-process gradient, and the order of samples does not matter. The
 backbone (timm's test_efficientnet_gn) uses GroupNorm, whose statistics are per sample, so nothing depends on
 how the batch is split. Shards are sized so each rank gets exactly half of the training set and uneven val/test
 shards exercise the padding + de-duplication of exact evaluation.
@@ -81,6 +82,12 @@ def _assert_same_as_single(single: Path, run: Path) -> None:
     ref = json.loads((single / "results.json").read_text())
     res = json.loads((run / "results.json").read_text())
     assert res["world_size"] == 2
+    # the global batch the optimizer saw is the single process's: 2 processes x 78 (x 1 step, or 39 x 2 steps)
+    for stage in ("stage1", "stage2"):
+        plan = res[stage]["batch"]
+        assert plan["global"] == ref[stage]["batch"]["global"] == 156 and plan["processes"] == 2
+        assert plan["per_process"] * plan["accum_steps"] == 78
+    assert "# stage1: global batch 156 = 2 process(es) x" in (run / "config.yaml").read_text()
     for stage, which in (("stage1", "best.pt"), ("stage2", "last.pt")):
         a, b = _weights(single, stage, which), _weights(run, stage, which)
         assert a.keys() == b.keys()
@@ -110,7 +117,7 @@ def _column(csv_lines, name):
 def test_ddp_and_fsdp2_match_single_process(even_shards, single, tmp_path):
     ddp = tmp_path / "ddp"
     r = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                 "-m", "bigltr.train", *_common(even_shards, 78), f"out={ddp}", "dist.backend=ddp",
+                 "-m", "bigltr.train", *_common(even_shards, 156), f"out={ddp}", "dist.backend=ddp",
                  "dist.world_size=2"], {})
     assert "2 process(es) (ddp, gloo)" in r.stderr
     _assert_same_as_single(single, ddp)
@@ -118,7 +125,7 @@ def test_ddp_and_fsdp2_match_single_process(even_shards, single, tmp_path):
     fsdp = tmp_path / "fsdp2"
     _interrupted_then_resumed(
         [str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/fsdp2.yaml", "--num_processes", "2",
-         "--main_process_port", str(free_port()), "bigltr/train.py", *_common(even_shards, 78), "dist.backend=fsdp2",
+         "--main_process_port", str(free_port()), "bigltr/train.py", *_common(even_shards, 156), "dist.backend=fsdp2",
          "dist.world_size=2", "stage2.features=cached", "stage2.cache.views=center", "stage2.cache.dtype=fp32"],
         fsdp, {"ACCELERATE_USE_CPU": "1"})
     assert (fsdp / "stage2" / "resume").is_dir()
@@ -135,12 +142,12 @@ def test_deepspeed_zero_1_2_3_match_single_process(even_shards, single, tmp_path
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                 "-m", "bigltr.train"]
     runs = {
-        1: torchrun + [*_common(even_shards, 78), "dist.zero_stage=1"],
+        1: torchrun + [*_common(even_shards, 156), "dist.zero_stage=1"],
         2: [str(BIN / "accelerate"), "launch", "--config_file", "recipes/accelerate/deepspeed_zero2.yaml",
             "--num_processes", "2", "--gradient_accumulation_steps", "2", "--main_process_port", str(free_port()),
-            "bigltr/train.py", *_common(even_shards, 78), "stage1.batch_size=39", "stage1.accum_steps=2",
+            "bigltr/train.py", *_common(even_shards, 156), "stage1.micro_batch_size=39",
             "dist.zero_stage=2"],
-        3: torchrun + [*_common(even_shards, 78), "dist.zero_stage=3", "dist.zero3_persistence_threshold=0",
+        3: torchrun + [*_common(even_shards, 156), "dist.zero_stage=3", "dist.zero3_persistence_threshold=0",
                        "stage2.features=cached", "stage2.cache.views=center", "stage2.cache.dtype=fp32"],
     }
     for stage, cmd in runs.items():
@@ -197,7 +204,7 @@ def test_two_ranks_read_disjoint_complete_and_in_step(tiny_shards, tmp_path):
     (("deepspeed", 3, "none", 1), {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"},
      "ZeRO stage 2 but dist.zero_stage=3"),
     (("deepspeed", 2, "none", 1), {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"},
-     "gradient_accumulation_steps=4 but stage1.accum_steps=1"),
+     "gradient_accumulation_steps=4 but stage1.batch_size"),
     (("ddp", 2, "none", 1), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2"}, "set dist.backend=fsdp2"),
     (("fsdp2", 2, "none", 1), {"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "fsdp_version: 2"),
     (("ddp", 2, "none", 1), {"ACCELERATE_MIXED_PRECISION": "bf16"}, "set stage1.amp=bf16"),
@@ -229,7 +236,7 @@ def test_every_accelerate_config_loads_and_agrees_with_the_keys_it_documents():
     `accelerate launch` exports from it) agrees with the bigltr keys on its first line."""
     from accelerate.commands.config.config_args import load_config_from_file
 
-    from bigltr.config import build_config
+    from bigltr.config import batch_plan, build_config
     from bigltr.distributed import check_launcher
 
     files = sorted((ROOT / "recipes" / "accelerate").glob("*.yaml"))
@@ -248,4 +255,5 @@ def test_every_accelerate_config_loads_and_agrees_with_the_keys_it_documents():
         keys = [w for w in usage.split() if "=" in w and not w.endswith("...")]
         assert keys, f"{f.name}: no bigltr keys in its usage line"
         cfg = build_config(["recipe=tiny_test", *keys])
-        check_launcher(cfg.dist.backend, cfg.dist.zero_stage, cfg.stage1.amp, cfg.stage1.accum_steps, env=env)
+        check_launcher(cfg.dist.backend, cfg.dist.zero_stage, cfg.stage1.amp,
+                       batch_plan(cfg.stage1, 2, "stage1").accum_steps, env=env)

@@ -15,6 +15,7 @@ from bigltr.engine.common import evaluate
 from bigltr.engine.context import RunContext
 from bigltr.engine.feature_cache import EvalFeatures, FeatureCache, entry_name
 from bigltr.models import build_model
+from bigltr.results import per_class_accuracy
 
 CPU = torch.device("cpu")
 
@@ -38,6 +39,9 @@ class FakeDist:
         self.sent = obj
         return [obj] + self.others if self.rank == 0 else [obj]
 
+    def all_reduce_(self, t, op):  # one process: the sum / min over ranks is this rank's value
+        return t
+
 
 def _ctx(tiny_shards, tmp_path, dist, *extra):
     cfg = build_config(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={tmp_path}", *extra])
@@ -50,14 +54,14 @@ def _model(ctx, ckpt):
     model = build_model(ctx.cfg.model.name, ctx.num_classes, in_chans=ctx.cfg.data.in_chans, pretrained=False)
     model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
     model.eval()
-    # a head that tells images apart (the 1-epoch stage-1 head predicts nearly one class): random directions
-    # through the mean feature
-    images = next(iter(ctx.loader("val", train=False, batch_size=60)))[0]
+    # a head that tells images apart (a short stage-1 head predicts nearly one class): nearest class mean of the
+    # val features, w_c = mu_c, b_c = -||mu_c||^2 / 2
+    images, labels, _ = next(iter(ctx.loader("val", train=False, batch_size=60)))
     with torch.no_grad():
-        mean = model.backbone(images).mean(0)
-        w = model.classifier.weight
-        w.copy_(torch.randn(w.shape, generator=torch.Generator().manual_seed(0)))
-        model.classifier.bias.copy_(-model.classifier.weight @ mean)
+        feats = model.backbone(images)
+        mu = torch.stack([feats[labels == c].mean(0) for c in range(ctx.num_classes)])
+        model.classifier.weight.copy_(mu)
+        model.classifier.bias.copy_(-0.5 * mu.pow(2).sum(1))
     return model
 
 
@@ -84,7 +88,7 @@ def test_cached_eval_equals_online(tiny_shards, stage1_ckpt, tmp_path):
     cache = {s: _features(ctx, model, s, flip=True) for s in ("val", "test")}
     cached = ctx.final_eval(model, 16, "none", features=cache.__getitem__)
     assert cached == online
-    assert len(set(online["test"]["per_class"])) > 2 and 0 < online["test"]["all"] < 100  # not a degenerate head
+    assert len(set(per_class_accuracy(online["test"]))) > 2 and 0 < online["test"]["all"] < 100  # not a degenerate head
     # the flipped view is the backbone on flipped images (not a flip of features)
     images = next(iter(ctx.loader("val", train=False, batch_size=16)))[0]
     (centre, flipped), _, _ = next(iter(cache["val"]))
@@ -156,7 +160,7 @@ def test_eval_cache_reused_and_rebuilt_for_another_key(tiny_shards, stage1_ckpt,
                           "stage2.weight_decay=0.1", "data.train_aug=none", "stage2.batch_size=159"]) == 0
     online = json.loads((tmp_path / "online_fb" / "results.json").read_text())["stage2"]
     for split in ("val", "test"):
-        assert on_cached[split]["per_class"] == online[split]["per_class"], split
+        assert per_class_accuracy(on_cached[split]) == per_class_accuracy(online[split]), split
     n_entries = len(list(shared.iterdir()))
 
     # another checkpoint: built anew, next to the first one's
@@ -243,3 +247,128 @@ def test_concurrent_builders_leave_one_complete_cache(tmp_path):
     again = EvalFeatures.load(tmp_path / entry_name("val", key), key)
     assert torch.equal(again.features, ev[0].features) and again.sizes == [8] * 5 and again.flip
     assert EvalFeatures.load(tmp_path / entry_name("val", key), {**key, "dtype": "fp32"}) is None
+
+
+def _zero_png(shard, index):
+    """Overwrite a shard's `index`-th PNG with the PNG signature followed by zeros (same length: the shard keeps
+    its recorded byte size); its key."""
+    import io
+    import tarfile
+
+    with tarfile.open(shard) as tf:
+        members = [(m, tf.extractfile(m).read()) for m in tf.getmembers()]
+    i = [j for j, (m, _) in enumerate(members) if m.name.endswith(".png")][index]
+    m, data = members[i]
+    members[i] = (m, data[:8] + bytes(len(data) - 8))
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tf:
+        for mm, d in members:
+            tf.addfile(mm, io.BytesIO(d))
+    return m.name.split(".", 1)[0]
+
+
+def test_cache_build_skips_a_corrupt_image_under_the_stage1_rule(tiny_shards, stage1_ckpt, tmp_path):
+    """A corrupt training image within data.max_skip_fraction: stage 1 skips and counts it, and so does the
+    stage-2 feature-cache build (it used to stop with "expected 159 training samples, read 158"); the cache holds
+    the 158 others, reports the skip through RunContext.data_losses (the rule stage 1 applies every epoch), keeps
+    the count when reused from disk, and a stricter data.max_skip_fraction stops the run with that one line."""
+    from bigltr.data.errors import DataError
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_shards, root)
+    bad = _zero_png(root / "train-000001.tar", 5)
+    ctx = _ctx(root, tmp_path, FakeDist())
+    model = _model(ctx, stage1_ckpt)
+    key = {"checkpoint": str(stage1_ckpt), "checkpoint_mtime_ns": 1, "dtype": "fp32"}
+
+    def build(ctx):
+        return FeatureCache.build(model.backbone, lambda augment: ctx.loader("train", train=False, batch_size=16,
+                                                                           augment=augment),
+                                  views="center_flip", num_aug=1, dtype="fp32", location="disk",
+                                  directory=tmp_path / "cache", device=CPU, batch_size=16, seed=0,
+                                  amp_ctx=contextlib.nullcontext, key=key)
+
+    cache = build(ctx)
+    assert cache.features.shape == (2, 158, model.backbone.num_features) and cache.num_samples == 158
+    assert ctx.data_losses(cache) == {"skipped": 1, "lost": 0}
+    # the rows are the other 158 samples, in the loader's order, with their labels
+    loader = ctx.loader("train", train=False, batch_size=16)
+    images, labels, keys = (torch.cat([b[0] for b in loader]), torch.cat([b[1] for b in loader]),
+                            [k for b in loader for k in b[2]])
+    assert bad not in keys and len(keys) == 158 and torch.equal(cache.labels, labels)
+    with torch.no_grad():
+        assert torch.allclose(cache.features[0], model.backbone(images), atol=1e-5)
+    again = build(ctx)  # reused from disk: same rows, the skip still counted
+    assert torch.equal(again.features, cache.features) and (again.epoch_skipped, again.epoch_lost) == (1, 0)
+    strict = _ctx(root, tmp_path, FakeDist(), "data.max_skip_fraction=0.001")
+    with pytest.raises(DataError, match=r"1 corrupt sample\(s\) skipped and 0 lost .* 1 of 159 > "
+                                        r"data.max_skip_fraction=0.001"):
+        strict.data_losses(build(strict))
+
+
+class LabelledLoader(SlowLoader):
+    info = {"num_classes": 3}
+
+
+@pytest.mark.parametrize("damage", ["truncated", "shape", "dtype", "labels_edited", "label_out_of_range",
+                                    "labels_short", "old_meta", "garbage"])
+def test_damaged_cache_is_rebuilt_with_a_log_line(tmp_path, caplog, damage):
+    """A disk cache whose files no longer match its meta.json (cut short, rewritten with another shape or dtype,
+    labels edited, out of range or short, a meta.json without the checks, garbage) used to end the run with a
+    traceback and stay broken; it is now found when reused, logged, removed and rebuilt, for the training cache
+    and an eval split's cache alike."""
+    import numpy as np
+
+    key = {"checkpoint": "/x.pt", "checkpoint_mtime_ns": 1, "dtype": "fp32"}
+    backbone = Backbone()
+
+    def train():
+        return FeatureCache.build(backbone, lambda augment: LabelledLoader(split="train"), views="center_flip",
+                                  num_aug=1, dtype="fp32", location="disk", directory=tmp_path, device=CPU,
+                                  batch_size=8, seed=0, amp_ctx=contextlib.nullcontext, key=key)
+
+    def val():
+        return EvalFeatures.build(backbone, LabelledLoader(), flip=False, dtype="fp32", location="disk",
+                                  directory=tmp_path, device=CPU, amp_ctx=contextlib.nullcontext, key=key)
+
+    # copies: the training cache's features map its file, which the damage below rewrites
+    good = {s: (c.features.clone(), c.labels.clone()) for s, c in (("train", train()), ("val", val()))}
+    for split, make in (("train", train), ("val", val)):
+        entry = tmp_path / entry_name(split, key)
+        feats, labels, meta = entry / "features.bin", entry / "labels.npy", entry / "meta.json"
+        if damage == "truncated":
+            feats.write_bytes(feats.read_bytes()[:-100])
+        elif damage in ("shape", "dtype"):  # a complete .npy file, but not the one meta.json describes
+            arr = np.load(feats)
+            with open(feats, "wb") as f:
+                np.save(f, arr[:, :-1] if damage == "shape" else arr.astype(np.float16))
+        elif damage == "labels_edited":
+            edited = (np.load(labels) + 1) % 3
+            with open(labels, "wb") as f:
+                np.save(f, edited)
+        elif damage == "label_out_of_range":  # labels and their checksum edited together
+            from bigltr.engine.feature_cache import labels_digest
+
+            bad = np.load(labels)
+            bad[0] = 99
+            with open(labels, "wb") as f:
+                np.save(f, bad)
+            m = json.loads(meta.read_text())
+            meta.write_text(json.dumps({**m, "labels_sha256": labels_digest(bad)}))
+        elif damage == "labels_short":
+            short = np.load(labels)[:-1]
+            with open(labels, "wb") as f:
+                np.save(f, short)
+        elif damage == "old_meta":  # written by a bigltr before these checks: key and shape only
+            m = json.loads(meta.read_text())
+            meta.write_text(json.dumps({"key": m["key"], "shape": m["shape"]}))
+        else:
+            labels.write_bytes(b"garbage")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="bigltr"):
+            rebuilt = make()
+        msgs = [r.getMessage() for r in caplog.records]
+        assert any(f"feature cache: {entry} is damaged (" in s and s.endswith("; rebuilding it") for s in msgs), msgs
+        assert torch.equal(rebuilt.features, good[split][0]) and torch.equal(rebuilt.labels, good[split][1])
+        reloaded = FeatureCache.load(entry, key, batch_size=8, seed=0) if split == "train" else \
+            EvalFeatures.load(entry, key)
+        assert reloaded is not None and torch.equal(reloaded.features, good[split][0])

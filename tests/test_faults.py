@@ -224,3 +224,83 @@ def test_an_error_on_one_rank_reaches_the_launcher(tiny_shards, tmp_path):
     assert rc != 0 and time.time() - t0 < 150, log[-3000:]
     assert "bigltr: data error:" in log and "val-000000.tar: sample" in log and "outside [0, 10)" in log, log[-3000:]
     assert "terminate called" not in log and "SIGABRT" not in log, log[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ bigltr-eval / -export inputs
+def _model_checkpoint(path: Path, shards: Path, **extra) -> dict:
+    """A stage-2 best.pt as the trainer writes it (the real model code, tiny_test's config), with `extra` fields."""
+    from bigltr.checkpoint import save_checkpoint
+    from bigltr.config import build_config, to_dict
+    from bigltr.models import build_model
+
+    torch.manual_seed(0)
+    cfg = build_config(["recipe=tiny_test", f"data.root={shards}"])
+    model = build_model(cfg.model.name, 10, in_chans=cfg.data.in_chans)
+    state = {"stage": 2, "epoch": 1, "model": model.state_dict(), "val_all": 10.0, "config": to_dict(cfg), **extra}
+    save_checkpoint(state, path)
+    return state
+
+
+def test_eval_and_export_refuse_non_finite_weights(tiny_shards, tmp_path):
+    """A best.pt whose classifier holds a nan: bigltr-eval and bigltr-export exit 3 with one line naming the
+    tensor (they reported 10.00 / "logits match within nan" and exited 0). The check is in the one reader both
+    use, load_run_checkpoint, so an inf elsewhere is named too."""
+    from bigltr.checkpoint import save_checkpoint
+
+    best = tmp_path / "run" / "stage2" / "best.pt"
+    state = _model_checkpoint(best, tiny_shards)
+    state["model"]["classifier.weight"][3, 5] = float("nan")
+    save_checkpoint(state, best)
+    bin_ = Path(sys.executable).parent
+    for argv in ([str(bin_ / "bigltr-eval"), str(best), f"data.root={tiny_shards}"],
+                 [str(bin_ / "bigltr-export"), str(tmp_path / "run"), str(tmp_path / "hub")]):
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 3, (argv, r.returncode, r.stderr[-2000:])
+        assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert "tensor 'classifier.weight' (10, 64) holds non-finite values (1 nan, 0 inf of 640)" in r.stderr
+        assert str(best) in r.stderr and r.stdout == ""
+    assert not (tmp_path / "hub").exists()
+    state["model"]["classifier.weight"][3, 5] = 0.0
+    key = next(k for k in state["model"] if k.endswith("running_var"))
+    state["model"][key][0] = float("inf")
+    save_checkpoint(state, best)
+    from bigltr.checkpoint import NonFiniteWeightsError, load_run_checkpoint
+
+    with pytest.raises(NonFiniteWeightsError, match=f"tensor '{key}' .* 1 inf"):
+        load_run_checkpoint(best)
+
+
+def test_eval_refuses_shards_of_another_class_order(tiny_shards, tmp_path, capsys):
+    """Checkpoints store the class names (and category ids) of their data; bigltr-eval on shards with the same
+    class count in another order exits 2 naming the first differing class (it printed regrouped numbers and exited
+    0). A checkpoint from before class names were stored is evaluated with a warning that it cannot be checked."""
+    import shutil
+
+    from bigltr.evaluate import main as evaluate
+
+    info = json.loads((tiny_shards / "_info.json").read_text())
+    other = tmp_path / "other_order"  # the same images, converted with the class list in another order
+    shutil.copytree(tiny_shards, other)
+    swapped = info["classes"][:]
+    swapped[1], swapped[2] = swapped[2], swapped[1]
+    (other / "_info.json").write_text(json.dumps({**info, "classes": swapped}))
+    ckpt = tmp_path / "best.pt"
+    _model_checkpoint(ckpt, tiny_shards, classes=info["classes"])
+    assert evaluate([str(ckpt), f"data.root={other}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("bigltr-eval: class mismatch: class 1 is ") and err.count("\n") == 1, err
+    assert f"{info['classes'][1]!r} in the checkpoint but {info['classes'][2]!r} in the data" in err, err
+    assert evaluate([str(ckpt), f"data.root={tiny_shards}"]) == 0  # its own data: no warning
+    assert capsys.readouterr().err == ""
+    legacy = tmp_path / "legacy.pt"
+    _model_checkpoint(legacy, tiny_shards)  # no "classes": saved before bigltr stored them
+    assert evaluate([str(legacy), f"data.root={other}"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("bigltr-eval: warning: ") and "stores no class names" in err and err.count("\n") == 1
+    # iNat-style category ids are compared too
+    from bigltr.checkpoint import class_mismatch
+
+    ck = {"classes": ["a", "b"], "category_ids": [7, 9]}
+    assert class_mismatch(ck, {"classes": ["a", "b"], "category_ids": [7, 9]}) is None
+    assert class_mismatch(ck, {"classes": ["a", "b"], "category_ids": [7, 8]}) == \
+        "category id 1 is '9' in the checkpoint but '8' in the data"

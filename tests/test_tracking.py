@@ -83,3 +83,23 @@ def test_tensorboard_scalars_equal_the_summary_rows(tiny_shards, tmp_path, fresh
     (hparams,) = (out / "trackers" / "run").glob("*/hparams.yml")
     text = hparams.read_text()
     assert "stage2.maxnorm.radius: 0.0" in text and "log.trackers: '[''tensorboard'']'" in text, text
+
+
+def test_a_tracker_that_cannot_write_its_logs_is_one_line_exit_2(tiny_shards, tmp_path):
+    """log.trackers=[tensorboard] whose log folder <out>/trackers is a file (or cannot be written): bigltr-train exits
+    2 with one line naming the tracker and the folder, before training (it was a traceback, exit 1)."""
+    pytest.importorskip("tensorboard")
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "trackers").write_text("not a folder")
+    r = subprocess.run([sys.executable, "-m", "bigltr.train", "recipe=tiny_test", f"data.root={tiny_shards}",
+                        f"out={out}", "log.trackers=[tensorboard]"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    err = r.stderr.strip().splitlines()
+    assert "Traceback" not in r.stderr and len(err) >= 1, r.stderr
+    assert err[-1].startswith("bigltr: config error: log.trackers: tensorboard cannot write its logs under "
+                              f"{out / 'trackers'} (NotADirectoryError"), err[-1]
+    assert not (out / "stage1").exists()  # nothing trained

@@ -22,8 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # A stand-in for `python -m bigltr.train` (started as `--launch "python fake_train.py"`, so argv[1] is bigltr.train):
 # writes summary.csv rows (one per FAKE_EPOCH_S) and results.json as the trainer does. Trial folder n gets
-# val_all = FAKE_VALS[n] + epoch; FAKE_IGNORE_TERM=1 ignores SIGTERM (so only SIGKILL stops it); FAKE_CALLS=FILE
-# appends the arguments of each invocation to FILE (one line each).
+# val_all = FAKE_VALS[n] + epoch and FAKE_EPOCHS[n] epochs (comma lists, cycled); FAKE_IGNORE_TERM=1 ignores SIGTERM
+# (so only SIGKILL stops it); FAKE_CALLS=FILE appends the arguments of each invocation to FILE (one line each);
+# FAKE_NO_PDEATHSIG=1 clears the signal the tuner asks for when its worker dies (a launcher's grandchild: it outlives
+# a killed worker). Like resume=auto, a run in a folder continues after the epochs summary.csv already has; a file
+# `finish` in the folder ends it after the current epoch.
 FAKE_TRAIN = r'''
 import json, os, signal, sys, time
 from pathlib import Path
@@ -33,6 +36,9 @@ if os.environ.get("FAKE_CALLS"):
     with open(os.environ["FAKE_CALLS"], "a") as f:
         f.write(json.dumps(args) + "\n")
 out, stage = Path(args["out"]), args["stage"]
+if os.environ.get("FAKE_NO_PDEATHSIG"):
+    import ctypes
+    ctypes.CDLL(None).prctl(1, 0)  # PR_SET_PDEATHSIG, none
 if os.environ.get("FAKE_IGNORE_TERM"):
     signal.signal(signal.SIGTERM, lambda *_: print("got SIGTERM, ignoring it", file=sys.stderr, flush=True))
 vals = [float(v) for v in os.environ.get("FAKE_VALS", "50").split(",")]
@@ -43,10 +49,14 @@ summary.parent.mkdir(parents=True, exist_ok=True)
 (out / "argv.json").write_text(json.dumps(sys.argv[1:]))
 if not summary.exists():
     summary.write_text("epoch,lr,val_all,val_many,val_medium,val_few\n")
-for e in range(1, int(os.environ.get("FAKE_EPOCHS", "2")) + 1):
+epochs = [int(v) for v in os.environ.get("FAKE_EPOCHS", "2").split(",")]
+e = len(summary.read_text().splitlines()) - 1  # resume=auto: the epochs a run in this folder did are not run again
+for e in range(e + 1, epochs[int(out.name) % len(epochs)] + 1):
     time.sleep(float(os.environ.get("FAKE_EPOCH_S", "0.1")))
     with open(summary, "a") as f:
         f.write(f"{e},0.01,{val + e},{val},{val},{val}\n")
+    if (out / "finish").exists():  # a test's cue: end after this epoch
+        break
 m = {"all": val + e, "many": val, "medium": val, "few": None}
 (out / "results.json").write_text(json.dumps({f"stage{stage}": {"val": m, "test": {**m, "all": 1.0}}}))
 '''
@@ -57,7 +67,7 @@ def fake(tmp_path, tiny_shards, monkeypatch):
     """Common arguments of a study whose trials are the stand-in trainer."""
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_TRAIN)
-    for k in ("FAKE_VALS", "FAKE_EPOCHS", "FAKE_EPOCH_S", "FAKE_IGNORE_TERM", "FAKE_CALLS"):
+    for k in ("FAKE_VALS", "FAKE_EPOCHS", "FAKE_EPOCH_S", "FAKE_IGNORE_TERM", "FAKE_CALLS", "FAKE_NO_PDEATHSIG"):
         monkeypatch.delenv(k, raising=False)
     return ["recipe=tiny_test", f"data.root={tiny_shards}", "--launch", f"{sys.executable} {script}",
             "--poll", "0.1"]
@@ -120,9 +130,12 @@ def test_two_workers_resume_and_phase2(tiny_shards, tmp_path, capfd, monkeypatch
     assert "test all (info only)" in (out / "tune_summary.md").read_text()
     assert (out / "plots" / "phase1_history.png").stat().st_size > 0
     wd = tune.fmt(best.user_attrs["overrides"]["stage1.weight_decay"])
-    cmd = f"python -m bigltr.train recipe=tiny_test out=runs/tiny_test_tuned data.root={tiny_shards} " \
+    # the refit: the tuned values on the whole training set, the last epoch kept; trials ran without plots
+    cmd = f"python -m bigltr.train recipe=tiny_test out=runs/tiny_test_refit protocol=refit data.root={tiny_shards} " \
           f"stage1.epochs=2 stage2.epochs=1 stage1.weight_decay={wd}"
-    assert res["command"] == cmd and f"run this:\n  {cmd}" in capfd.readouterr().out
+    assert res["command"] == cmd and f"last epoch):\n  {cmd}" in capfd.readouterr().out
+    assert not list((out / "trials").rglob("*.png"))
+    assert "plots: false" in (Path(best.user_attrs["dir"]) / "config.yaml").read_text()
 
     # phase 2 starts from the best phase-1 trial's checkpoint
     assert tune.main(common + ["--phase", "2", "--trials", "1"]) == 0
@@ -295,7 +308,7 @@ def test_values_already_run_are_not_run_again(fake, tmp_path, monkeypatch):
     rows = _summary(out)
     assert [r["note"] for r in rows] == ["", "same values as trial 0: not run again", "",
                                          "same values as trial 2: not run again"]
-    assert [r["val_all"] for r in rows] == ["52.00", "52.00", "72.00", "72.00"]
+    assert [r["val_all"] for r in rows] == ["52.0000", "52.0000", "72.0000", "72.0000"]  # 4 decimals
     assert [r["selected"] for r in rows] == ["", "", "yes", ""] and rows[3]["dir"] == rows[2]["dir"]
 
     # a sampler's own repeats: two categorical values, five trials, two processes
@@ -341,12 +354,21 @@ def test_restarted_random_study_proposes_new_points(fake, tmp_path, monkeypatch)
     (["stage1_checkpoint=x.pt"], "goes with --phase 2"),
     (["--phase", "2", "stage1_checkpoint=missing.pt"], "does not exist"),
     (["data.root=/nonexistent"], "_info.json"),
+    (["--space", "stage1.weight_decay=float:0:1e-2:0"], "0 < STEP <= HI - LO"),
+    (["--space", "stage1.weight_decay=float:0:1e-2:-1e-3"], "0 < STEP <= HI - LO"),
+    (["--space", "stage1.weight_decay=float:0:1e-2:nan"], "0 < STEP <= HI - LO"),
+    (["--space", "stage1.warmup_epochs=int:0:1:0.5"], "an int STEP must be an integer"),
+    (["--sampler", "grid", "--space", "stage1.weight_decay=grid:0,1e-3", "--trials", "0"], "--trials must be >= 1"),
+    (["--trials", "-1"], "--trials must be >= 1"),
 ])
 def test_bad_studies_fail_before_anything_runs(tiny_shards, tmp_path, capsys, extra, message):
     out = tmp_path / "typo"
     trials = [] if any(a.startswith("--sampler") for a in extra) else ["--trials", "2"]
+    if "--trials" in extra:
+        trials = []
     assert tune.main(["recipe=tiny_test", f"out={out}", f"data.root={tiny_shards}", *trials, *extra]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
 
 

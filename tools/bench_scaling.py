@@ -63,7 +63,7 @@ def run(args, data: str, procs: int, backend_keys: list[str]) -> float:
     out = Path(tempfile.mkdtemp(prefix=f"scale{procs}_"))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
            "-m", "bigltr.train", f"recipe={args.recipe}", f"data.root={data}", "stage=1",
-           f"stage1.epochs={args.epochs}", f"stage1.batch_size={args.batch}", f"out={out}",
+           f"stage1.epochs={args.epochs}", f"stage1.batch_size={args.batch * procs}", f"out={out}",  # global
            f"dist.world_size={procs}", "data.num_workers=1", *backend_keys, *args.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
     before = load()

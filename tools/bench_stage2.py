@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -53,6 +52,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from bigltr.train import main as train
+    from bigltr.results import read_results
 
     out = Path(args.out)
     data = args.data
@@ -81,7 +81,7 @@ def main(argv=None):
     for mode in modes:
         run = out / mode
         assert train(s2 + [f"out={run}"] + (cached if mode.startswith("cached") else ["stage2.features=online"])) == 0
-        r = json.loads((run / "results.json").read_text())["stage2"]
+        r = read_results(run)["stage2"]
         w = r["wall_time_s"]
         res[mode] = {"total_s": w["train_incl_val"], "loops_s": train_seconds(run), "val_s": w["per_epoch_val"],
                      "cache_s": w["feature_cache_build"], "final_s": w["final_eval"], "test": r["test"],

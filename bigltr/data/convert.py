@@ -8,7 +8,11 @@ came from, e.g. ``"ImageNet_LT_train.txt line 17"``, for messages and the report
 * reads, verifies (full decode) and optionally resizes / re-encodes the images over ``workers`` processes,
   in chunks, with results consumed in input order, so the output does not depend on ``workers``;
 * skips an image that exists but does not decode, records it in ``OUT/conversion_report.json`` and fails
-  (:class:`SkipLimitExceeded`) once more than ``max_skip_fraction`` of a split's images were skipped;
+  (:class:`SkipLimitExceeded`) once more than ``max_skip_fraction`` of a split's images were skipped, or
+  (:class:`EmptiedClassError`) once every listed training image of a class was skipped;
+* with a :class:`bigltr.data.longtail.Holdout` (a validation split to be held out of train), decodes every
+  listed training image FIRST (kept in an anonymous spool file in OUT), draws the hold-out from the decodable
+  ones only, then writes train and val from the spool (each image is still decoded once);
 * writes the shards with :func:`bigltr.data.writer.write_dataset` (temporary names renamed when complete,
   ``_info.json`` last), after writing the report.
 
@@ -21,6 +25,7 @@ import io
 import math
 import os
 import re
+import tempfile
 from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
@@ -30,10 +35,10 @@ from PIL import Image
 
 from bigltr.atomic import write_json_atomic
 
-from .writer import AUTO, REPORT_NAME, EncodedImage, encode_image, write_dataset
+from .writer import AUTO, REPORT_NAME, EncodedImage, encode_image, prepare_output_dir, write_dataset
 
-__all__ = ["Item", "EncodeOptions", "load_image", "SkipLimitExceeded", "ConversionReport", "ordered_map",
-           "convert", "IMG_EXTENSIONS"]
+__all__ = ["Item", "EncodeOptions", "load_image", "SkipLimitExceeded", "EmptiedClassError", "ConversionReport",
+           "ordered_map", "convert", "IMG_EXTENSIONS"]
 
 # torchvision's ImageFolder extensions (compared case-insensitively)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -199,17 +204,33 @@ class SkipLimitExceeded(ValueError):
     """More than ``max_skip_fraction`` of a split's images could not be decoded."""
 
 
-class ConversionReport:
-    """Per-split counts and the skipped images; saved as ``OUT/conversion_report.json``."""
+class EmptiedClassError(ValueError):
+    """Every listed training image of a class could not be decoded: the class would have no training image."""
 
-    def __init__(self, max_skip_fraction: float, extra: Optional[dict] = None):
+
+class ConversionReport:
+    """Per-split counts and the skipped images; saved as ``OUT/conversion_report.json``.
+
+    ``describe(c)``: how messages name class c (e.g. ``"'Aves sp.', category_id 4521"``).
+    """
+
+    def __init__(self, max_skip_fraction: float, extra: Optional[dict] = None,
+                 describe: Optional[Callable[[int], str]] = None):
         self.max_skip_fraction = float(max_skip_fraction)
         self.splits: dict[str, dict[str, int]] = {}
         self.skipped: list[dict[str, str]] = []
         self.extra = dict(extra or {})  # further top-level keys (after the standard ones)
+        self.describe = describe or (lambda c: "")
+        self._class_left: dict[str, dict[int, int]] = {}  # split -> class -> listed images not yet skipped
 
-    def start(self, split: str, listed: int) -> None:
+    def start(self, split: str, listed: int, labels: Optional[Sequence[int]] = None) -> None:
+        """``labels`` (the training split's): a class all of whose listed images are skipped is an error."""
         self.splits[split] = {"listed": int(listed), "written": 0, "skipped": 0}
+        if labels is not None:
+            left: dict[int, int] = {}
+            for lab in labels:
+                left[int(lab)] = left.get(int(lab), 0) + 1
+            self._class_left[split] = left
 
     def allowed(self, split: str) -> int:
         return int(math.floor(self.max_skip_fraction * self.splits[split]["listed"] + 1e-9))
@@ -220,6 +241,17 @@ class ConversionReport:
         self.skipped.append({"split": split, "key": item.key, "file": where, "origin": item.origin,
                              "label": int(item.label), "error": error})
         s = self.splits[split]
+        left = self._class_left.get(split)
+        if left is not None:
+            c = int(item.label)
+            left[c] -= 1
+            if left[c] == 0:
+                n = sum(1 for r in self.skipped if r["split"] == split and r["label"] == c)
+                name = self.describe(c)
+                raise EmptiedClassError(
+                    f"class {c}{f' ({name})' if name else ''}: all {n} of its listed training image(s) could not "
+                    f"be decoded (last: {item.origin}: {error}); the class would have no training image. Replace "
+                    f"or remove the files (listed in {REPORT_NAME}) or remove the class from the source")
         if s["skipped"] > self.allowed(split):
             raise SkipLimitExceeded(
                 f"split '{split}': {s['skipped']} of {s['listed']} images could not be decoded (last: "
@@ -251,7 +283,7 @@ def _check_files(items: Sequence[Item], split: str, progress: bool) -> None:
 
 def _samples(split: str, items: Sequence[Item], opts: EncodeOptions, executor, report: ConversionReport,
              chunksize: int) -> Iterator[tuple[str, EncodedImage, int]]:
-    report.start(split, len(items))
+    report.start(split, len(items), [it.label for it in items] if split == "train" else None)
     results = ordered_map(_ChunkFn(opts), (it.src for it in items), chunksize=chunksize, executor=executor)
     for item, (enc, err) in zip(items, results):
         if err is not None:
@@ -259,6 +291,64 @@ def _samples(split: str, items: Sequence[Item], opts: EncodeOptions, executor, r
             continue
         report.splits[split]["written"] += 1
         yield item.key, enc, item.label
+
+
+def _decode_pool(items: Sequence[Item], opts: EncodeOptions, executor, report: ConversionReport, chunksize: int,
+                 spool, progress: bool) -> list[tuple[Item, int, int, str]]:
+    """Decode every listed training image once, in order; append the stored bytes of each decodable one to
+    ``spool`` and return ``(item, offset, length, ext)`` per decodable image (skips go to ``report``)."""
+    report.start("train", len(items), [it.label for it in items])
+    results = ordered_map(_ChunkFn(opts), (it.src for it in items), chunksize=chunksize, executor=executor)
+    pairs = zip(items, results)
+    if progress:
+        from tqdm import tqdm
+
+        pairs = tqdm(pairs, total=len(items), desc="train: decode", unit="img", mininterval=1.0)
+    pool = []
+    for item, (enc, err) in pairs:
+        if err is not None:
+            report.skip("train", item, err)  # raises over the limit, or when a class has no image left
+            continue
+        pool.append((item, spool.tell(), len(enc.data), enc.ext))
+        spool.write(enc.data)
+    spool.flush()
+    return pool
+
+
+def _spooled(split: str, pool: list, positions, spool, report: ConversionReport
+             ) -> Iterator[tuple[str, EncodedImage, int]]:
+    """The spooled images at ``positions`` (in that order), counted as written to ``split``."""
+    for p in positions:
+        item, offset, length, ext = pool[int(p)]
+        spool.seek(offset)
+        data = spool.read(length)
+        report.splits[split]["written"] += 1
+        yield item.key, EncodedImage(data, ext), item.label
+
+
+def _hold_out(holdout, pool: list, num_classes: int, report: ConversionReport) -> tuple[np.ndarray, np.ndarray, dict]:
+    """Train / val positions into ``pool`` by the hold-out, and its summary (recorded in _info.json and the
+    report)."""
+    labels = np.array([it.label for it, *_ in pool], dtype=np.int64)
+    tr, va = holdout.apply(labels)
+    have = np.bincount(labels, minlength=num_classes)
+    took = np.bincount(labels[va], minlength=num_classes)
+    summary = {**holdout.policy.as_dict(), "seed": int(holdout.seed), "images": int(va.size),
+               "classes": int((took > 0).sum()), "num_classes": int(num_classes),
+               "decodable_train_images": int(labels.size),
+               "classes_under_min_count": int((have < int(holdout.policy.min_count)).sum()),
+               "max_fraction_taken": round(float((took / np.maximum(have, 1)).max()), 4) if labels.size else 0.0}
+    report.splits["train"]["held_out"] = int(va.size)
+    if not va.size:
+        from .longtail import warn
+
+        warn(f"the validation hold-out drew no image (every class has fewer than {holdout.policy.min_count} "
+             f"decodable training images, or too few for --val-max-fraction {holdout.policy.max_fraction:g}): "
+             f"no val split; bigltr's trainer needs train, val and test")
+    if va.size:
+        report.start("val", int(va.size))
+        report.splits["val"]["held_out_of"] = "train"
+    return tr, va, summary
 
 
 def convert(
@@ -280,6 +370,7 @@ def convert(
     record_encode: bool = True,
     expected_class_counts: Optional[list[int]] = None,
     report_extra: Optional[dict] = None,
+    holdout=None,
 ) -> dict:
     """Write ``splits`` (split -> items in write order) as shards + report + ``_info.json``; return the info.
 
@@ -288,6 +379,14 @@ def convert(
     ``expected_class_counts``: the training split's class counts the source's rules promise (a long-tail
     profile); written counts that differ are a RuntimeError (a cheap self-check of the whole chain).
     ``report_extra``: top-level keys added to ``conversion_report.json`` (idx: the class order used).
+    ``holdout``: a :class:`bigltr.data.longtail.Holdout` to draw the val split out of ``splits["train"]`` (listed
+    whole, in source order) once the undecodable files are known; it records ``source.holdout`` (and the report's
+    ``holdout``): the policy, images and classes held out.
+
+    With ``record_encode``, ``_info.json`` also gets ``official_train_counts`` (per class, the listed training
+    images: the official training set before any hold-out or skipped file; the Many/Medium/Few groups use them,
+    :func:`bigltr.metrics.group_counts`) and ``official_train_splits`` (the splits whose union is that set, less
+    the skipped files: ``["train", "val"]`` when val was held out of train, else ``["train"]``).
     """
     if not 0.0 <= float(max_skip_fraction) <= 1.0:
         raise ValueError(f"--max-skip-fraction must lie in [0, 1], got {max_skip_fraction}")
@@ -300,7 +399,17 @@ def convert(
             if not 0 <= int(it.label) < num_classes:  # the readers check first, with better messages
                 raise ValueError(f"{it.origin}: label {it.label} outside [0, {num_classes})")
         _check_files(items, split, progress)
-    report = ConversionReport(max_skip_fraction, extra=report_extra)
+    category_ids = (extra or {}).get("category_ids")
+
+    def describe(c: int) -> str:
+        name = f"'{classes[c]}'"
+        return f"{name}, category_id {category_ids[c]}" if category_ids is not None else name
+
+    report = ConversionReport(max_skip_fraction, extra=report_extra, describe=describe)
+    official = None
+    if record_encode and "train" in splits:
+        official = np.bincount(np.array([int(it.label) for it in splits["train"]], dtype=np.int64),
+                               minlength=num_classes).tolist()
     if record_encode:
         source = {**source, "encode": asdict(opts), "max_skip_fraction": float(max_skip_fraction)}
     if chunksize is None:
@@ -308,28 +417,50 @@ def convert(
         chunksize = 16 if any_files else 256
     out_dir = os.fspath(out_dir)
 
+    held: dict = {}
+
     def before_info(info: dict) -> None:
         if record_encode:
             info["source"]["skipped"] = {s: r["skipped"] for s, r in report.splits.items()}
+            if "summary" in held:
+                info["source"]["holdout"] = held["summary"]
+        if official is not None:
+            info["official_train_counts"] = official
+            info["official_train_splits"] = ["train", "val"] if held.get("val") else ["train"]
         report.write(out_dir, "ok")
 
-    executor = None
-    if workers > 1:
-        from concurrent.futures import ProcessPoolExecutor
-
-        executor = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())
+    executor = spool = None
     try:
+        if workers > 1:
+            from concurrent.futures import ProcessPoolExecutor
+
+            executor = ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context())
+        todo = {s: (_samples(s, items, opts, executor, report, chunksize), len(items)) for s, items in splits.items()}
+        prepare = holdout is None or "train" not in splits
+        if not prepare:
+            prepare_output_dir(out_dir, overwrite=overwrite)  # refuse a non-empty --out before decoding anything
+            # anonymous (unlinked) file: nothing is left behind, whatever stops the conversion
+            spool = tempfile.TemporaryFile(dir=out_dir, prefix=".holdout-spool-")
+            pool = _decode_pool(splits["train"], opts, executor, report, chunksize, spool, progress)
+            tr, va, held["summary"] = _hold_out(holdout, pool, num_classes, report)
+            report.extra["holdout"] = held["summary"]
+            held["val"] = bool(va.size)
+            rest = {s: v for s, v in todo.items() if s not in ("train", "val")}
+            todo = {"train": (_spooled("train", pool, tr, spool, report), int(tr.size))}
+            if va.size:
+                todo["val"] = (_spooled("val", pool, va, spool, report), int(va.size))
+            todo.update(rest)
         info = write_dataset(
-            out_dir, name=name, classes=classes, source=source,
-            splits={s: (_samples(s, items, opts, executor, report, chunksize), len(items))
-                    for s, items in splits.items()},
+            out_dir, name=name, classes=classes, source=source, splits=todo,
             maxcount=maxcount, maxsize=maxsize, image_format="png", overwrite=overwrite, progress=progress,
-            extra=extra, before_info=before_info,
+            extra=extra, before_info=before_info, prepare=prepare,
         )
-    except SkipLimitExceeded as e:
+    except (SkipLimitExceeded, EmptiedClassError) as e:
         report.write(out_dir, "failed", str(e))
         raise
     finally:
+        if spool is not None:
+            spool.close()
         if executor is not None:
             executor.shutdown(wait=True, cancel_futures=True)
     if expected_class_counts is not None and info["class_counts"] != list(expected_class_counts):

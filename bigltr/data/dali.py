@@ -25,14 +25,18 @@ Same data semantics as ShardLoader (module docstring of ``loader.py``; docs/data
 * Keys are the WebDataset ``__key__`` values (member name up to the first dot), checked against DALI's
   ``source_info`` of every sample, and labels come from the ``.cls`` members read when the shard is indexed.
 * Faults, as in ShardLoader: a sample without image or ``.cls`` is skipped and counted (``epoch_skipped``); an
-  image DALI cannot decode is found (the failing batch is re-run one sample at a time), logged with shard and
-  key, skipped and counted, and the pipeline is rebuilt from that batch on; a ``.cls`` that is not an integer
+  image PIL cannot decode (ShardLoader's test) is found when its shard is indexed and never reaches DALI (its
+  decoders can crash the process on some damaged images: a PNG signature followed by zeros gave SIGSEGV), and is
+  skipped, logged and counted likewise; an image PIL decodes but DALI cannot is found (the failing batch is re-run
+  one sample at a time), logged with shard and key, skipped and counted, and the pipeline is rebuilt from that
+  batch on; a ``.cls`` that is not an integer
   in [0, num_classes) raises DataError naming shard and key; a shard holding fewer samples than
   ``shard_lengths`` records (truncated) is counted in ``epoch_lost`` / ``lost_shards`` and logged (train) or
   raises DataError (eval, unless ``allow_partial``). Short ranks pad with their last batch (``padded_batches``).
 
 Index cache: scanning a shard's tar headers (and reading its tiny ``.cls`` members) costs one pass over the
-headers; the result is kept as JSON in ``index_dir`` (default ``$XDG_CACHE_HOME/bigltr/dali_index`` or
+headers, and decoding its images once with PIL (``check_images``) one more pass; the result is kept as JSON in
+``index_dir`` (default ``$XDG_CACHE_HOME/bigltr/dali_index`` or
 ``~/.cache/bigltr/dali_index``), one file per shard named by a hash of its absolute path, size and mtime, so a
 rewritten shard is indexed again. Nothing is written into the data folder. Per-epoch DALI index files (the
 reading order) go to a temporary folder that is removed after the epoch.
@@ -74,7 +78,7 @@ _log = logging.getLogger(__name__)
 
 DALI_INSTALL_HINT = "pip install -e '.[dali]'"
 _IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")  # ShardLoader's IMAGE_KEYS, in its order of preference
-_INDEX_VERSION = 1
+_INDEX_VERSION = 2  # 2: "bad", the images PIL cannot decode
 # timm's DEFAULT_CROP_PCT: the eval transform resizes the shorter side to floor(img_size / 0.875), then centre-crops
 _CROP_PCT = 0.875
 
@@ -180,17 +184,81 @@ def _index_path(index_dir: str, shard: str) -> str:
     return os.path.join(index_dir, f"{h}.json")
 
 
-def load_shard_index(shard: str, index_dir: str) -> dict:
-    """The scan of ``shard`` from the cache, made (and cached atomically) on first use."""
+def _describe(exn: BaseException) -> str:
+    """One-line text of an exception (ShardLoader's wording; some PIL/zlib errors have an empty message)."""
+    text = " ".join(str(exn).split())
+    return f"{type(exn).__name__}: {text}" if text else type(exn).__name__
+
+
+def _decode_one(blob: bytes) -> Optional[str]:
+    """None when PIL fully decodes ``blob`` (ShardLoader's test of an image), else the error in one line."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(blob)) as img:
+            img.load()
+    except Exception as e:  # PIL raises many types for bad data (OSError, SyntaxError, ValueError, ...)
+        return _describe(e)
+    return None
+
+
+def check_images(path: str, samples: list, threads: int = 1) -> dict[str, str]:
+    """Decode every image of one shard with PIL, as ShardLoader does before it uses a sample; return
+    ``{str(position): error}`` for the samples whose image does not decode.
+
+    DALI's own decoders can crash the process (a segmentation fault, not an exception) on some damaged images,
+    e.g. a PNG signature followed by zeros, so such samples must never reach DALI. PIL's full decode is also
+    exactly the test the torch path applies, so both pipelines skip (and count) the same samples.
+    """
+    rows = [(j, s[3], s[4]) for j, s in enumerate(samples) if s[2] is not None]
+    bad: dict[str, str] = {}
+
+    def run(part):
+        out = {}
+        with open(path, "rb") as f:
+            for j, off, n in part:
+                f.seek(off)
+                blob = f.read(n)
+                err = _decode_one(blob) if len(blob) == n else f"member ends past the end of the file ({path})"
+                if err is not None:
+                    out[str(j)] = err
+        return out
+
+    threads = max(1, min(int(threads), len(rows) // 256 or 1))  # PIL releases the GIL while it decodes
+    if threads == 1:
+        return run(rows)
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads) as pool:
+        for part in pool.map(run, [rows[t::threads] for t in range(threads)]):
+            bad.update(part)
+    return bad
+
+
+def load_shard_index(shard: str, index_dir: str, *, decode_check: bool = False, threads: int = 1) -> dict:
+    """The scan of ``shard`` from the cache, made (and cached atomically) on first use.
+
+    ``decode_check``: also know which images do not decode (``data["bad"]``: ``{str(position): error}``),
+    decoding them once with PIL (:func:`check_images`) and caching the result with the scan; without it
+    ``data["bad"]`` may be None (not checked yet), which is all the label check at start-up needs.
+    """
     cache = _index_path(index_dir, shard)
+    data = None
     try:
         with open(cache, encoding="utf-8") as f:
             data = json.load(f)
-        if data.get("version") == _INDEX_VERSION and data.get("path") == os.path.abspath(shard):
-            return data
+        if data.get("version") != _INDEX_VERSION or data.get("path") != os.path.abspath(shard):
+            data = None
     except (OSError, ValueError):
-        pass
-    data = {"version": _INDEX_VERSION, "path": os.path.abspath(shard), **_scan_shard(shard)}
+        data = None
+    if data is not None and (data.get("bad") is not None or not decode_check):
+        return data
+    if data is None:
+        data = {"version": _INDEX_VERSION, "path": os.path.abspath(shard), **_scan_shard(shard), "bad": None}
+    if decode_check:
+        data["bad"] = check_images(shard, data["samples"], threads)
     try:
         write_text_atomic(cache, json.dumps(data, separators=(",", ":")))  # atomic: ranks may index at once
     except OSError as e:  # a read-only cache folder costs a re-scan next time, nothing else
@@ -390,6 +458,7 @@ class DaliShardLoader:
         self._index: dict[int, dict] = {}
         self._bad: set[tuple[int, str]] = set()  # (shard, key) of images DALI could not decode, found earlier
         self._warned = 0
+        self._why: dict[tuple[int, str], str] = {}  # (shard, key) -> why a sample is skipped (ShardLoader's text)
 
     # -- epoch control (ShardLoader's)
     def set_epoch(self, epoch: int) -> None:
@@ -405,13 +474,17 @@ class DaliShardLoader:
     # -- order
     def _shard_index(self, i: int) -> dict:
         if i not in self._index:
-            self._index[i] = load_shard_index(self._files[i], self.index_dir)
+            # decode_check: images PIL cannot decode never reach DALI (its decoders can crash the process on
+            # some of them); checked once per shard file and cached with the index
+            self._index[i] = load_shard_index(self._files[i], self.index_dir, decode_check=True,
+                                              threads=self.num_threads)
         return self._index[i]
 
     def _epoch_order(self) -> tuple[list[tuple], dict[int, tuple[int, int, Optional[str]]]]:
         """This rank's samples of this epoch in reading order, ``(shard, key, label|None, ext, offset, size,
-        member)`` (label None: no image or no label, skipped when reached), and the shards it reads that hold
-        fewer samples than recorded: ``{shard: (found, recorded, scan error)}``."""
+        member)`` (label None: no image, no label or an image that does not decode, skipped when reached; the
+        reason is in ``self._why``), and the shards it reads that hold fewer samples than recorded:
+        ``{shard: (found, recorded, scan error)}``."""
         num_classes = int(self.info["num_classes"])
         ws, r = self.world_size, self.rank
         order: list[tuple] = []
@@ -419,7 +492,7 @@ class DaliShardLoader:
         for path in self.shards_for_epoch():
             i = self._num[path]
             idx = self._shard_index(i)
-            rows = idx["samples"]
+            rows, bad = idx["samples"], idx["bad"] or {}
             if len(rows) < self._lengths[i]:
                 short[i] = (len(rows), self._lengths[i], idx["error"])
             pos = range(len(rows))
@@ -432,7 +505,14 @@ class DaliShardLoader:
                 where = f"{path}: sample {key}"
                 label = None
                 if ext is not None and text is not None:
-                    label = parse_label(text, where, num_classes)
+                    label = parse_label(text, where, num_classes)  # a bad label stops the run, as in ShardLoader
+                    if str(j) in bad:
+                        label = None
+                        self._why[(i, key)] = f"{where}: .{ext} does not decode ({bad[str(j)]})"
+                elif text is None:
+                    self._why[(i, key)] = f"{where}: no .cls label"
+                else:
+                    self._why[(i, key)] = f"{where}: no image ({', '.join('.' + e for e in _IMAGE_EXTS)})"
                 order.append((i, key, label, ext, off, size, member))
         return order, short
 
@@ -585,7 +665,13 @@ class DaliShardLoader:
                     emitted += 1
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
-            skipped = sum(1 for s in order[:reached] if s[2] is None or (s[0], s[1]) in self._bad)
+            skips = [s for s in order[:reached] if s[2] is None]
+            for n, s in enumerate(skips[:6]):  # DALI-found ones were logged when found
+                if n == 5:
+                    _log.warning("rank %d: more bad samples; further messages suppressed", self.rank)
+                else:
+                    _log.warning("rank %d: skipping a bad sample: %s", self.rank, self._why.get((s[0], s[1]), s[1]))
+            skipped = len(skips) + sum(1 for s in order[:reached] if s[2] is not None and (s[0], s[1]) in self._bad)
             self.epoch_skipped = skipped
             self.skipped += skipped
             self.epoch_lost = sum(rec - found for found, rec, _ in lost_here.values())

@@ -17,7 +17,10 @@ Format (a superset of what timm's ``wds`` reader reads; timm ignores the extra k
         "test":  {...}
       },
       "source": {...},                              # free-form provenance: converter, args, seed, ...
-      "category_ids": [...]                         # optional (iNat): contiguous label -> original id
+      "category_ids": [...],                        # optional (iNat): contiguous label -> original id
+      "official_train_counts": [...],               # optional: the official training set per class (before any
+                                                    #   val hold-out / undecodable file): the Many/Medium/Few groups
+      "official_train_splits": ["train", "val"]     # optional: the splits whose union is that set (the refit)
     }
 
 Shard file names are relative to the folder holding ``_info.json``. Every problem found here raises
@@ -35,8 +38,8 @@ from bigltr.atomic import write_json_atomic
 
 from .errors import DataError, DataMissingError
 
-__all__ = ["INFO_NAME", "read_info", "write_info", "validate_info", "check_trainable", "DataError",
-           "DataMissingError"]
+__all__ = ["INFO_NAME", "read_info", "write_info", "validate_info", "check_trainable", "split_entry",
+           "split_class_counts", "DataError", "DataMissingError"]
 
 INFO_NAME = "_info.json"
 
@@ -53,6 +56,33 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+# Counts and byte sizes above this are not data, and numpy (int64) and the loss weights cannot hold them.
+_MAX_COUNT = 2**53 - 1
+
+
+def _check_magnitudes(info: dict, where: str) -> None:
+    """DataError naming file and key for a count (num_classes, class_counts, num_samples, shard_lengths, class_hist,
+    sizes) that is a number outside [0, 2**53): 1e20 written as a float, or an integer like 10**400."""
+    def check(key: str, v: Any) -> None:
+        if isinstance(v, float) or (_is_int(v) and not 0 <= v <= _MAX_COUNT):
+            text = repr(v) if len(repr(v)) <= 24 else f"{repr(v)[:12]}... ({len(repr(v))} digits)"
+            raise DataError(f"{where}: key '{key}' is {text}: counts must be integers in [0, 2**53)")
+
+    check("num_classes", info.get("num_classes"))
+    lists = [("class_counts", info.get("class_counts"))]
+    for split, entry in (info.get("splits") or {}).items() if isinstance(info.get("splits"), dict) else ():
+        if isinstance(entry, dict):
+            check(f"splits.{split}.num_samples", entry.get("num_samples"))
+            lists += [(f"splits.{split}.{k}", entry.get(k)) for k in ("shard_lengths", "sizes")]
+            hist = entry.get("class_hist")
+            if isinstance(hist, list):
+                lists += [(f"splits.{split}.class_hist[{i}]", h) for i, h in enumerate(hist)]
+    for key, values in lists:
+        if isinstance(values, list):
+            for i, v in enumerate(values):
+                check(f"{key}[{i}]", v)
+
+
 def validate_info(info: Any, *, where: str = INFO_NAME) -> None:
     """Check keys, types and consistency of a parsed ``_info.json``; raise DataError naming the bad key."""
     if not isinstance(info, dict):
@@ -63,6 +93,7 @@ def validate_info(info: Any, *, where: str = INFO_NAME) -> None:
             raise DataError(f"{where}: missing key '{key}'")
         if not isinstance(info[key], typ) or (typ is int and not _is_int(info[key])):
             raise DataError(f"{where}: key '{key}' must be {typ.__name__}, got {type(info[key]).__name__}")
+    _check_magnitudes(info, where)
     num_classes = info["num_classes"]
     if num_classes < 1:
         raise DataError(f"{where}: key 'num_classes' must be >= 1, got {num_classes}")
@@ -129,6 +160,32 @@ def validate_info(info: Any, *, where: str = INFO_NAME) -> None:
                     f"to {n} (class '{info['classes'][c]}'); re-run tools/make_shards.py rather than editing "
                     f"_info.json by hand"
                 )
+    _validate_official(info, where)
+
+
+def _validate_official(info: dict, where: str) -> None:
+    """``official_train_counts`` (the Many/Medium/Few groups) and ``official_train_splits`` (the splits whose union
+    is the official training set, less undecodable files), both optional: a held-out split's images and the
+    train shards together never exceed the official count of a class."""
+    num_classes, official = info["num_classes"], info.get("official_train_counts")
+    if official is not None and (not isinstance(official, list) or len(official) != num_classes or not all(
+            _is_int(n) and 0 <= n < 2**53 for n in official)):
+        raise DataError(f"{where}: key 'official_train_counts' must be a list of {num_classes} non-negative integers")
+    parts = info.get("official_train_splits")
+    if parts is None:
+        return
+    if (not isinstance(parts, list) or not parts or parts[0] != "train" or len(set(parts)) != len(parts)
+            or not all(isinstance(s, str) and s in info["splits"] for s in parts)):
+        raise DataError(f"{where}: key 'official_train_splits' must list 'train' and then other splits of 'splits' "
+                        f"(got {parts!r})")
+    hists = [info["splits"][s].get("class_hist") for s in parts]
+    if official is None or any(h is None for h in hists):
+        return
+    for c in range(num_classes):
+        n = sum(h[c] for hist in hists for h in hist)
+        if n > official[c]:
+            raise DataError(f"{where}: splits {'+'.join(parts)} hold {n} images of class {c} ('{info['classes'][c]}') "
+                            f"but official_train_counts[{c}] is {official[c]}; re-run tools/make_shards.py")
 
 
 def read_info(root: str | os.PathLike) -> dict:
@@ -170,6 +227,38 @@ def read_info(root: str | os.PathLike) -> dict:
     return info
 
 
+def split_entry(info: dict, split: str) -> dict:
+    """The ``splits`` entry of ``split``; ``"a+b"`` is the union of splits a and b (a's shards, then b's), e.g.
+    ``train+val``: the whole official training set when val was held out of it (the refit)."""
+    names = split.split("+")
+    missing = [s for s in names if s not in info["splits"]]
+    if missing:
+        raise DataError(f"{INFO_NAME} of '{info['name']}' has no split '{missing[0]}' (has: "
+                        f"{', '.join(info['splits'])})")
+    if len(names) == 1:
+        return info["splits"][split]
+    parts = [info["splits"][s] for s in names]
+    out = {"name": split, "num_samples": sum(int(e["num_samples"]) for e in parts),
+           "filenames": [f for e in parts for f in e["filenames"]],
+           "shard_lengths": [n for e in parts for n in e["shard_lengths"]]}
+    for key in ("class_hist", "checksums", "sizes"):
+        if all(e.get(key) is not None for e in parts):
+            out[key] = [x for e in parts for x in e[key]]
+    return out
+
+
+def split_class_counts(info: dict, split: str) -> list[int]:
+    """Training images per class of ``split`` (``train``: ``class_counts``; a union: summed from its splits'
+    ``class_hist``, which the converters record)."""
+    if split == "train":
+        return list(info["class_counts"])
+    hist = split_entry(info, split).get("class_hist")
+    if hist is None:
+        raise DataError(f"{INFO_NAME} of '{info['name']}': split '{split}' has no class_hist, so its per-class "
+                        f"counts (the class-balanced loss weights) are unknown; re-run tools/make_shards.py")
+    return [sum(col) for col in zip(*hist)]
+
+
 def check_trainable(info: dict, *, split: str = "train") -> None:
     """Raise DataError unless ``info`` can train a classifier: a ``split`` split and >= 1 image per class.
 
@@ -182,8 +271,9 @@ def check_trainable(info: dict, *, split: str = "train") -> None:
         names = ", ".join(f"{c} ('{info['classes'][c]}')" for c in empty[:10]) + (", ..." if len(empty) > 10 else "")
         raise DataError(
             f"{INFO_NAME} of '{info['name']}': {len(empty)} class(es) have no training images: {names}; the method "
-            f"needs at least one training image per class: re-make the shards (e.g. with a smaller imbalance "
-            f"factor) or drop the class"
+            f"needs at least one training image per class: re-make the shards (idx / cifar: a smaller imbalance "
+            f"factor; imagefolder / list / inat: the class's files did not decode, see conversion_report.json, or "
+            f"were all held out by an older converter) or drop the class"
         )
 
 

@@ -12,8 +12,13 @@ Design (one epoch = one ``iter(loader)``):
   ``batch_size`` samples. The main process re-batches the chunks into batches of exactly ``batch_size``
   (the last one partial unless ``drop_last``), so no per-worker remainders appear.
 * Everything that decides the order depends only on (seed, epoch, rank, world_size, num_workers): the same
-  values give the same batches. Random augmentation is seeded per epoch as well through the DataLoader's
-  generator when ``num_workers > 0`` (with ``num_workers=0`` it uses the global torch RNG).
+  values give the same batches. Random augmentation is seeded per (seed, epoch, rank) as well, through the
+  DataLoader's generator: worker ``w`` seeds ``random``, ``numpy`` and ``torch`` from it as torch does. With
+  ``num_workers=0`` the stream runs in the main process under its own RNG states, seeded as worker 0 would be
+  and swapped in only while the stream produces a chunk, so it gives the batches of ``num_workers=1`` and never
+  reads or advances the process's global RNGs (the training step's, which resume checkpoints carry). Mid-epoch
+  resume replays the epoch and discards the batches already trained: that is exact only because re-reading
+  them draws nothing from the RNGs the checkpoint restored (docs/data.md, "Failure behaviour").
 
 Equal batch counts across ranks (``world_size > 1``): a collective hangs if one rank yields fewer batches.
 ``len(loader)`` is computed from ``shard_lengths`` and is the same on every rank:
@@ -58,7 +63,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import DataError
-from .info import INFO_NAME, read_info
+from .info import INFO_NAME, read_info, split_entry
 from .labels import parse_label
 
 __all__ = ["ShardLoader", "DataError"]
@@ -184,6 +189,48 @@ def _sub_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0])
 
 
+def _global_rng() -> tuple:
+    return torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _set_global_rng(state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    np.random.set_state(state[1])
+    random.setstate(state[2])
+
+
+def _worker0_rng(base_seed: int) -> tuple:
+    """The (torch, numpy, random) states torch's DataLoader gives worker 0 for ``base_seed``
+    (``torch.utils.data._utils.worker._worker_loop``), made without touching the global RNGs."""
+    t = torch.Generator().manual_seed(base_seed).get_state()  # torch.manual_seed(base_seed + 0), CPU part
+    try:
+        from torch.utils.data._utils.worker import _generate_state
+
+        np_seed = _generate_state(base_seed, 0)
+    except ImportError:  # a torch without it: still deterministic per (seed, epoch, rank), not worker 0's draws
+        np_seed = np.random.SeedSequence([base_seed]).generate_state(4)
+    n = np.random.RandomState(np_seed).get_state()
+    r = random.Random(base_seed).getstate()
+    return t, n, r
+
+
+def _private_rng(it: Iterator, state: tuple) -> Iterator:
+    """Run iterator ``it`` (the in-process stream of ``num_workers=0``) under its own RNG ``state``: swapped in for
+    each ``next`` and out again after, so the transform's random draws come from the epoch's own seed and the
+    global RNGs (model, dropout, the training loop) see nothing of them. Costs three small state copies a chunk."""
+    while True:
+        outer = _global_rng()
+        _set_global_rng(state)
+        try:
+            item = next(it)
+        except StopIteration:
+            return
+        finally:
+            state = _global_rng()
+            _set_global_rng(outer)
+        yield item
+
+
 class _EpochStream(IterableDataset):
     """One epoch of one rank: yields chunks ``(images|None, labels|None, keys, worker_id, status)``.
 
@@ -306,7 +353,7 @@ class ShardLoader:
     ):
         self.root = os.fspath(root)
         self.info = read_info(self.root)
-        if split not in self.info["splits"]:
+        if any(s not in self.info["splits"] for s in split.split("+")):  # "train+val": the union (split_entry)
             raise ValueError(
                 f"split '{split}' not in {os.path.join(self.root, '_info.json')} "
                 f"(has: {', '.join(self.info['splits'])})"
@@ -318,7 +365,7 @@ class ShardLoader:
         if int(num_workers) < 0:
             raise ValueError(f"num_workers must be >= 0, got {num_workers}")
         self.split = split
-        self.entry = self.info["splits"][split]
+        self.entry = split_entry(self.info, split)
         self.batch_size = int(batch_size)
         self.transform = transform
         self.train = bool(train)
@@ -412,13 +459,21 @@ class ShardLoader:
                               num_classes=int(self.info["num_classes"]),
                               stride=(self.rank, self.world_size) if self._split_samples else None)
         workers = min(self.num_workers, len(urls))
-        kw: dict[str, Any] = {}
-        if workers > 0:
-            kw["generator"] = torch.Generator().manual_seed(_sub_seed(self.seed, self.epoch, self.rank, 7))
-            if self.prefetch_factor is not None:
-                kw["prefetch_factor"] = self.prefetch_factor
+        # Always our own generator: without one, iter(DataLoader) draws its base seed from the global torch RNG
+        # (also with num_workers=0), which a mid-epoch resume would then draw a second time.
+        kw: dict[str, Any] = {"generator": self._generator()}
+        if workers > 0 and self.prefetch_factor is not None:
+            kw["prefetch_factor"] = self.prefetch_factor
         return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
                           persistent_workers=False, **kw)
+
+    def _generator(self) -> torch.Generator:
+        """The epoch's DataLoader generator: its first draw is the workers' base seed."""
+        return torch.Generator().manual_seed(_sub_seed(self.seed, self.epoch, self.rank, 7))
+
+    def _base_seed(self) -> int:
+        """The base seed ``iter(DataLoader)`` draws from ``_generator()`` (torch's ``_BaseDataLoaderIter``)."""
+        return int(torch.empty((), dtype=torch.int64).random_(generator=self._generator()).item())
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[str]]]:
         B, target = self.batch_size, self._len
@@ -434,6 +489,8 @@ class ShardLoader:
         last = None
         loader = self._dataloader(self.shards_for_epoch())
         it = iter(loader)
+        if loader.num_workers == 0:  # the stream runs here, between our yields: give it its own RNGs
+            it = _private_rng(it, _worker0_rng(self._base_seed()))
         failed = False
         try:
             for x, y, keys, wid, st in it:

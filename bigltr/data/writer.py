@@ -348,6 +348,7 @@ def write_dataset(
     jpeg_quality: int = 95,
     extra: Optional[dict] = None,
     before_info: Optional[Callable[[dict], None]] = None,
+    prepare: bool = True,
 ) -> dict:
     """Convert a whole dataset: prepare ``out_dir``, write each split, then ``_info.json`` last.
 
@@ -356,11 +357,13 @@ def write_dataset(
     per-class histogram of ``train_split``. ``extra`` adds top-level keys to the info (e.g. ``category_ids``);
     ``before_info(info)`` runs after the last shard and before ``_info.json`` is written (it may raise to
     leave the folder unfinished). Because ``_info.json`` is written last (atomically), a folder without it
-    is an unfinished conversion. Returns the info dict written.
+    is an unfinished conversion. ``prepare=False``: the caller has already called :func:`prepare_output_dir` (and
+    may hold a temporary file in ``out_dir``). Returns the info dict written.
     """
     from .info import write_info  # local import: keeps writer importable on its own
 
-    prepare_output_dir(out_dir, overwrite=overwrite)
+    if prepare:
+        prepare_output_dir(out_dir, overwrite=overwrite)
     num_classes = len(classes)
     entries = {}
     for split, (samples, total) in splits.items():

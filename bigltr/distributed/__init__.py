@@ -10,7 +10,8 @@ engine uses. The only package that knows which backend runs; the stages see `Dis
 - `trainable.py` `Trainable`: `trainable(x)`, `backward(loss, boundary)`, `step()`.
 """
 from bigltr.distributed.facade import Dist
-from bigltr.distributed.launch import BACKENDS, DistError, check_launcher, resolve_device
+from bigltr.distributed.launch import BACKENDS, DistError, check_launcher, launched_world_size, resolve_device
 from bigltr.distributed.trainable import Trainable
 
-__all__ = ["Dist", "DistError", "Trainable", "check_launcher", "resolve_device", "BACKENDS"]
+__all__ = ["Dist", "DistError", "Trainable", "check_launcher", "launched_world_size", "resolve_device",
+           "BACKENDS"]

@@ -60,6 +60,9 @@ class Dist:
 
     def shutdown(self) -> None:
         if self.world_size > 1 and dist.is_initialized():
+            # every rank is done with the group before it goes: a rank that tears it down while another is still in
+            # a collective can abort that rank, and a later group on the same store could read stale addresses
+            dist.barrier()
             dist.destroy_process_group()
 
     @property

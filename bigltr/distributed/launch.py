@@ -28,6 +28,12 @@ def _env_int(name: str, default: int) -> int:
     return int(v) if v not in (None, "") else default
 
 
+def launched_world_size() -> int:
+    """The number of processes the launcher started (WORLD_SIZE of torchrun / accelerate launch / srun; 1 without
+    a launcher)."""
+    return _env_int("WORLD_SIZE", 1)
+
+
 def check_launcher(backend: str, zero_stage: int, amp: str, accum_steps: int, env=os.environ) -> None:
     """Compare what `accelerate launch --config_file X` asked for (its environment) with the bigltr config."""
     problems = []
@@ -40,8 +46,8 @@ def check_launcher(backend: str, zero_stage: int, amp: str, accum_steps: int, en
             problems.append(f"the accelerate config asks for ZeRO stage {stage} but dist.zero_stage={zero_stage}")
         gas = env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS")
         if gas not in (None, "") and int(gas) != accum_steps:
-            problems.append(f"the accelerate config has gradient_accumulation_steps={gas} but "
-                            f"stage1.accum_steps={accum_steps}")
+            problems.append(f"the accelerate config has gradient_accumulation_steps={gas} but stage1.batch_size / "
+                            f"(processes x stage1.micro_batch_size) gives {accum_steps}")
     elif backend == "deepspeed" and env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         problems.append("the accelerate config is FSDP but dist.backend=deepspeed")
     if env.get("ACCELERATE_USE_FSDP", "").lower() == "true":
@@ -75,7 +81,7 @@ def init_process_group(backend: str, device_pref: str, expect_world_size: int, t
     Returns (rank, world size, local rank, device). The backend's own set-up (DeepSpeed adopting the group) is the
     backend's `join`, called by `Dist.setup` after this.
     """
-    world = _env_int("WORLD_SIZE", 1)
+    world = launched_world_size()
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
     device = resolve_device(device_pref, local_rank)
     use_cuda = device.type == "cuda"

@@ -76,26 +76,37 @@ def _progress(iterable, total: int, desc: str):
 def train_epoch(*, trainer, loader, loss_fn: nn.Module, scheduler, device: torch.device, amp: str,
                 forward: Callable | None = None, after_step: Callable[[], None] | None = None, log_every: int = 50,
                 desc: str = "train", accum_steps: int = 1, channels_last: bool = False, start_batch: int = 0,
-                step_hook: Callable[[int], bool] | None = None, guard=None, epoch: int = 0) -> dict:
+                step_hook: Callable[[int], bool] | None = None, guard=None, epoch: int = 0,
+                tally: dict | None = None) -> dict:
     """One pass over `loader`. `trainer` is the backend's Trainable (`bigltr.distributed`): backward and step;
     `forward(x)` returns logits (default: the trainer itself; stage 2 passes a frozen-backbone forward).
 
     With accum_steps = k, gradients of k consecutive batches are summed (each loss scaled by 1/k) before one
-    optimiser step; a trailing group of fewer than k batches still steps. `after_step` runs after each step.
+    optimiser step; a trailing group of fewer than k batches is read but not trained, so that every step sees the
+    same global batch (`bigltr.config.batch_plan`). `after_step` runs after each step.
     Resuming: the first `start_batch` batches are read and skipped (the order is deterministic per epoch).
     `step_hook(batches_done)` runs after each optimiser step; if it returns True the epoch stops there.
     `guard.observe(loss, epoch, batch)` (the run's StopFlag) records a non-finite loss on the device, without a sync.
+    `tally` (the stage's `Progress.tally`, carried by resume checkpoints): the epoch's running loss sum, correct
+    count, samples and steps, kept current before each `step_hook` (references to the device tensors, no sync); a
+    resumed epoch (`start_batch` = `tally["batches"]`) starts from them, so its numbers are those of the whole epoch.
     """
     forward = forward or trainer
     loss_sum = torch.zeros((), device=device)
     correct = torch.zeros((), device=device, dtype=torch.long)
     seen, batches, steps, start = 0, 0, 0, time.perf_counter()
+    if tally is not None and start_batch and tally.get("batches") == start_batch:  # resumed mid-epoch
+        loss_sum += tally["loss_sum"].to(device)
+        correct += tally["correct"].to(device)
+        seen, steps = int(tally["seen"]), int(tally["steps"])
+    seen_before = seen  # samples of this epoch trained before a resume (not in this call's img/s)
     stopped = False
     total = len(loader)
+    trained = total - total % accum_steps  # batches past this are read (the stream's counters stay whole), not trained
     bar = _progress(loader, total, desc)
     trainer.zero_grad()
     for images, labels, _keys in bar:
-        if batches < start_batch:
+        if batches < start_batch or batches >= trained:
             batches += 1
             continue
         images = images.to(device, non_blocking=True)
@@ -107,32 +118,34 @@ def train_epoch(*, trainer, loader, loss_fn: nn.Module, scheduler, device: torch
             loss = loss_fn(logits, labels)
         if guard is not None:
             guard.observe(loss, epoch, batches)
-        boundary = (batches + 1) % accum_steps == 0 or batches + 1 == total
+        boundary = (batches + 1) % accum_steps == 0
         trainer.backward(loss / accum_steps if accum_steps > 1 else loss, boundary)
         batches += 1
+        loss_sum += loss.detach() * labels.shape[0]
+        correct += (logits.detach().argmax(1) == labels).sum()
+        seen += labels.shape[0]
         if boundary:
             trainer.step()
             scheduler.step()
             steps += 1
             if after_step is not None:
                 after_step()
+            if tally is not None:  # what a checkpoint written by step_hook carries
+                tally.update(loss_sum=loss_sum, correct=correct, seen=seen, steps=steps, batches=batches)
             stopped = step_hook is not None and step_hook(batches)
-        loss_sum += loss.detach() * labels.shape[0]
-        correct += (logits.detach().argmax(1) == labels).sum()
-        seen += labels.shape[0]
         if batches % log_every == 0 and not bar.disable:
             bar.set_postfix(loss=f"{float(loss_sum) / seen:.4f}")  # the only read inside the loop
         if stopped:
             break
     elapsed = time.perf_counter() - start
-    if seen == 0 and (stopped or start_batch >= total):
+    if seen == 0 and (stopped or start_batch >= trained):  # a resumed epoch has its carried tally
         return {"train_loss": float("nan"), "train_acc": float("nan"), "steps": 0, "samples": 0,
                 "epoch_time_s": elapsed, "img_per_s": 0.0, "stopped": stopped, "batches": batches}
     if seen == 0:
         raise RuntimeError(f"{desc}: the training loader yielded no batch (check batch_size against the split size)")
     return {"train_loss": float(loss_sum) / seen, "train_acc": 100.0 * float(correct) / seen, "steps": steps,
-            "samples": seen, "epoch_time_s": elapsed, "img_per_s": seen / max(elapsed, 1e-9), "stopped": stopped,
-            "batches": batches}
+            "samples": seen, "epoch_time_s": elapsed, "img_per_s": (seen - seen_before) / max(elapsed, 1e-9),
+            "stopped": stopped, "batches": batches}
 
 
 def optimizer_steps(batches: int, accum_steps: int) -> int:

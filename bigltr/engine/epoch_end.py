@@ -3,7 +3,9 @@
 After every epoch (`EpochEnd.validate`, then `EpochEnd.record`): validation metrics and the whole weights, the
 best-so-far decision on the balanced VALIDATION accuracy (never on test), the summary.csv row, the tracker scalars,
 last.pt / best.pt, the log line, the epoch-end resume checkpoint, and the stop on request. After the last epoch
-(`EpochEnd.finish`): weight_norms.json, best.pt reloaded on every rank and evaluated on val and test.
+(`EpochEnd.finish`): weight_norms.json, best.pt reloaded on every rank and evaluated on test, and on val unless
+the val metrics best.pt stores (measured on those very weights at its epoch) are what that pass would give again
+(RunContext.reusable_val): they are then reported as they are, and the second val pass is skipped.
 
 Both stages use it; what differs between them comes in as data: extra summary columns and the log text (stage 2's
 MaxNorm statistics), extra checkpoint fields (stage 2's maxnorm_radius), the val loader and a `features(split)`
@@ -12,6 +14,7 @@ function (stage 2's cached backbone features). An EMA of the weights or another 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +41,29 @@ class Final:
     peak_memory_mib: float  # measured after the final evaluation: the stage's peak, evaluation included
     weight_norms: list[float]  # classifier row norms of the best epoch's weights
     eval_s: float  # seconds of the final val/test evaluation
+    val_reused: bool = False  # val metrics taken from best.pt (its epoch's validation), no second val pass
+
+
+def val_text(val: dict | None) -> str:
+    """The log's validation field: "val_all 74.90", or "no val" (protocol refit trains on val)."""
+    return "no val" if val is None else f"val_all {val['all']:.2f}"
+
+
+def write_weight_norms(out: Path, per_epoch: list, class_counts: list[int], extra: dict) -> None:
+    """<out>/weight_norms.npy: the classifier row norms of every epoch, float32 [epochs, classes] (36 MB at 100,000
+    classes x 90 epochs, where JSON took 89 MB); <out>/weight_norms.json: what they are, with a per-epoch summary
+    (min / median / max) that reads at any class count. `bigltr.results.read_weight_norms` reads both forms."""
+    import numpy as np
+
+    a = np.stack([np.asarray(n, dtype=np.float32) for n in per_epoch]) if per_epoch else np.zeros((0, 0), np.float32)
+    tmp = out / "weight_norms.npy.tmp"
+    with open(tmp, "wb") as f:
+        np.save(f, a)
+    os.replace(tmp, out / "weight_norms.npy")
+    summary = [{"min": round(float(r.min()), 6), "median": round(float(np.median(r)), 6), "max": round(float(r.max()), 6)}
+               for r in a]
+    write_json(out / "weight_norms.json", {"class_counts": class_counts, "per_epoch_file": "weight_norms.npy",
+                                          "shape": list(a.shape), "per_epoch_summary": summary, **extra})
 
 
 class EpochEnd:
@@ -54,8 +80,11 @@ class EpochEnd:
 
     def validate(self, model, val_loader) -> tuple[dict, dict]:
         """(validation metrics, whole state dict) of `model`: what the selection sees and last.pt/best.pt hold.
-        `val_loader` may yield cached backbone features (stage 2), the backbone then does not run."""
+        `val_loader` may yield cached backbone features (stage 2), the backbone then does not run; None (protocol
+        refit with val trained on): no validation, the metrics are None."""
         model.eval()
+        if val_loader is None:
+            return None, self.ctx.dist.full_state_dict(model)
         t = time.perf_counter()
         val = self.ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, self.amp, "val")["m"]
         self.val_s += time.perf_counter() - t
@@ -68,8 +97,10 @@ class EpochEnd:
         `columns`: the stage's own summary.csv columns, after the shared ones; `text`: the log line after
         "stageN epoch e/E". Collective (the resume checkpoint); raises Preempted after it when `stop_now`."""
         ctx, prog = self.ctx, self.prog
-        prog.norms_per_epoch.append([round(float(n), 6) for n in row_norms(state_model["classifier.weight"])])
-        is_best = prog.update_best(epoch + 1, val["all"])
+        prog.norms_per_epoch.append(row_norms(state_model["classifier.weight"]).float().cpu())  # [C] per epoch
+        # holdout: the best val accuracy so far; refit: every epoch replaces best.pt, the last one is kept
+        is_best = prog.update_best(epoch + 1, val["all"] if val is not None and ctx.cfg.protocol == "holdout" else None)
+        measured, val = val, val or {"all": None, "many": None, "medium": None, "few": None}
         if ctx.is_main:
             row = {"epoch": epoch + 1, "lr": prog.trainer.optimizer.param_groups[0]["lr"], **tr,
                    "val_all": val["all"], "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
@@ -77,8 +108,11 @@ class EpochEnd:
             self.summary.write(row)
             self.tracking.log_epoch(self.stage, row)
             # weights only; optimizer, scheduler and data position live in the resume checkpoint (below)
+            # val: this epoch's validation of these weights, reused by `finish` when they are selected
             state = {"stage": self.stage, "epoch": epoch + 1, "model": state_model, "val_all": val["all"],
-                     **self.checkpoint_extra, "config": to_dict(ctx.cfg)}
+                     "val": measured, "val_key": ctx.eval_key(self.amp),
+                     **self.checkpoint_extra, "config": to_dict(ctx.cfg),
+                     **{k: ctx.info[k] for k in ("classes", "category_ids") if k in ctx.info}}  # bigltr-eval checks
             save_checkpoint(state, self.out / "last.pt")
             if is_best:
                 save_checkpoint(state, self.out / "best.pt")
@@ -92,16 +126,21 @@ class EpochEnd:
         on every rank and evaluated on val and test (`features(split)`: cached backbone features, stage 2)."""
         ctx, cfg, prog = self.ctx, self.ctx.cfg, self.prog
         if ctx.is_main:
-            write_json(self.out / "weight_norms.json", {"class_counts": ctx.class_counts,
-                                                        "per_epoch": prog.norms_per_epoch, **(norms_extra or {})})
+            write_weight_norms(self.out, prog.norms_per_epoch, ctx.class_counts, norms_extra or {})
         ctx.dist.barrier()  # best.pt is complete before any rank reads it
         final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(ctx.device)
-        final.load_state_dict(load_checkpoint(self.out / "best.pt")["model"])
+        best = load_checkpoint(self.out / "best.pt")
+        final.load_state_dict(best["model"])
+        val = ctx.reusable_val(best, self.amp)  # the same on every rank: they all read the same best.pt
+        if val is not None:
+            log.info(f"stage{self.stage}: val metrics of epoch {best.get('epoch')} reused for best.pt (same weights, "
+                     f"same evaluation); only test is evaluated")
         t = time.perf_counter()
-        metrics = ctx.final_eval(final, batch_size, self.amp, features=features)
+        metrics = ctx.final_eval(final, batch_size, self.amp, features=features, val=val)
         eval_s = time.perf_counter() - t
         result = Final(metrics=metrics, best_epoch=prog.best[0], peak_memory_mib=round(peak_memory_mib(ctx.device), 1),
-                       weight_norms=[round(float(n), 6) for n in row_norms(final.classifier.weight)], eval_s=eval_s)
+                       weight_norms=[round(n, 6) for n in row_norms(final.classifier.weight).tolist()], eval_s=eval_s,
+                       val_reused=val is not None)
         if ctx.is_main:
             self.tracking.log_final(self.stage, metrics, result.best_epoch, step=self.epochs)
         return result

@@ -23,6 +23,12 @@ directory and renames it into place when complete (atomic); a builder that loses
 same key drops its own copy and uses the winner's. A reader uses only a folder whose meta.json holds its exact key,
 so concurrent stage-2 runs (a tuner's trials) can share one `stage2.cache.dir`. Caches made from an older version
 of the same checkpoint file (its mtime and size are in the key) are removed after a new build.
+
+meta.json also records what the files must hold (shape, dtype, row count, the sha256 of the labels, the class
+count, and the training samples the build skipped or lost); a reused folder is checked against it (and against
+the byte size its .npy headers imply), and one that does not match (truncated, rewritten, labels out of range) is
+logged, removed and rebuilt. Training samples skipped as corrupt or lost to short shards while building are left
+out of the cache and counted: stage 2 applies data.max_skip_fraction to them every epoch, as stage 1 does.
 """
 from __future__ import annotations
 
@@ -151,23 +157,92 @@ def _prune(root: Path, split: str, key: dict) -> None:
             pass
 
 
+_NP_DTYPES = {"bf16": np.dtype(np.int16), "fp16": np.dtype(np.float16), "fp32": np.dtype(np.float32)}
+
+
+def labels_digest(labels: np.ndarray) -> str:
+    """sha256 of the labels as little-endian int64 (stored in meta.json, checked when a cache is reused)."""
+    return hashlib.sha256(np.ascontiguousarray(labels, dtype="<i8").tobytes()).hexdigest()
+
+
+def _meta_extra(features: torch.Tensor, labels: torch.Tensor, num_classes, **counts) -> dict:
+    """What meta.json records besides the key, to check the files against when the cache is reused."""
+    return {"shape": list(features.shape), "dtype": str(_NP_DTYPES[_dtype_name(features.dtype)]),
+            "rows": int(labels.shape[0]), "labels_sha256": labels_digest(labels.numpy()),
+            "num_classes": num_classes, **counts}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def _check_entry(meta: dict, arr: np.ndarray, labels: np.ndarray, key: dict, index) -> str | None:
+    """Why the files of a cache folder do not match its meta.json (None: they do)."""
+    want = meta.get("shape")
+    if not isinstance(want, list) or len(want) != 3 or "labels_sha256" not in meta:
+        return "meta.json lacks the shape or the labels' checksum (written by an older bigltr)"
+    if list(arr.shape) != want:
+        return f"features.bin holds shape {list(arr.shape)}, meta.json records {want}"
+    if arr.dtype != _NP_DTYPES.get(key.get("dtype"), arr.dtype) or str(arr.dtype) != meta.get("dtype", str(arr.dtype)):
+        return f"features.bin holds {arr.dtype}, meta.json records {meta.get('dtype')} ({key.get('dtype')})"
+    if labels.dtype != np.int64 or labels.shape != (want[1],) or meta.get("rows", want[1]) != want[1]:
+        return f"labels.npy holds {labels.dtype} {list(labels.shape)}, expected int64 [{want[1]}]"
+    if labels_digest(labels) != meta["labels_sha256"]:
+        return "labels.npy does not match the checksum in meta.json"
+    num_classes = meta.get("num_classes")
+    if labels.size and (labels.min() < 0 or (num_classes is not None and labels.max() >= num_classes)):
+        return f"labels.npy holds labels outside [0, {num_classes})"
+    if index is not None and (len(index.get("keys", ())) != want[1] or sum(index.get("sizes", ())) != want[1]):
+        return f"index.json lists {len(index.get('keys', ()))} keys in batches of {sum(index.get('sizes', ()))} " \
+               f"samples, features.bin holds {want[1]}"
+    return None
+
+
 def _load_entry(entry: Path, key: dict, *, with_index: bool = False):
-    """(features, labels, index.json's content or None) of the complete disk cache in folder `entry` if it was
-    written for the same key, else None (also when its files were removed meanwhile: the caller builds anew).
-    The features are a copy-on-write mapping: writable for torch, never written back (other runs may share the
-    file); bf16 features are viewed as bf16."""
+    """(features, labels, index.json's content or None, meta.json's content) of the complete disk cache in folder
+    `entry` if it was written for the same key, else None (also when its files were removed meanwhile: the caller
+    builds anew). The files are checked against meta.json (shapes, dtype, row count, the labels' checksum and range,
+    and that the features file holds all its bytes); a folder that fails is logged, removed and None returned, so
+    that the caller rebuilds it. The features are a copy-on-write mapping: writable for torch, never written back
+    (other runs may share the file); bf16 features are viewed as bf16."""
     if _read_key(entry) != key:
         return None
     try:
-        arr = np.load(entry / "features.bin", mmap_mode="c", allow_pickle=False)
-        labels = torch.from_numpy(np.load(entry / "labels.npy"))
+        meta = json.loads((entry / "meta.json").read_text())
         index = json.loads((entry / "index.json").read_text()) if with_index else None
+        arr = np.load(entry / "features.bin", mmap_mode="c", allow_pickle=False)
+        labels = np.load(entry / "labels.npy", allow_pickle=False)
+        why = _check_entry(meta, arr, labels, key, index)
     except FileNotFoundError:
+        return None
+    except (OSError, ValueError, TypeError, EOFError, AttributeError) as e:  # truncated/garbled .npy or JSON
+        why = f"{type(e).__name__}: {' '.join(str(e).split())}"
+    if why is not None:
+        log.warning(f"feature cache: {entry} is damaged ({why}); rebuilding it")
+        _discard(entry)
         return None
     feats = torch.from_numpy(arr)
     if key["dtype"] == "bf16":
         feats = feats.view(torch.bfloat16)
-    return feats, labels, index
+    return feats, torch.from_numpy(labels), index, meta
+
+
+def _trim(store: torch.Tensor, mm, rows: int, directory: Path | None) -> torch.Tensor:
+    """The first `rows` samples of a [V, N, D] store. In memory a view; on disk features.bin is rewritten with the
+    shorter shape (once, when a build skipped samples), so that its header matches meta.json."""
+    if mm is None:
+        return store[:, :rows]
+    mm.flush()
+    path = directory / "features.bin"
+    short = np.lib.format.open_memmap(directory / "features.short.bin", mode="w+", dtype=mm.dtype,
+                                      shape=(mm.shape[0], rows, mm.shape[2]))
+    short[:] = mm[:, :rows]
+    short.flush()
+    del mm, short
+    os.replace(directory / "features.short.bin", path)
+    arr = np.load(path, mmap_mode="r+", allow_pickle=False)
+    t = torch.from_numpy(arr)
+    return t.view(torch.bfloat16) if store.dtype == torch.bfloat16 else t
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -181,6 +256,13 @@ class FeatureCache:
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.num_samples = labels.shape[0]
         self.per_epoch = self.num_samples
+        # training samples the cache lacks (corrupt images skipped, samples lost to short shards when it was built):
+        # missing from every epoch, so stage 2 reports them and applies data.max_skip_fraction to them every epoch
+        # (RunContext.data_losses), the rule stage 1 applies to its loader
+        self.epoch_skipped = self.epoch_lost = 0
+        # "shuffle": each sample once per epoch; "class_balanced" (cRT, LWS): a class uniformly, then one of its
+        # samples (bigltr.data.balanced), over this rank's part of the data
+        self.sampler = "shuffle"
 
     @property
     def num_views(self) -> int:
@@ -207,6 +289,11 @@ class FeatureCache:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g)
         views = torch.randint(self.num_views, (self.num_samples,), generator=g)
+        if self.sampler == "class_balanced":  # a function of (seed, epoch): a resumed epoch skips to the same draws
+            from bigltr.data.balanced import ClassBalancedSampler
+
+            order = ClassBalancedSampler(self.labels.cpu(), seed=self.seed, num_samples=self.per_epoch).indices(
+                self.epoch)
         device = self.features.device
         order, views = order.to(device), views.to(device)
         for b in range(len(self)):
@@ -220,9 +307,11 @@ class FeatureCache:
         loaded = _load_entry(entry, key)
         if loaded is None:
             return None
-        feats, labels, _ = loaded
+        feats, labels, _, meta = loaded
         log.info(f"feature cache: reusing {entry} ({tuple(feats.shape)})")
-        return cls(feats, labels, batch_size=batch_size, seed=seed)
+        out = cls(feats, labels, batch_size=batch_size, seed=seed)
+        out.epoch_skipped, out.epoch_lost = int(meta.get("skipped", 0)), int(meta.get("lost", 0))
+        return out
 
     @classmethod
     @torch.no_grad()
@@ -254,11 +343,14 @@ class FeatureCache:
         check_space(nbytes, location, directory)
         tmp = _new_build_dir(directory, "train") if location == "disk" else None
         try:
-            store, labels = cls._compute(backbone, make_loader, first, passes, flip, (num_views, n, feat_dim),
-                                         torch_dtype, location, tmp, device, amp_ctx)
+            store, labels, skipped, lost = cls._compute(backbone, make_loader, first, passes, flip,
+                                                        (num_views, n, feat_dim), torch_dtype, location, tmp, device,
+                                                        amp_ctx)
             if location == "disk":
                 np.save(tmp / "labels.npy", labels.numpy())
-                write_json_atomic(tmp / "meta.json", {"key": key, "shape": list(store.shape)})  # written last
+                num_classes = getattr(first, "info", {}).get("num_classes")
+                write_json_atomic(tmp / "meta.json", {"key": key, **_meta_extra(store, labels, num_classes,
+                                                                                 skipped=skipped, lost=lost)})  # last
                 if not _publish(tmp, entry, key):  # another run built the same cache meanwhile: use that one
                     other = cls.load(entry, key, batch_size=batch_size, seed=seed)
                     if other is not None:
@@ -267,45 +359,57 @@ class FeatureCache:
         finally:
             if tmp is not None and tmp.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
-        log.info(f"feature cache: {num_views} view(s) x {n} images x {feat_dim} dims in {dtype} "
-                 f"({nbytes / 2**20:.1f} MiB, {location}{f', {entry}' if entry else ''})")
-        return cls(store, labels, batch_size=batch_size, seed=seed)
+        log.info(f"feature cache: {num_views} view(s) x {store.shape[1]} images x {feat_dim} dims in {dtype} "
+                 f"({nbytes / 2**20:.1f} MiB, {location}{f', {entry}' if entry else ''})"
+                 + (f"; {skipped} corrupt sample(s) skipped, {lost} lost to short shards" if skipped or lost else ""))
+        out = cls(store, labels, batch_size=batch_size, seed=seed)
+        out.epoch_skipped, out.epoch_lost = skipped, lost
+        return out
 
     @staticmethod
     def _compute(backbone, make_loader, first, passes, flip, shape, torch_dtype, location, tmp, device, amp_ctx):
-        """Run the backbone over the training split once per pass; (features [V, N, D], labels [N])."""
+        """Run the backbone over the training split once per pass; (features [V, N', D], labels [N'], skipped, lost).
+
+        N' < N when samples were skipped (corrupt) or lost (short shard): the loader counts them, and stage 2
+        applies data.max_skip_fraction to those counts as stage 1 does. Every pass must read the same samples."""
         n = shape[1]
         store, mm = _storage(shape, torch_dtype, location, tmp)
         labels = torch.empty(n, dtype=torch.long)
         keys0 = None
+        skipped = lost = 0
         for p, kind in enumerate(passes):
             loader = first if p == 0 else make_loader(augment=kind == "augment")
             loader.set_epoch(p)  # a different augmentation draw per pass
             pos, keys = 0, []
             for images, y, k in loader:
-                images = images.to(device, non_blocking=True)
+                b = min(y.shape[0], n - pos)  # past n: the batches a short rank repeats to keep ranks in step
+                if b <= 0:
+                    continue
+                images = images[:b].to(device, non_blocking=True)
                 with amp_ctx():
                     f = backbone(images)
-                b = y.shape[0]
                 store[p, pos:pos + b] = f.to("cpu", torch_dtype)
                 if flip:
                     with amp_ctx():
                         store[1, pos:pos + b] = backbone(torch.flip(images, dims=[3])).to("cpu", torch_dtype)
-                labels[pos:pos + b] = y
-                keys += list(k)
+                labels[pos:pos + b] = y[:b]
+                keys += list(k)[:b]
                 pos += b
-            if pos != n:
+            skipped, lost = int(getattr(loader, "epoch_skipped", 0)), int(getattr(loader, "epoch_lost", 0))
+            if pos > n or pos == 0 or (pos < n and skipped + lost == 0):  # a shortfall the loader cannot explain
                 raise DataError(f"feature cache pass {p}: expected {n} training samples, read {pos} (corrupt "
-                                f"samples skipped: {loader.epoch_skipped}, lost to short shards: "
-                                f"{getattr(loader, 'epoch_lost', 0)}); check the shards with `tools/make_shards.py "
-                                f"verify`")
+                                f"samples skipped: {skipped}, lost to short shards: {lost}); check the shards with "
+                                f"`tools/make_shards.py verify`")
             if keys0 is None:
                 keys0 = keys
             elif keys != keys0:
                 raise RuntimeError("feature cache: training samples came in a different order on a later pass")
+        if pos < n:  # keep the rows read
+            store, mm = _trim(store, mm, pos, tmp), None
+            labels = labels[:pos].clone()
         if mm is not None:
             mm.flush()
-        return store, labels
+        return store, labels, skipped, lost
 
 
 class EvalFeatures:
@@ -349,7 +453,7 @@ class EvalFeatures:
         loaded = _load_entry(entry, key, with_index=True)
         if loaded is None:
             return None
-        feats, labels, index = loaded
+        feats, labels, index, _ = loaded
         log.info(f"eval feature cache: reusing {entry} ({index['split']}, {tuple(feats.shape)})")
         return cls(feats, labels, index["keys"], index["sizes"], index["split"])
 
@@ -394,7 +498,8 @@ class EvalFeatures:
                     np.save(fh, _np(out.features), allow_pickle=False)
                 np.save(tmp / "labels.npy", out.labels.numpy())
                 write_json_atomic(tmp / "index.json", {"split": split, "keys": keys, "sizes": sizes})
-                write_json_atomic(tmp / "meta.json", {"key": key, "shape": list(out.features.shape)})  # last
+                write_json_atomic(tmp / "meta.json", {"key": key, **_meta_extra(
+                    out.features, out.labels, getattr(loader, "info", {}).get("num_classes"))})  # last
                 if _publish(tmp, entry, key):
                     _prune(directory, split, key)
             finally:

@@ -7,11 +7,18 @@ asked to stop, as a folder `<out>/stage{N}/resume/e{epoch}-b{batch}/`:
   optimizer state;
 - `meta.pt` (rank 0): epoch and the number of batches of that epoch already trained, scheduler, grad scaler, best
   validation result so far, per-epoch norm history, the resolved config, world size and backend;
-- `rank/rank{R}.pt`: each rank's RNG states and per-rank counters (MaxNorm's clipped rows since the epoch began).
+- `rank/rank{R}.pt`: each rank's RNG states and per-rank counters (MaxNorm's clipped rows since the epoch began;
+  mid-epoch, the epoch's running train loss sum, correct count, samples and steps, so a resumed epoch reports the
+  numbers of the whole epoch) and its own copy of the model's buffers (BatchNorm statistics: under DDP a rank's copy
+  differs from rank 0's by its last batch until the next forward broadcasts rank 0's, and the sharded save keeps
+  one copy of each replicated tensor, not necessarily rank 0's).
 The folder is written under a temporary name and renamed when every rank has finished, so a crash during a save
 leaves the previous checkpoint complete; the newest two are kept. `resume=auto` picks the newest complete one.
 Resuming replays the epoch's deterministic (seed, epoch) order and skips the batches already trained, so an
-interrupted run ends with the same weights as a straight one.
+interrupted run ends with the same weights as a straight one. That needs the loaders to draw nothing from the
+process's global RNGs (restored here) while they replay: ShardLoader's augmentation has its own per-(seed, epoch,
+rank) RNG also with num_workers=0, DALI's pipeline is seeded per (seed, epoch, rank), and the stage-2 feature
+cache's order per (seed, epoch).
 
 Stop requests: SIGUSR1 or SIGTERM to any training process, or a file `<out>/PREEMPT` (what the Slurm scripts
 create: torchrun's agent dies on SIGUSR1 instead of forwarding it, a file reaches every rank on every node). Ranks
@@ -165,6 +172,7 @@ class Progress:
         self.epoch, self.batch = 0, 0  # where training (re)starts
         self.best = None  # (epoch, val_all) of the best epoch so far
         self.norms_per_epoch: list = []
+        self.tally: dict = {}  # the running epoch's train loss sum, correct, samples, steps (common.train_epoch)
         self.resumed = False
         self._steps = 0
 
@@ -232,11 +240,14 @@ class Progress:
         mine = directory / "rank" / f"rank{d.rank}.pt"
         if mine.is_file():  # absent when resuming on more ranks (an epoch end of a DCP checkpoint): fresh state
             state = load_checkpoint(mine)
+            _load_buffers(self.model, state.get("buffers") or {})  # this rank's own, over the deduplicated copy
             set_rng_state(_rng_from_file(state["rng"]))
             for name, obj in self.stateful.items():
                 obj.load_state_dict(state["stateful"][name])
+            self.tally = dict(state.get("tally") or {})  # older checkpoints: none (the epoch reports its rest only)
         self.epoch, self.batch = meta["epoch"], meta["batch"]
-        self.norms_per_epoch = meta["norms_per_epoch"]
+        # [C] float32 per epoch (a checkpoint of an older bigltr: lists of floats)
+        self.norms_per_epoch = [torch.as_tensor(n, dtype=torch.float32) for n in meta["norms_per_epoch"]]
         self.best = tuple(meta["best"]) if meta["best"] else None
         self.resumed = True
         log.info(f"stage {self.stage}: resuming {directory} at epoch {self.epoch + 1}, batch {self.batch}")
@@ -245,8 +256,9 @@ class Progress:
     def start_batch(self, epoch: int) -> int:
         return self.batch if epoch == self.epoch else 0
 
-    def update_best(self, epoch: int, val_all: float) -> bool:
-        if self.best is None or val_all > self.best[1]:
+    def update_best(self, epoch: int, val_all: float | None) -> bool:
+        """Whether epoch `epoch` is the new best: the highest `val_all` so far; None (no selection): always."""
+        if val_all is None or self.best is None or self.best[1] is None or val_all > self.best[1]:
             self.best = (epoch, val_all)
             return True
         return False
@@ -281,8 +293,10 @@ class Progress:
         err = None
         try:
             d.save_train_state(tmp, self.model, self.trainer)
-            save_checkpoint({"rng": rng_state(), "stateful": {k: v.state_dict() for k, v in self.stateful.items()}},
-                            tmp / "rank" / f"rank{d.rank}.pt")
+            tally = {k: v.detach().cpu() if torch.is_tensor(v) else v for k, v in self.tally.items()
+                     if batch and self.tally.get("batches") == batch}  # mid-epoch only: this epoch's numbers
+            save_checkpoint({"rng": rng_state(), "stateful": {k: v.state_dict() for k, v in self.stateful.items()},
+                             "tally": tally, "buffers": _buffers(self.model)}, tmp / "rank" / f"rank{d.rank}.pt")
         except CheckpointError as e:
             err = e
         self._agree_written(err, tmp)  # every rank's files are written, or every rank raises
@@ -333,6 +347,19 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _buffers(model) -> dict:
+    """This rank's copy of the model's plain-tensor buffers (BatchNorm statistics; small)."""
+    return {n: b.detach().cpu().clone() for n, b in model.named_buffers()
+            if type(b) is torch.Tensor}  # not DTensors (sharded: DCP holds them)
+
+
+@torch.no_grad()
+def _load_buffers(model, saved: dict) -> None:
+    for n, b in model.named_buffers():
+        if n in saved and type(b) is torch.Tensor and b.shape == saved[n].shape:
+            b.copy_(saved[n])
 
 
 def _rng_from_file(state: dict) -> dict:

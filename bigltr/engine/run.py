@@ -1,7 +1,6 @@
 """Runs the requested stages, then writes results.json, the plots and the summary table."""
 from __future__ import annotations
 
-import json
 import logging
 import random
 from pathlib import Path
@@ -11,7 +10,7 @@ import torch
 import yaml
 
 from bigltr import plots
-from bigltr.config import Config, ConfigError, save_config, to_dict
+from bigltr.config import BoundedSafeLoader, Config, ConfigError, batch_plan, save_config, to_dict
 from bigltr.engine.context import RunContext, write_json
 from bigltr.engine.resume import StopFlag, resume_candidates
 from bigltr.engine.rundir import RunLock, RunLocked, compare_for_resume
@@ -19,8 +18,7 @@ from bigltr.engine.stage1 import run_stage1
 from bigltr.engine.stage2 import run_stage2
 from bigltr.engine.tracking import Tracking
 from bigltr.distributed import Dist, resolve_device
-from bigltr.metrics import format_table
-from bigltr.results import RESULTS_NAME, read_results
+from bigltr.results import GROUPS, RESULTS_NAME, group_sizes, per_class_accuracy, read_results, read_weight_norms
 
 log = logging.getLogger("bigltr")
 
@@ -61,9 +59,15 @@ def _run_locked(cfg: Config, ctx: RunContext, out: Path) -> dict:
     dist.barrier()  # every rank has read the old results and config before rank 0 rewrites them
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
+        save_config(cfg, out / "config.yaml", header=[
+            f"{s}: {batch_plan(getattr(cfg, s), dist.world_size, s).describe()}" for s in ("stage1", "stage2")])
     results["classes"] = ctx.info.get("classes")
     results["class_counts"] = ctx.class_counts
+    results["groups"] = group_sizes(ctx.group_counts, cfg.data.many_thr, cfg.data.few_thr)
+    if ctx.group_counts != ctx.class_counts:  # groups from the official training counts (bigltr.metrics)
+        results["group_counts"] = ctx.group_counts
+    else:
+        results.pop("group_counts", None)
     results["world_size"] = dist.world_size
     log.info(f"run {out}: stage {cfg.stage}, device {dist.device}, {dist.describe()}, data {cfg.data.root} "
              f"({ctx.num_classes} classes)")
@@ -84,7 +88,7 @@ def _check_resume_config(cfg: Config, out: Path, results: dict) -> None:
     if not saved_path.exists():
         return
     try:
-        saved = yaml.safe_load(saved_path.read_text())
+        saved = yaml.load(saved_path.read_text(), Loader=BoundedSafeLoader)  # aliases bounded
     except (yaml.YAMLError, OSError) as e:
         raise ConfigError(f"resume=auto: {saved_path} is not readable ({e})") from None
     if not isinstance(saved, dict):
@@ -126,7 +130,8 @@ def _run_stages(cfg: Config, ctx: RunContext, results: dict, results_path: Path,
     dist.barrier()
     if not dist.is_main:
         return results
-    write_plots(results, out)
+    if cfg.log.plots:  # off in tuning trials (bigltr-tune passes log.plots=false): nobody looks at them there
+        write_plots(results, out)
     table = summary_table(results, stage_configs(cfg, out, results, ran))
     (out / "table.md").write_text(table + "\n")
     print("\n" + table + "\n")
@@ -197,8 +202,10 @@ def stage_label(stage: str, config: dict | Config | None, radius: float | None =
 
 
 def summary_table(results: dict, configs: dict[str, dict | Config] | None = None) -> str:
-    """Many / Medium / Few / All on test; each row named from the config that trained its stage (`configs`:
-    {"stage1": ..., "stage2": ...}, see `stage_configs`; a stage without one is named "stage N")."""
+    """Many / Medium / Few / All on test, each column headed with its number of classes ("Many (n=842)"); each row
+    named from the config that trained its stage (`configs`: {"stage1": ..., "stage2": ...}, see `stage_configs`; a
+    stage without one is named "stage N"). A group without classes is reported as absent, a group whose classes
+    have no test sample as n/a."""
     configs = configs or {}
     rows = {}
     if "stage1" in results:
@@ -212,18 +219,60 @@ def summary_table(results: dict, configs: dict[str, dict | Config] | None = None
     partial = [r for r in rows.values() if r.get("expected_samples")]
     if partial:  # data.eval_partial: a truncated test split was evaluated as far as it could be read
         title += f", {partial[0]['samples']} of {partial[0]['expected_samples']} test samples (partial)"
-    return format_table(rows, title)
+    return format_table(rows, title, _sizes(results, configs))
+
+
+def _sizes(results: dict, configs: dict) -> dict | None:
+    """Classes per group: results' "groups", else (a results.json written before) counted from its class counts
+    with the thresholds of a stage's config; None when neither is known."""
+    if isinstance(results.get("groups"), dict):
+        return results["groups"]
+    counts = results.get("group_counts") or results.get("class_counts")
+    for c in configs.values():
+        data = (to_dict(c) if isinstance(c, Config) else c or {}).get("data", {})
+        if counts is not None and "many_thr" in data and "few_thr" in data:
+            return group_sizes(counts, data["many_thr"], data["few_thr"])
+    return None
+
+
+def format_table(rows: dict[str, dict], title: str = "", sizes: dict | None = None) -> str:
+    """Markdown table of Many / Medium / Few / All for {row name: metrics}; `sizes` ({"many": n, ...}, see
+    bigltr.results.group_sizes) heads each column with its number of classes; a group of 0 classes reads "absent"
+    in every row, a value of None (no test sample in the group) "n/a"."""
+    cols = list(GROUPS) + ["all"]
+    n = dict(sizes or {})
+    if sizes is not None:
+        n["all"] = sum(int(sizes[g]) for g in GROUPS)
+
+    def head(g):
+        return g.capitalize() + (f" (n={int(n[g]):,})" if g in n else "")
+
+    def cell(g, v):
+        if g in n and int(n[g]) == 0:
+            return "absent"
+        return "n/a" if v is None else f"{v:.2f}"
+
+    lines = [title] if title else []
+    lines += ["| | " + " | ".join(head(g) for g in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for name, m in rows.items():
+        lines.append(f"| {name} | " + " | ".join(cell(g, m.get(g)) for g in cols) + " |")
+    return "\n".join(lines)
 
 
 def write_plots(results: dict, out: Path) -> None:
-    counts, names = results["class_counts"], results.get("classes")
+    """weight_norms.png, per_class_accuracy.png and stage{1,2}_norm_evolution.png (bigltr.plots; O(classes))."""
+    # classes ordered and grouped by the counts that define the groups (the official training counts when the
+    # run trains on fewer, after a validation hold-out)
+    counts, names = results.get("group_counts") or results["class_counts"], results.get("classes")
+    groups = results.get("groups") or {}
+    thr = {"many_thr": groups.get("many_thr", 100), "few_thr": groups.get("few_thr", 20)}
     norms = {f"stage {s[-1]}": results[s]["weight_norms"] for s in ("stage1", "stage2") if s in results}
     radius = results.get("stage2", {}).get("maxnorm_radius")
-    plots.plot_weight_norms(norms, counts, out / "weight_norms.png", radius=radius, class_names=names)
-    accs = {f"stage {s[-1]}": results[s]["test"]["per_class"] for s in ("stage1", "stage2") if s in results}
-    plots.plot_per_class_accuracy(accs, counts, out / "per_class_accuracy.png", class_names=names)
+    plots.plot_weight_norms(norms, counts, out / "weight_norms.png", radius=radius, class_names=names, **thr)
+    accs = {f"stage {s[-1]}": per_class_accuracy(results[s]["test"]) for s in ("stage1", "stage2") if s in results}
+    plots.plot_per_class_accuracy(accs, counts, out / "per_class_accuracy.png", class_names=names, **thr)
     for s in ("stage1", "stage2"):
-        f = out / s / "weight_norms.json"
-        if s in results and f.exists():
-            plots.plot_norm_evolution(json.loads(f.read_text())["per_epoch"], counts,
-                                      out / f"{s}_norm_evolution.png", f"{s}: classifier row norms per epoch")
+        wn = read_weight_norms(out / s) if s in results else None
+        if wn is not None:
+            plots.plot_norm_evolution(wn["per_epoch"], counts, out / f"{s}_norm_evolution.png",
+                                      f"{s}: classifier row norms per epoch", radius=wn.get("radius"), **thr)

@@ -125,7 +125,7 @@ class RunLock:
 # ------------------------------------------------------------------------------------------ config on resume
 # Keys that may differ when a run is resumed: how long it trains, where things are, logging, the launch.
 RESUMABLE = ("recipe", "stage", "out", "resume", "device", "log_every", "ckpt_every_steps", "preempt_check_every",
-             "stage1.epochs", "stage2.epochs", "data.root", "data.num_workers", "data.pin_memory",
+             "stage1.epochs", "stage2.epochs", "stage1.micro_batch_size", "stage2.micro_batch_size", "data.root", "data.num_workers", "data.pin_memory",
              "data.max_skip_fraction", "data.eval_partial", "data.pipeline", "stage2.cache.location",
              "stage2.cache.dir", "eval.", "dist.", "log.")
 

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from bigltr.checkpoint import load_checkpoint
-from bigltr.config import ConfigError, to_dict
+from bigltr.config import ConfigError, batch_plan, cache_amp, to_dict
 from bigltr.engine.common import autocast, build_sgd, cosine_schedule, freeze, train_epoch
 from bigltr.engine.context import RunContext
-from bigltr.engine.epoch_end import EpochEnd
+from bigltr.engine.epoch_end import EpochEnd, val_text
 from bigltr.engine.feature_cache import EvalFeatures, FeatureCache
 from bigltr.engine.resume import Preempted, Progress, epoch_end_stop, resume_candidates, step_hook
 from bigltr.engine.tracking import Tracking
@@ -38,20 +38,21 @@ def cache_key(cfg, stage1_checkpoint: str) -> dict:
     return {"checkpoint": os.path.abspath(stage1_checkpoint), "checkpoint_mtime_ns": st.st_mtime_ns,
             "checkpoint_size": st.st_size, "data": {**vars(cfg.data), "root": os.path.abspath(cfg.data.root)},
             "model": cfg.model.name, "views": c.views, "num_aug": c.num_aug, "dtype": c.dtype, "seed": cfg.seed,
-            "amp": cfg.stage2.amp}
+            "amp": cache_amp(cfg)}
 
 
-def eval_cache_key(cfg, stage1_checkpoint: str, split: str, dist) -> dict:
+def eval_cache_key(cfg, stage1_checkpoint: str, split: str, dist, per_process: int) -> dict:
     """The key of a val/test split's cached features: `cache_key` with the eval views (centre, plus its flip for
     eval.tta_flip) and what decides this rank's eval batches (batch size, rank, world size)."""
     key = {k: v for k, v in cache_key(cfg, stage1_checkpoint).items() if k not in ("views", "num_aug")}
     return {**key, "split": split, "views": "center_flip" if cfg.eval.tta_flip else "center",
-            "batch_size": cfg.stage2.batch_size, "rank": dist.rank, "world_size": dist.world_size}
+            "batch_size": per_process, "rank": dist.rank, "world_size": dist.world_size}
 
 
 def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | None = None) -> dict:
     cfg, s2, device, dist = ctx.cfg, ctx.cfg.stage2, ctx.device, ctx.dist
     out = ctx.out / "stage2"
+    plan = batch_plan(s2, dist.world_size, "stage2")
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans, pretrained=False)
     ckpt = load_checkpoint(stage1_checkpoint)
     if not isinstance(ckpt, dict) or "model" not in ckpt:
@@ -73,7 +74,7 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
     mn = s2.maxnorm
     radius = resolve_radius(stage1_weight, mn.radius_mode, mn.radius)
     maxnorm = MaxNorm(radius, tau=mn.tau, when=mn.when, projection=mn.projection)
-    loss_fn = build_loss(s2.loss, ctx.class_counts, s2.cb_beta).to(device)
+    loss_fn = build_loss(s2.loss, ctx.class_counts, s2.cb_beta, la_tau=s2.la_tau).to(device)
 
     t_start = time.perf_counter()
     cache_s = 0.0
@@ -83,12 +84,15 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
         if dist.distributed:  # each rank caches the features of its own part of the data
             cache_dir = cache_dir / f"rank{dist.rank}-of-{dist.world_size}"
         train_loader = FeatureCache.build(
-            model.backbone, lambda augment: ctx.loader("train", train=False, batch_size=s2.batch_size, augment=augment),
+            model.backbone,
+            lambda augment: ctx.loader(ctx.train_split, train=False, batch_size=plan.per_process, augment=augment),
             views=c.views, num_aug=c.num_aug, dtype=c.dtype, location=c.location, directory=cache_dir, device=device,
-            batch_size=s2.batch_size, seed=cfg.seed + dist.rank, amp_ctx=lambda: autocast(device, s2.amp),
-            key=cache_key(cfg, stage1_checkpoint))
+            batch_size=plan.per_process, seed=cfg.seed + dist.rank, amp_ctx=lambda: autocast(device, cache_amp(cfg)),
+            key={**cache_key(cfg, stage1_checkpoint), "split": ctx.train_split})
         # every rank must take the same number of steps: visit at most the smallest rank's sample count
         train_loader.limit(int(dist.all_reduce_(torch.tensor(train_loader.num_samples), "min")))
+        ctx.data_losses(train_loader)  # images the build skipped: over data.max_skip_fraction stops before training
+        train_loader.sampler = s2.sampler
         if device.type == "cuda" and c.location == "memory":
             train_loader.to(device)  # features then never cross the host link again
         built = {}
@@ -98,22 +102,23 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
         def eval_features(split):
             if split not in built:
                 built[split] = EvalFeatures.build(
-                    model.backbone, ctx.loader(split, train=False, batch_size=s2.batch_size), flip=cfg.eval.tta_flip,
+                    model.backbone, ctx.loader(split, train=False, batch_size=plan.per_process), flip=cfg.eval.tta_flip,
                     dtype=c.dtype, location=c.location, directory=cache_dir, device=device,
-                    amp_ctx=lambda: autocast(device, s2.amp), key=eval_cache_key(cfg, stage1_checkpoint, split, dist))
+                    amp_ctx=lambda: autocast(device, cache_amp(cfg)),
+                    key=eval_cache_key(cfg, stage1_checkpoint, split, dist, plan.per_process))
             return built[split]
 
-        val_loader = eval_features("val")
+        val_loader = eval_features("val") if ctx.has_val else None
         cache_s = time.perf_counter() - t_start
     else:
-        train_loader = ctx.loader("train", train=True, batch_size=s2.batch_size)
-        val_loader = ctx.loader("val", train=False, batch_size=s2.batch_size)
+        train_loader = ctx.loader(ctx.train_split, train=True, batch_size=plan.per_process)
+        val_loader = ctx.loader("val", train=False, batch_size=plan.per_process) if ctx.has_val else None
         eval_features = None  # the final evaluation reads the images
-    steps = len(train_loader)
+    steps = len(train_loader) // plan.accum_steps  # every step sees the global batch (trailing micro-batches unused)
     if steps == 0:
         raise ConfigError(f"stage2.batch_size={s2.batch_size} gives 0 training steps per epoch: the train split has "
-                          f"{train_loader.num_samples} image(s) per process and only full batches are trained; "
-                          f"use a smaller batch size")
+                          f"{train_loader.num_samples} image(s) per process and only full batches are trained "
+                          f"({plan.describe()}); use a smaller batch size")
     scaler = torch.amp.GradScaler(device.type) if s2.amp == "fp16" else None
     clf = model.classifier
 
@@ -127,7 +132,8 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
                          s2.wd_p)
 
     # DDP(classifier), the FSDP2 row-sharded classifier, or a DeepSpeed engine over the classifier
-    trainer = dist.prepare(clf, make_optimizer, what="classifier", scaler=scaler, micro_batch_size=s2.batch_size)
+    trainer = dist.prepare(clf, make_optimizer, what="classifier", scaler=scaler, accum_steps=plan.accum_steps,
+                           micro_batch_size=plan.per_process)
     if mn.fused:
         maxnorm = MaxNorm(radius, tau=mn.tau, when="off", projection=mn.projection)  # the MaxNorm object only reports
 
@@ -147,7 +153,8 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
     ends = EpochEnd(ctx, prog, out=out, epochs=s2.epochs, amp=s2.amp, tracking=tracking,
                     checkpoint_extra={"maxnorm_radius": radius})
     log.info(f"stage 2: loss {s2.loss}, wd {s2.weight_decay}, MaxNorm {mn.when} radius {radius:.4f} "
-             f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}")
+             f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}, {steps} "
+             f"steps/epoch of {plan.describe()}")
     for epoch in range(prog.epoch, s2.epochs):
         train_loader.set_epoch(epoch)
         model.eval()
@@ -158,8 +165,10 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
                          scheduler=scheduler, device=device, amp=s2.amp, log_every=cfg.log_every,
                          # on the local rows (FSDP2), or on the fp32 master and the weights (DeepSpeed)
                          after_step=lambda: maxnorm.after_step(clf.weight, dist.row_projector),
-                         desc=f"stage2 {epoch + 1}/{s2.epochs}", start_batch=prog.start_batch(epoch),
-                         step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b), guard=ctx.stop, epoch=epoch)
+                         desc=f"stage2 {epoch + 1}/{s2.epochs}", accum_steps=plan.accum_steps,
+                         start_batch=prog.start_batch(epoch),
+                         step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b), guard=ctx.stop, epoch=epoch,
+                         tally=prog.tally)
         if tr["stopped"]:
             raise Preempted(f"stage 2 stopped at epoch {epoch + 1}, batch {tr['batches']}")
         stop_now = epoch_end_stop(ctx, prog, epoch)  # raises if the loss went non-finite: nothing below is written then
@@ -173,15 +182,16 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
                              "maxnorm_rows_at_radius": mstats.rows_at_radius,
                              "maxnorm_applications": mstats.applications, "wnorm_min": mstats.norm_min,
                              "wnorm_mean": mstats.norm_mean, "wnorm_max": mstats.norm_max},
-                    text=f"loss {tr['train_loss']:.4f} val_all {val['all']:.2f} | MaxNorm radius {radius:.4f} "
+                    text=f"loss {tr['train_loss']:.4f} {val_text(val)} | MaxNorm radius {radius:.4f} "
                          + ("fused into SGD" if mn.fused else
                             f"clipped {mstats.clipped_rows} rows in {mstats.applications} projections")
                          + f", {mstats.rows_at_radius} rows at the radius, norms {mstats.norm_min:.4f}.."
                            f"{mstats.norm_max:.4f}")
     train_s = time.perf_counter() - t_start
-    final = ends.finish(s2.batch_size, features=eval_features, norms_extra={"radius": radius})
+    final = ends.finish(plan.per_process, features=eval_features, norms_extra={"radius": radius})
     return {**final.metrics, "best_epoch": final.best_epoch, "maxnorm_radius": radius, "features": s2.features,
             "peak_memory_mib": final.peak_memory_mib,
             "wall_time_s": {"train_incl_val": round(train_s, 2), "feature_cache_build": round(cache_s, 2),
                             "per_epoch_val": round(ends.val_s, 2), "final_eval": round(final.eval_s, 2)},
-            "weight_norms": final.weight_norms}
+            "weight_norms": final.weight_norms, "batch": plan.record(),
+            "val_reused": final.val_reused}

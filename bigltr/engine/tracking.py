@@ -13,6 +13,9 @@ What is logged, per stage N:
   norm min/mean/max). Both stages count from 1, so their names carry the stage;
 - after the stage, at step = its last epoch: `stageN/test_all` (many, medium, few) and `stageN/best_epoch`;
 - once, at the start: the resolved config, flattened to dotted keys (`stage2.maxnorm.radius`; lists as text).
+
+A tracker that cannot write its local logs (`<out>/trackers` is a file, not writable, ...) stops the run at start
+with a ConfigError naming the tracker and the folder (bigltr-train: exit 2), not a traceback.
 """
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from pathlib import Path
 from accelerate.state import PartialState
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
-from bigltr.config import Config, flatten, to_dict
+from bigltr.config import Config, ConfigError, flatten, to_dict
 
 log = logging.getLogger("bigltr")
 
@@ -62,8 +65,14 @@ class Tracking:
                 kwargs = {}
                 if "logging_dir" in inspect.signature(tracker_cls).parameters:  # tensorboard, aim, mlflow
                     kwargs["logging_dir"] = str(Path(out) / "trackers")
-                tracker = tracker_cls(project, **kwargs)
-                tracker.start()
+                try:
+                    tracker = tracker_cls(project, **kwargs)
+                    tracker.start()
+                except OSError as e:  # its local log folder: a file in the way, no permission, a full disk
+                    where = kwargs.get("logging_dir", "its log folder")
+                    raise ConfigError(f"log.trackers: {name} cannot write its logs under {where} "
+                                      f"({type(e).__name__}: {e.strerror or e}: {e.filename or where}); make it a "
+                                      f"writable folder, or drop {name} from log.trackers") from None
                 opened.trackers.append(tracker)
             config = flatten_config(cfg)
             for tracker in opened.trackers:

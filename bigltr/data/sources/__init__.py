@@ -31,6 +31,7 @@ class SourceData(NamedTuple):
     extra: Optional[dict] = None  # extra top-level _info.json keys (iNat: category_ids)
     expected_counts: Optional[list[int]] = None  # the long-tail profile the written train split must match
     legacy_source: bool = False  # idx: "source" keeps its layout from before idx went through convert()
+    holdout: Optional[object] = None  # a bigltr.data.longtail.Holdout: val drawn out of train after the decode check
 
 
 def require_dir(path: str, flag: str = "--src") -> str:

@@ -24,7 +24,10 @@ from __future__ import annotations
 import argparse
 import inspect
 import os
+import sys
 import time
+
+from bigltr.errors import EXIT_BAD_INPUT
 
 from . import cifar, idx, imagefolder, inat, oltr_list
 
@@ -34,7 +37,8 @@ FORMAT_HELP = {
             "unchanged after checking that it decodes (other formats become PNG; with --resize or "
             "--jpeg-quality, JPEGs are re-encoded as JPEG and others as PNG); png or jpg re-encode every image",
 }
-VAL_HELP = "without {}: validation images held out of train per class, at most half of a class; 0 = no val split"
+VAL_HELP = ("without {}: at most K validation images per class, held out of the decodable training images (see "
+            "--val-max-fraction, --val-min-count); 0 = no val split")
 
 
 def add_output_args(p: argparse.ArgumentParser, formats: tuple = ("png", "jpg"), default_format: str = "png"):
@@ -62,10 +66,21 @@ def add_output_args(p: argparse.ArgumentParser, formats: tuple = ("png", "jpg"),
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def add_convert_args(p: argparse.ArgumentParser, *, val_help: str, val_default_text: str = "5", keep: bool = True):
+def add_convert_args(p: argparse.ArgumentParser, *, val_help: str, val_default_text: str = "5", keep: bool = True,
+                     holdout: bool = True):
     """Options of the converters that decode images in parallel (imagefolder, list, inat, cifar), then the output
-    options (``keep``: image files whose bytes may be stored as they are)."""
+    options (``keep``: image files whose bytes may be stored as they are; ``holdout``: the options of the
+    validation hold-out out of train, bigltr.data.longtail.HoldoutPolicy)."""
     p.add_argument("--val-per-class", type=int, default=None, help=f"{val_help} (default {val_default_text})")
+    if holdout:
+        from ..longtail import HOLDOUT_DEFAULTS
+
+        p.add_argument("--val-max-fraction", type=float, default=None, metavar="F",
+                       help=f"hold out at most floor(F * n_c) images of a class of n_c (default "
+                            f"{HOLDOUT_DEFAULTS['max_fraction']:g}, at most 0.5)")
+        p.add_argument("--val-min-count", type=int, default=None, metavar="M",
+                       help=f"hold nothing out of a class with fewer than M decodable training images (default "
+                            f"{HOLDOUT_DEFAULTS['min_count']}): the tail keeps all its images")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of the validation hold-out and of the training split's shard order (default 0)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
@@ -149,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ldam-seed", type=int, default=0, help="numpy seed of the ldam convention (default 0)")
     add_convert_args(p, val_help="validation images per class, from the training images the long-tailed subset "
                                  "leaves unused; 0 = no val split", val_default_text="20 CIFAR-100, 200 CIFAR-10",
-                     keep=False)
+                     keep=False, holdout=False)
 
     p = sub.add_parser("verify", help="check a shard folder against its _info.json",
                        description="Check every shard listed in DIR/_info.json: present, byte size and sha256 as "
@@ -175,7 +190,7 @@ def run(args: argparse.Namespace) -> dict:
                    workers=getattr(args, "workers", 1), max_skip_fraction=getattr(args, "max_skip_fraction", 0.01),
                    maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite, progress=args.progress,
                    extra=data.extra, record_encode=not data.legacy_source, expected_class_counts=data.expected_counts,
-                   report_extra=_report_extra(data.source))
+                   report_extra=_report_extra(data.source), holdout=data.holdout)
 
 
 def _report_extra(source: dict) -> dict | None:
@@ -205,6 +220,16 @@ def print_summary(info: dict, seconds: float) -> None:
           + f"; written in {seconds:.1f} s")
 
 
+def holdout_line(held: dict) -> str:
+    """One line on the validation hold-out (``source.holdout`` of _info.json)."""
+    n, pool = held["images"], held["decodable_train_images"]
+    return (f"val held out of train: {n} image(s) from {held['classes']} of {held['num_classes']} classes "
+            f"({100.0 * n / max(pool, 1):.1f}% of {pool} decodable training images; at most {held['per_class']} and "
+            f"{held['max_fraction']:g} of a class, none from the {held['classes_under_min_count']} class(es) under "
+            f"{held['min_count']} images); train + val (+ skipped files) = the official training set; groups "
+            f"from official_train_counts")
+
+
 def main(argv: list[str] | None = None) -> dict:
     """Entry point; returns the ``_info.json`` dict written. User errors exit with a one-line message."""
     args = build_parser().parse_args(argv)
@@ -218,8 +243,17 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         info = run(args)
     except (ValueError, FileNotFoundError, FileExistsError) as e:
-        raise SystemExit(f"make_shards.py {args.command}: error: {e}") from e
+        msg = f"make_shards.py {args.command}: error: {e}"
+        print(msg, file=sys.stderr)
+        stop = SystemExit(msg)  # str(stop) is the message (pytest.raises(match=...)); exit status 2 (bad input)
+        stop.code = EXIT_BAD_INPUT
+        raise stop from e
     print_summary(info, time.perf_counter() - t0)
+    held = info["source"].get("holdout")
+    if held is not None:
+        print(holdout_line(held))
+    elif "official_train_counts" in info and "val" not in info["splits"]:
+        print("val: none (--val-per-class 0); train = the whole official training set")
     skipped = info["source"].get("skipped")
     if skipped is not None:
         n = sum(skipped.values())

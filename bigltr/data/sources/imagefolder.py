@@ -13,7 +13,9 @@ DESCRIPTION = (
     "Shards from ImageFolder trees: --src ROOT holds train/ (required), val/ and test/ (optional), each with one "
     "folder per class (images found recursively, torchvision ImageFolder order and extensions). Class ids follow "
     "the sorted training class names; a class folder in val/ or test/ that train/ lacks is an error. Without "
-    "val/, --val-per-class images per class are held out of train.\n\nExample:\n  python tools/make_shards.py "
+    "val/, a validation split is held out of the decodable training images (at most --val-per-class, default 5, and "
+    "at most --val-max-fraction, default 0.1, of a class; nothing from a class under --val-min-count, default 10, "
+    "images).\n\nExample:\n  python tools/make_shards.py "
     "imagefolder --src /data/my_lt --out data/my_lt --resize 256 --format jpg --workers 16")
 
 
@@ -46,7 +48,8 @@ def list_imagefolder(split_dir: str, split: str, class_to_idx: Optional[dict]) -
     return items, names, ignored
 
 
-def load(src: str, *, val_per_class: Optional[int] = None, seed: int = 0) -> SourceData:
+def load(src: str, *, val_per_class: Optional[int] = None, val_max_fraction: Optional[float] = None,
+         val_min_count: Optional[int] = None, seed: int = 0) -> SourceData:
     root = require_dir(src)
     train_dir = os.path.join(root, "train")
     if not os.path.isdir(train_dir):
@@ -62,10 +65,13 @@ def load(src: str, *, val_per_class: Optional[int] = None, seed: int = 0) -> Sou
         if os.path.isdir(d):
             found[split], _, n = list_imagefolder(d, split, class_to_idx)
             ignored += n
-    splits, notes = split_items(train, found.get("val"), found.get("test"), len(classes),
-                                val_per_class=val_per_class, seed=seed, val_flag="a val/ folder")
+    if "val" in found and "test" in found and os.path.samefile(os.path.join(root, "val"), os.path.join(root, "test")):
+        raise ValueError(f"{root}: val/ and test/ are the same folder: model selection would see the test set")
+    splits, notes, holdout = split_items(train, found.get("val"), found.get("test"), len(classes),
+                                         val_per_class=val_per_class, val_max_fraction=val_max_fraction,
+                                         val_min_count=val_min_count, seed=seed, val_flag="a val/ folder")
     source = {"converter": "tools/make_shards.py imagefolder", "src": os.path.abspath(root),
               "splits_found": ["train", *found], "ignored_non_image_files": ignored,
               "keys": "<split>_<position in torchvision ImageFolder order of ROOT/<split>> (held-out val keeps "
                       "its train_ key)", **notes, "seed": seed}
-    return SourceData(classes, splits, source)
+    return SourceData(classes, splits, source, holdout=holdout)

@@ -16,9 +16,12 @@ DESCRIPTION = (
     "categories[{id, name}]); file names are relative to --src. Category ids of the training JSON, sorted, "
     "become labels 0..C-1 (_info.json keeps category_ids[label] = original id and the names).\n"
     "Splits: by the iNat convention the official validation set (--val-json) is the TEST split, and a validation "
-    "split for model selection is held out of train (--val-per-class, default 5 per class, never more than half "
-    "of a class), so model selection never sees the test set. With a labelled --test-json, --val-json is the "
-    "val split instead and nothing is held out.\n\nExample (iNat 2018):\n  python tools/make_shards.py inat "
+    "split for model selection is held out of the decodable training images, never from the tail: nothing from a "
+    "class under --val-min-count (default 10) images, at most --val-max-fraction (default 0.1) and at most "
+    "--val-per-class (default 5) of any class; 0 = no val split. Model selection never sees the test set; the "
+    "Many/Medium/Few groups use the official training counts (_info.json official_train_counts). With a labelled "
+    "--test-json, --val-json is the val split instead and nothing is held out (the same file for both is "
+    "refused).\n\nExample (iNat 2018):\n  python tools/make_shards.py inat "
     "--src /data/inat2018 --train-json train2018.json --val-json val2018.json --out data/inat2018 --resize 256 "
     "--jpeg-quality 90 --workers 16 --maxsize 1e9")
 
@@ -89,8 +92,14 @@ def _categories(train_json: str, data: dict) -> tuple[list[int], list[str]]:
 
 
 def load(src: str, *, train_json: str, val_json: Optional[str] = None, test_json: Optional[str] = None,
-         val_per_class: Optional[int] = None, seed: int = 0) -> SourceData:
+         val_per_class: Optional[int] = None, val_max_fraction: Optional[float] = None,
+         val_min_count: Optional[int] = None, seed: int = 0) -> SourceData:
     root = require_dir(src)
+    if val_json and test_json and os.path.isfile(val_json) and os.path.isfile(test_json) \
+            and os.path.samefile(val_json, test_json):
+        raise ValueError(f"--val-json {val_json} and --test-json {test_json} are the same file: model selection "
+                         f"would see the test set (give a validation JSON disjoint from the test JSON, or only "
+                         f"--val-json: it is then the test split and val is held out of train)")
     train_data = load_coco_json(train_json)
     category_ids, classes = _categories(train_json, train_data)
     cat_to_label = {cid: i for i, cid in enumerate(category_ids)}
@@ -107,8 +116,9 @@ def load(src: str, *, train_json: str, val_json: Optional[str] = None, test_json
         val, test, flag = None, evals.get("--val-json"), "--test-json (--val-json then becomes val)"
         if test is not None:
             test = [it._replace(key="test" + it.key[3:]) for it in test]
-    splits, notes = split_items(train, val, test, len(classes), val_per_class=val_per_class, seed=seed,
-                                val_flag=flag)
+    splits, notes, holdout = split_items(train, val, test, len(classes), val_per_class=val_per_class,
+                                         val_max_fraction=val_max_fraction, val_min_count=val_min_count, seed=seed,
+                                         val_flag=flag)
     source = {"converter": "tools/make_shards.py inat", "src": os.path.abspath(root),
               "json": {f: {"path": os.path.abspath(p), "sha256": sha256_file(p)} for f, p in
                        (("train", train_json), ("val", val_json), ("test", test_json)) if p},
@@ -116,4 +126,4 @@ def load(src: str, *, train_json: str, val_json: Optional[str] = None, test_json
               "labels": "categories sorted by id -> 0..C-1; category_ids[label] = original id",
               "keys": "<split>_<position in that JSON's images list> (held-out val keeps its train_ key)", **notes,
               "seed": seed}
-    return SourceData(classes, splits, source, extra={"category_ids": category_ids})
+    return SourceData(classes, splits, source, extra={"category_ids": category_ids}, holdout=holdout)

@@ -13,7 +13,9 @@ HELP = "OLTR text lists 'relative/path label' (ImageNet-LT, Places-LT)"
 DESCRIPTION = (
     "Shards from OLTR-style split lists (one 'relative/path label' per line, paths relative to --src), as "
     "redistributed by facebookresearch/classifier-balancing. C = the number of names in --classes-file, else "
-    "--num-classes, else max training label + 1; class names default to '0'..'C-1'.\n\nExamples:\n"
+    "--num-classes, else max training label + 1; class names default to '0'..'C-1'. Without --val-list, a validation "
+    "split is held out of the decodable training images (--val-per-class / --val-max-fraction / --val-min-count, "
+    "docs/data.md); a val list sharing an image with the test list is refused.\n\nExamples:\n"
     "  python tools/make_shards.py list --src /data/imagenet --train-list ImageNet_LT_train.txt "
     "--val-list ImageNet_LT_val.txt --test-list ImageNet_LT_test.txt --out data/imagenet_lt "
     "--resize 256 --workers 16\n"
@@ -61,9 +63,14 @@ def read_class_names(path: str) -> list[str]:
 
 def load(src: str, *, train_list: str, val_list: Optional[str] = None, test_list: Optional[str] = None,
          classes_file: Optional[str] = None, num_classes: Optional[int] = None,
-         val_per_class: Optional[int] = None, seed: int = 0) -> SourceData:
+         val_per_class: Optional[int] = None, val_max_fraction: Optional[float] = None,
+         val_min_count: Optional[int] = None, seed: int = 0) -> SourceData:
     root = require_dir(src)
     lists = {"train": train_list, "val": val_list, "test": test_list}
+    if val_list and test_list and os.path.isfile(val_list) and os.path.isfile(test_list) \
+            and os.path.samefile(val_list, test_list):
+        raise ValueError(f"--val-list {val_list} and --test-list {test_list} are the same file: model selection "
+                         f"would see the test set (give a val list disjoint from the test list, or none)")
     parsed = {s: parse_list(p) for s, p in lists.items() if p}
     max_train = max(lab for _, _, lab in parsed["train"])
     if classes_file:
@@ -84,11 +91,12 @@ def load(src: str, *, train_list: str, val_list: Optional[str] = None, test_list
                 raise ValueError(f"{lists[split]} line {n}: label {label} outside [0, {C}) ({C} classes: {c_from})")
             items[split].append(Item(f"{split}_{n:07d}", os.path.join(root, rel.lstrip("/")), label,
                                      f"{lists[split]} line {n}"))
-    splits, notes = split_items(items["train"], items.get("val"), items.get("test"), C,
-                                val_per_class=val_per_class, seed=seed, val_flag="--val-list")
+    splits, notes, holdout = split_items(items["train"], items.get("val"), items.get("test"), C,
+                                         val_per_class=val_per_class, val_max_fraction=val_max_fraction,
+                                         val_min_count=val_min_count, seed=seed, val_flag="--val-list")
     source = {"converter": "tools/make_shards.py list", "src": os.path.abspath(root),
               "lists": {s: {"path": os.path.abspath(p), "sha256": sha256_file(p)} for s, p in lists.items() if p},
               "num_classes_from": c_from,
               "keys": "<split>_<line number in that split's list> (held-out val keeps its train_ key)", **notes,
               "seed": seed}
-    return SourceData(classes, splits, source)
+    return SourceData(classes, splits, source, holdout=holdout)
