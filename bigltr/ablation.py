@@ -10,6 +10,13 @@ Rows (as in the paper):
   5 + stage 2 CB & WD            stage 2 from row 2, MaxNorm off
   6 + stage 2 CB & MaxNorm       stage 2 from row 2, stage2.weight_decay=0
   7 + stage 2 CB & WD & MaxNorm  the full method
+With --baselines, the standard long-tailed baselines follow on the same data, backbone and schedule
+(docs/baselines.md), every tau chosen on VALIDATION:
+  8 + post-hoc logit adjustment  row 2's model, logits - tau log prior (Menon et al.)
+  9 LA loss / balanced softmax   stage 1 with stage1.loss=balanced_softmax (the LA loss with tau 1, Ren et al.)
+ 10 cRT                          stage 2 from row 2: re-initialised classifier, CE, class-balanced sampling
+ 11 one-stage WB                 stage 1 with a fixed simplex-ETF classifier, feature-norm penalty 0.01 and WD
+                                 (stage1.weight_decay, else 5e-3), then post-hoc multiplicative LA (Hasegawa & Sato)
 Stage 2 uses cached backbone features (one disk cache shared by rows 5-7) unless --online is given. A run whose
 results.json is already complete is reused (an interrupted ablation resumes). Writes ablation.md, ablation.csv and
 ablation.png in `out`.
@@ -84,12 +91,15 @@ def _same(a: str, b) -> bool:
 
 def study_trial(d: str | None, phase: int, params: dict | None = None) -> Path | None:
     """The run folder of a finished trial in bigltr-tune output `d`: the phase's best trial, or (`params` given) the
-    COMPLETE trial of the phase's study whose values are exactly `params` (tune_summary.csv). None when there is none.
-    """
+    COMPLETE trial of the phase's study whose values are exactly `params` (bigltr.tune.TuneFolder: tune_trials.json,
+    or an older folder's tune_summary.csv). None when there is none."""
+    from bigltr.tune.folder import TuneFolder
+
     if not d:
         return None
+    folder = TuneFolder(d)
     try:
-        sel = json.loads((Path(d) / "tune_result.json").read_text()).get(f"phase{phase}")
+        sel = folder.selected(phase)
     except (OSError, ValueError):
         return None
     if not sel:
@@ -97,36 +107,33 @@ def study_trial(d: str | None, phase: int, params: dict | None = None) -> Path |
     if params is None:
         return Path(sel["dir"]) if sel.get("dir") else None
     try:
-        with open(Path(d) / "tune_summary.csv", newline="") as fh:
-            rows = list(csv.DictReader(fh))
-    except OSError:
+        trials = folder.trials(phase)
+    except (OSError, ValueError):
         return None
-    for r in rows:
-        if r.get("study") != sel.get("study") or r.get("state") != "COMPLETE":
-            continue
-        have = dict(kv.split("=", 1) for kv in (r.get("params") or "").split() if "=" in kv)
-        if have.keys() == params.keys() and all(_same(have[k], v) for k, v in params.items()):
-            return Path(r["dir"])
+    for t in trials:
+        if t.state == "COMPLETE" and t.params.keys() == params.keys() and \
+                all(_same(t.params[k], v) for k, v in params.items()):
+            return t.folder
     return None
 
 
 def study_budget(d: str | None, phase: int) -> str:
     """What tuning the phase's study of bigltr-tune output `d` cost: its trials (by state) and their summed wall
-    time, from tune_summary.csv; "" when there is no such study."""
+    time (bigltr.tune.TuneFolder); "" when there is no such study."""
+    from bigltr.tune.folder import TuneFolder
+
     if not d:
         return ""
     try:
-        sel = json.loads((Path(d) / "tune_result.json").read_text()).get(f"phase{phase}")
-        with open(Path(d) / "tune_summary.csv", newline="") as fh:
-            rows = [r for r in csv.DictReader(fh) if sel and r.get("study") == sel.get("study")]
+        trials = TuneFolder(d).trials(phase)
     except (OSError, ValueError):
         return ""
-    if not rows:
+    if not trials:
         return ""
-    states = {st: sum(r["state"] == st for r in rows) for st in ("COMPLETE", "PRUNED", "FAIL")}
-    wall = sum(float(r["wall_s"] or 0) for r in rows)
+    states = {st: sum(t.state == st for t in trials) for st in ("COMPLETE", "PRUNED", "FAIL")}
+    wall = sum(t.wall_s or 0 for t in trials)
     extra = ", ".join(f"{n} {st.lower()}" for st, n in states.items() if n and st != "COMPLETE")
-    return f"{len(rows)} trial{'s' * (len(rows) != 1)}{f' ({extra})' if extra else ''}, {wall / 60:.1f} min"
+    return f"{len(trials)} trial{'s' * (len(trials) != 1)}{f' ({extra})' if extra else ''}, {wall / 60:.1f} min"
 
 
 # Keys that do not change a run's numbers: where and how it ran. Everything else must be equal for a study's trial to
@@ -136,28 +143,32 @@ REUSE_IGNORED = ("recipe", "out", "resume", "stage", "device", "log_every", "ckp
 
 
 def reuse_problem(run: Path, argv: list[str], stage: str) -> str | None:
-    """Why `run` (its config.yaml) is not the stage-`stage` run that `argv` describes; None when it is."""
+    """Why `run` (its config.yaml) is not the stage-`stage` run that `argv` describes; None when it is. The first
+    key that differs (bigltr.config.config_diff, in the config's key order) is named; the other stage's keys do not
+    count, nor (for stage 1) stage1_checkpoint."""
     import yaml
 
-    from bigltr.config import BoundedSafeLoader, build_config, flatten, to_dict
+    from bigltr.config import build_config, config_diff, flatten, to_dict
+    from bigltr.rundir import RunDir
 
     try:
-        saved = flatten(yaml.load((run / "config.yaml").read_text(), Loader=BoundedSafeLoader) or {})
+        saved = flatten(RunDir(run).read_config() or {})
     except (OSError, yaml.YAMLError, AttributeError) as e:
         return f"its config.yaml is unreadable ({e})"
-    other = "stage2." if stage == "1" else "stage1."
-    for key, want in flatten(to_dict(build_config(argv))).items():
-        if key.startswith(other) or (stage == "1" and key == "stage1_checkpoint") or any(
-                key == r or (r.endswith(".") and key.startswith(r)) for r in REUSE_IGNORED):
-            continue
-        have = saved.get(key)
-        if key in ("data.root", "stage1_checkpoint"):
-            same = bool(have) == bool(want) and (not want or Path(have).resolve() == Path(want).resolve())
-        else:
-            same = have == want if isinstance(want, (list, dict)) else (have == want or _same(str(have), want))
-        if not same:
-            return f"it ran with {key}={have!r}, this row needs {want!r}"
+    ignore = REUSE_IGNORED + (("stage2.", "stage1_checkpoint") if stage == "1" else ("stage1.",))
+    diffs = config_diff(saved, to_dict(build_config(argv)), ignore, same=_same_setting)
+    if diffs:
+        key, have, want = diffs[0]
+        return f"it ran with {key}={have!r}, this row needs {want!r}"
     return None
+
+
+def _same_setting(key: str, have, want) -> bool:
+    """Whether a run's saved value `have` of `key` is the wanted one: paths (data.root, stage1_checkpoint) that
+    resolve to the same place, lists equal, anything else equal or `_same` (numbers by value, text by case)."""
+    if key in ("data.root", "stage1_checkpoint"):
+        return bool(have) == bool(want) and (not want or Path(have).resolve() == Path(want).resolve())
+    return have == want if isinstance(want, (list, dict)) else (have == want or _same(str(have), want))
 
 
 def tuned_overrides(tuned: str | None, row5: str | None = None, row6: str | None = None,
@@ -189,17 +200,26 @@ def tuned_overrides(tuned: str | None, row5: str | None = None, row6: str | None
     return rows
 
 
-def posthoc_rows(argv: list[str], checkpoint: Path) -> dict:
-    """L2-normalised and tau-normalised classifiers of a stage-1 model (bigltr.evaluate.tau_sweep); tau picked by
-    validation accuracy."""
+def posthoc_rows(argv: list[str], checkpoint: Path, method: str = "tau_norm") -> dict:
+    """Post-hoc classifiers of a stage-1 model (bigltr.evaluate.tau_sweep: tau_norm, la or mla) over the TAUS grid,
+    tau picked by validation accuracy; for tau_norm also the L2-normalised classifier (tau 1)."""
     from bigltr.config import build_config
     from bigltr.evaluate import tau_sweep
 
-    out = tau_sweep(build_config(argv), checkpoint, TAUS, ("val", "test"))
+    out = tau_sweep(build_config(argv), checkpoint, TAUS, ("val", "test"), method=method)
     best_tau = max(TAUS, key=lambda t: out["val"][t]["all"])
     pick = lambda t: {s: out[s][t] for s in ("val", "test")}  # noqa: E731
     return {"l2": pick(1.0), "tau": pick(best_tau), "best_tau": best_tau,
             "tau_curve_val": {t: out["val"][t]["all"] for t in TAUS}}
+
+
+def cached_posthoc(path: Path, argv: list[str], checkpoint: Path, method: str) -> dict:
+    """posthoc_rows, kept in `path` (an interrupted or repeated ablation does not sweep again)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    ph = posthoc_rows(argv, checkpoint, method)
+    path.write_text(json.dumps(ph, indent=1))
+    return ph
 
 
 def data_name(root: str) -> str:
@@ -246,6 +266,9 @@ def main(argv=None) -> list[tuple[str, dict]]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--online", action="store_true", help="stage 2 with online backbone features")
     ap.add_argument("--tuned", metavar="DIR", help="take rows 2 and 5-7 from a bigltr-tune output (tune_result.json)")
+    ap.add_argument("--baselines", action="store_true",
+                    help="also rows 8-11: post-hoc LA, LA loss / balanced softmax, cRT, one-stage WB "
+                         "(docs/baselines.md)")
     ap.add_argument("--tuned-row5", metavar="DIR", help="row 5 from a phase-2 study tuned with MaxNorm off")
     ap.add_argument("--tuned-row6", metavar="DIR", help="row 6 from a phase-2 study tuned with stage-2 WD 0")
     ap.add_argument("--tuned-row7", metavar="DIR", help="row 7 from a phase-2 study of its own (stage-2 WD and radius)")
@@ -272,6 +295,7 @@ def main(argv=None) -> list[tuple[str, dict]]:
     out.mkdir(parents=True, exist_ok=True)
 
     from bigltr.config import build_config
+    from bigltr.rundir import RunDir
     from bigltr.train import main as train_main
 
     train = None if args.no_train else train_main
@@ -284,7 +308,7 @@ def main(argv=None) -> list[tuple[str, dict]]:
     wd2 = build_config(overrides + tuned[5]).stage2.weight_decay
     radius = build_config(overrides + tuned[6]).stage2.maxnorm.radius
     tag = ", tuned" if args.tuned else ""
-    if wd1 == 0 and not args.tuned:
+    if wd1 == 0 and not (args.tuned or args.baselines):
         raise SystemExit("[ablation] the recipe's stage1.weight_decay is 0: row 2 (CE + WD) needs a tuned value")
     # Runs the studies already hold (validation picked them; reusing them changes no number, it saves the CPU time)
     p1 = json.loads(Path(args.tuned, "tune_result.json").read_text()).get("phase1") if args.tuned else None
@@ -295,17 +319,13 @@ def main(argv=None) -> list[tuple[str, dict]]:
 
     rows = []
     s1 = overrides + tuned[2]
-    rows.append(("naive CE (WD 0)", run_or_reuse(train, out / "s1_naive", "1", s1 + ["stage1.weight_decay=0"],
-                                                 trial1)[1]))
-    s1_run, res2 = run_or_reuse(train, out / "s1_wd", "1", s1, trial2)
+    naive = run_or_reuse(train, out / "s1_naive", "1", s1 + ["stage1.weight_decay=0"], trial1)
+    rows.append(("naive CE (WD 0)", naive[1]))
+    # a weight decay tuned to 0 (the demo recipe's): row 2 is row 1's run
+    s1_run, res2 = naive if wd1 == 0 else run_or_reuse(train, out / "s1_wd", "1", s1, trial2)
     rows.append((f"CE + WD ({wd1:g}{tag})", res2))
-    ckpt = s1_run / "stage1" / "best.pt"
-    ph_file = out / "posthoc.json"
-    if ph_file.is_file():
-        ph = json.loads(ph_file.read_text())
-    else:
-        ph = posthoc_rows(s1, ckpt)
-        ph_file.write_text(json.dumps(ph, indent=1))
+    ckpt = RunDir(s1_run).best(1)
+    ph = cached_posthoc(out / "posthoc.json", s1, ckpt, "tau_norm")
     rows.append(("+ L2-normalised classifier", ph["l2"]))
     rows.append((f"+ tau-norm (tau={ph['best_tau']}, on val)", ph["tau"]))
     base2 = overrides + s2 + [f"stage1_checkpoint={ckpt}"]
@@ -324,6 +344,25 @@ def main(argv=None) -> list[tuple[str, dict]]:
     tuning = {1: study_budget(args.tuned, 1), 3: f"tau: best of {len(TAUS)} on val",
               4: study_budget(args.tuned_row5, 2), 5: study_budget(args.tuned_row6, 2),
               6: study_budget(args.tuned_row7 or args.tuned, 2)} if args.tuned else None
+    if args.baselines:
+        tuning = tuning or {3: f"tau: best of {len(TAUS)} on val"}
+        la = cached_posthoc(out / "posthoc_la.json", s1, ckpt, "la")
+        rows.append((f"+ post-hoc logit adjustment (tau={la['best_tau']}, on val)", la["tau"]))
+        tuning[len(rows) - 1] = f"tau: best of {len(TAUS)} on val"
+        rows.append(("LA loss = balanced softmax (stage 1)",
+                     run_or_reuse(train, out / "s1_balanced_softmax", "1", s1 + ["stage1.loss=balanced_softmax"])[1]))
+        rows.append(("cRT (stage 2: reinit, CE, class-balanced sampling)",
+                     run_or_reuse(train, out / "s2_crt", "2", overrides + s2 + [
+                         f"stage1_checkpoint={ckpt}", "stage2.classifier_init=reinit", "stage2.loss=ce",
+                         "stage2.sampler=class_balanced", "stage2.maxnorm.when=off", "stage2.weight_decay=0"])[1]))
+        wd_one = wd1 or 5e-3
+        one_argv = s1 + ["stage1.classifier=etf", "stage1.feature_reg=0.01", f"stage1.weight_decay={wd_one:g}",
+                         "stage=1"]
+        one_run, _ = run_or_reuse(train, out / "s1_one_stage_wb", "1", one_argv)
+        mla = cached_posthoc(out / "posthoc_mla.json", one_argv, RunDir(one_run).best(1), "mla")
+        rows.append((f"one-stage WB (ETF + feature reg 0.01 + WD {wd_one:g}, MLA tau={mla['best_tau']} on val)",
+                     mla["tau"]))
+        tuning[len(rows) - 1] = f"tau: best of {len(TAUS)} on val"
     table = write_outputs(rows, out, f"Ablation on {data_name(cfg.data.root)}, recipe {cfg.recipe} (balanced top-1 %, "
                                      f"best epoch on validation)", tuning)
     print("\n" + table)

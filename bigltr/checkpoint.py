@@ -79,12 +79,14 @@ def save_checkpoint(state: dict, path: str | os.PathLike) -> None:
             tmp.unlink()
 
 
-def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
+    """Any `.pt` file, tensors and plain values only. `mmap`: tensors are mapped, not read (a caller that wants
+    only the small entries)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} not found")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, **({"mmap": True} if mmap else {}))
     except pickle.UnpicklingError as e:  # weights_only refused a global: the file asks to build/run other objects
         raise CheckpointError(f"refusing to load {path}: it holds objects other than tensors and plain values "
                               f"({_unsupported_global(e)})") from None
@@ -94,22 +96,37 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu") -> dict:
 
 
 # ------------------------------------------------------------------------------------------ a run's model checkpoint
-def load_run_checkpoint(path: str | os.PathLike) -> dict:
-    """A run's best.pt / last.pt: {"stage", "epoch", "model": state_dict, "val_all", "config", ["classes",
-    "category_ids"]}, read safely (`load_checkpoint`: tensors and plain values only). A folder, or a file without a
-    model and its config: BadInputError; a missing file: FileNotFoundError; an unreadable one: CheckpointError;
-    nan/inf in any floating-point tensor of the model: NonFiniteWeightsError (naming the first such tensor), so no
-    command evaluates or exports weights that cannot give meaningful logits."""
+class NotRunCheckpointError(BadInputError):
+    """The file is not a bigltr model checkpoint (`load_run_checkpoint`); the message names it."""
+
+
+def load_run_checkpoint(path: str | os.PathLike, *, strict: bool = True, mmap: bool = False) -> dict:
+    """The one reader of a run's model checkpoints, best.pt / last.pt: {"stage", "epoch", "model": state_dict,
+    "val_all", "config", ["classes", "category_ids"]}, read safely (`load_checkpoint`: tensors and plain values
+    only). A folder: BadInputError; a missing file: FileNotFoundError; an unreadable one: CheckpointError.
+
+    strict (bigltr-eval, bigltr-export, the tau sweep): 'model' must hold classifier.weight and 'config' must be
+    there (else NotRunCheckpointError), and nan/inf in any floating-point tensor of the model raises
+    NonFiniteWeightsError (naming the first such tensor), so no command evaluates or exports weights that cannot
+    give meaningful logits. strict=False (the trainer: stage 2's stage-1 weights, a stage's final reload of its
+    best.pt, the summary table's labels): a mapping with a 'model' entry (else NotRunCheckpointError); the weights
+    are not checked (the trainer never saves non-finite weights: StageState.check_finite runs first). `mmap`:
+    tensors are mapped, not read (a caller that wants only the config)."""
     path = Path(path)
     if path.is_dir():
         raise BadInputError(f"{path} is a folder; give a checkpoint file such as RUN/stage2/best.pt (resume "
                             f"checkpoints under stage*/resume/ are not model checkpoints)")
-    ckpt = load_checkpoint(path)  # FileNotFoundError / CheckpointError name the path
+    ckpt = load_checkpoint(path, mmap=mmap)  # FileNotFoundError / CheckpointError name the path
+    if not strict:
+        if not isinstance(ckpt, dict) or "model" not in ckpt:
+            raise NotRunCheckpointError(f"{path} is not a bigltr checkpoint (no 'model' entry)")
+        return ckpt
     model = ckpt.get("model") if isinstance(ckpt, dict) else None
     if not isinstance(model, dict) or not isinstance(ckpt.get("config"), dict) or "classifier.weight" not in model:
         keys = sorted(ckpt)[:8] if isinstance(ckpt, dict) else type(ckpt).__name__
-        raise BadInputError(f"{path} is not a bigltr model checkpoint (expected a run's stage1/ or stage2/ best.pt "
-                            f"or last.pt, with 'model' holding classifier.weight and 'config'; found {keys})")
+        raise NotRunCheckpointError(f"{path} is not a bigltr model checkpoint (expected a run's stage1/ or stage2/ "
+                                    f"best.pt or last.pt, with 'model' holding classifier.weight and 'config'; found "
+                                    f"{keys})")
     check_finite(model, path)
     return ckpt
 

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import yaml
 
 from bigltr.atomic import write_text_atomic
+from bigltr.rundir import default_out
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RECIPE_DIR = REPO_ROOT / "recipes"
@@ -554,7 +555,7 @@ def build_config(argv: list[str]) -> Config:
         _set_dotted(cfg, key, value, "command line")
     validate(cfg)
     if not cfg.out:
-        cfg.out = os.path.join("runs", Path(cfg.recipe).stem or "default")
+        cfg.out = default_out(cfg.recipe)
     return cfg
 
 
@@ -705,6 +706,36 @@ def flatten(d: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
+
+
+def key_in(key: str, keys: tuple[str, ...]) -> bool:
+    """Whether dotted config key `key` is one of `keys`: equal to one, or under one that ends with "." ("eval."
+    holds every eval.* key)."""
+    return any(key == k or (k.endswith(".") and key.startswith(k)) for k in keys)
+
+
+def same_value(old: Any, new: Any) -> bool:
+    """Equal, or both numbers (the old one not a bool) of equal value: 5 and 5.0 are the same setting."""
+    return old == new or (isinstance(old, (int, float)) and isinstance(new, (int, float))
+                          and not isinstance(old, bool) and float(old) == float(new))
+
+
+def config_diff(saved: dict, new: dict, ignore: tuple[str, ...] = (), defaults: dict | None = None,
+                same=None) -> list[tuple[str, Any, Any]]:
+    """The keys whose value in config `new` differs from config `saved` (nested or flattened mappings), as
+    (dotted key, saved value, new value), in `new`'s key order. A key `saved` lacks counts as its value in
+    `defaults` (None without them: a config written by an older bigltr); a key only `saved` has is not compared
+    (one this version no longer has); keys in `ignore` (`key_in`) are skipped. `same(key, old, new)` decides
+    equality (default: `same_value`)."""
+    s, dflt = flatten(saved), flatten(defaults or {})
+    diffs = []
+    for key, value in flatten(new).items():
+        if key_in(key, ignore):
+            continue
+        old = s.get(key, dflt.get(key))
+        if not (same(key, old, value) if same else same_value(old, value)):
+            diffs.append((key, old, value))
+    return diffs
 
 
 def to_dict(cfg: Config) -> dict:

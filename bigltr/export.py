@@ -45,6 +45,7 @@ from pathlib import Path
 from bigltr.config import ConfigError
 from bigltr.errors import BadInputError, fail
 from bigltr.results import read_results
+from bigltr.rundir import RunDir
 
 PROG = "bigltr-export"
 BIGLTR_MODELS = ("resnet32_cifar", "resnet34_cifar")
@@ -67,8 +68,8 @@ def find_checkpoint(run_dir: str | Path, stage: int | None = None) -> Path:
     if not run_dir.is_dir():
         raise FileNotFoundError(f"run folder {run_dir} not found")
     if stage is None:
-        stage = 2 if (run_dir / "stage2" / "best.pt").is_file() else 1
-    path = run_dir / f"stage{stage}" / "best.pt"
+        stage = 2 if RunDir(run_dir).best(2).is_file() else 1
+    path = RunDir(run_dir).best(stage)
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (is {run_dir} a bigltr run folder, out=..., with stage {stage} "
                                 f"trained?)")
@@ -164,7 +165,7 @@ def export(run_dir: str | Path, out: str | Path, stage: int | None = None, overw
     path = find_checkpoint(run_dir, stage)
     ckpt = load_run_checkpoint(path)  # nan/inf weights: NonFiniteWeightsError
     cfg = checkpoint_config(ckpt, {"data.pipeline": "torch"}, where=f"config saved in {path}")  # reader: irrelevant
-    run = path.parent.parent if path.parent.name in ("stage1", "stage2") else path.parent
+    run = RunDir.of_checkpoint(path).path
     d = cfg.data
     model = build_checkpoint_model(ckpt, cfg, path)
     timm_model, head_name = to_timm(model, cfg.model.name, d.in_chans)

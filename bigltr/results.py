@@ -12,7 +12,8 @@ Per-class data stays small at 100,000 classes: one array per quantity, rounded, 
 written before held a bare list of accuracies (`"per_class": [%...]`, 4 decimals); `per_class_accuracy` and
 `per_class_count` read both forms, and every consumer goes through them.
 
-Foundation level (docs/architecture.md): imports only bigltr.config, so bigltr.tune can use it without torch.
+Foundation level (docs/architecture.md): imports only bigltr.config and bigltr.rundir (where the files are), so
+bigltr.tune can use it without torch.
 """
 from __future__ import annotations
 
@@ -23,9 +24,8 @@ import os
 from pathlib import Path
 
 from bigltr.config import ConfigError
+from bigltr.rundir import RunDir, StageDir
 
-RESULTS_NAME = "results.json"
-SUMMARY_NAME = "summary.csv"
 ACC_DECIMALS = 2  # per-class accuracy in %: the table's precision; 100k classes stay at about 0.6 MB a list
 GROUPS = ("many", "medium", "few")
 
@@ -33,7 +33,7 @@ GROUPS = ("many", "medium", "few")
 def read_results(run: str | os.PathLike) -> dict:
     """`run`/results.json as a dict; {} when the run has none yet. A file that is not readable JSON, or not a JSON
     object: ConfigError, in one line that says what to do."""
-    path = Path(run) / RESULTS_NAME
+    path = RunDir(run).results
     if not path.exists():
         return {}
     try:
@@ -129,14 +129,15 @@ def group_sizes(class_counts, many_thr: int, few_thr: int) -> dict:
 
 def read_weight_norms(stage_dir: str | os.PathLike) -> dict | None:
     """A stage folder's weight_norms.json with "per_epoch" ([epochs][classes] row norms) filled in: from
-    weight_norms.npy (this version) or from the JSON itself (older runs). None when the stage wrote none."""
-    stage_dir = Path(stage_dir)
-    f = stage_dir / "weight_norms.json"
+    weight_norms.npy (the JSON's "per_epoch_file") or from the JSON itself (older runs). None when the stage wrote
+    none."""
+    stage_dir = StageDir(stage_dir)
+    f = stage_dir.weight_norms
     if not f.is_file():
         return None
     wn = json.loads(f.read_text())
     if "per_epoch" not in wn and wn.get("per_epoch_file"):
         import numpy as np
 
-        wn["per_epoch"] = np.load(stage_dir / wn["per_epoch_file"])
+        wn["per_epoch"] = np.load(stage_dir.path / wn["per_epoch_file"])
     return wn

@@ -30,10 +30,10 @@
 set -uo pipefail
 
 for BIGLTR_ROOT in "${BIGLTR_ROOT:-}" "$(dirname "${BASH_SOURCE[0]}")/.." "${SLURM_SUBMIT_DIR:-}" ""; do
-    [ -n "$BIGLTR_ROOT" ] && [ -f "$BIGLTR_ROOT/bigltr/tune.py" ] && break
+    [ -n "$BIGLTR_ROOT" ] && [ -f "$BIGLTR_ROOT/bigltr/tune/__init__.py" ] && break
 done
 if [ -z "$BIGLTR_ROOT" ]; then
-    echo "tune.sh: error: bigltr/tune.py not found: submit from the bigltr checkout or set BIGLTR_ROOT" >&2
+    echo "tune.sh: error: bigltr/tune/ not found: submit from the bigltr checkout or set BIGLTR_ROOT" >&2
     exit 2
 fi
 BIGLTR_ROOT=$(cd "$BIGLTR_ROOT" && pwd)

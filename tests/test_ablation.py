@@ -69,3 +69,26 @@ def test_tools_alias_and_console_script():
     for cmd in ([sys.executable, str(root / "tools" / "ablation.py"), "--help"], [str(script), "--help"]):
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd="/")
         assert p.returncode == 0 and "Table 1 rows" in p.stdout, p.stderr
+
+
+def test_ablation_baselines_rows(tiny_shards, tmp_path):
+    """--baselines adds post-hoc LA, the LA loss (balanced softmax), cRT and one-stage WB on the same data and
+    schedule, each tau chosen on validation; a recipe whose tuned stage-1 WD is 0 runs (row 2 is row 1's run)."""
+    from bigltr import ablation
+
+    out = tmp_path / "abl"
+    rows = ablation.main(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage1.epochs=1",
+                          "stage2.epochs=1", "stage1.weight_decay=0", "--baselines"])
+    names = [n for n, _ in rows]
+    assert len(rows) == 11 and not (out / "s1_wd").exists() and rows[1][1] == rows[0][1]
+    assert names[7].startswith("+ post-hoc logit adjustment") and names[8].startswith("LA loss")
+    assert names[9].startswith("cRT") and names[10].startswith("one-stage WB")
+    for f in ("posthoc_la.json", "posthoc_mla.json"):
+        ph = json.loads((out / f).read_text())
+        assert ph["tau"]["val"]["all"] == max(ph["tau_curve_val"].values())  # chosen on val
+    assert "loss: balanced_softmax" in (out / "s1_balanced_softmax" / "config.yaml").read_text()
+    one = (out / "s1_one_stage_wb" / "config.yaml").read_text()
+    assert "classifier: etf" in one and "feature_reg: 0.01" in one and "weight_decay: 0.005" in one
+    crt = (out / "s2_crt" / "config.yaml").read_text()
+    assert "sampler: class_balanced" in crt and "classifier_init: reinit" in crt
+    assert "| cRT (stage 2: reinit, CE, class-balanced sampling) |" in (out / "ablation.md").read_text()

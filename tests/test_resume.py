@@ -22,7 +22,7 @@ import pytest
 import torch
 from conftest import Proc
 
-from bigltr.engine.resume import latest_checkpoint
+from bigltr.engine.resume import resume_candidates
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,7 +34,7 @@ def _args(shards, out, *extra):
 
 
 def _meta(run, stage):
-    return torch.load(latest_checkpoint(run / stage) / "meta.pt", weights_only=True)
+    return torch.load(resume_candidates(run / stage)[0] / "meta.pt", weights_only=True)
 
 
 def _model(run, stage, which):
@@ -63,7 +63,7 @@ def test_interrupted_and_resumed_equals_straight(tiny_shards, tmp_path):
     (run / "PREEMPT").touch()
     rc, log = p.finish()
     assert rc == 75, log
-    assert "resuming" in log and latest_checkpoint(run / "stage2") is not None
+    assert "resuming" in log and resume_candidates(run / "stage2")
 
     p = Proc(cmd + ["resume=auto"])
     rc, log = p.finish()
@@ -276,7 +276,7 @@ def test_killed_rank_survivors_exit_and_job_resumes(tiny_shards, tmp_path):
     rc, log = p.finish(timeout=120)
     waited = time.time() - t0
     assert rc != 0 and waited < 60, (rc, waited, log[-3000:])
-    ckpt = latest_checkpoint(run / "stage1")
+    ckpt = resume_candidates(run / "stage1")[0]
     state = _meta(run, "stage1")  # epoch 2's checkpoint may have been cut short by the kill: then epoch 1's
     assert state["epoch"] >= 1 and not list((run / "stage1" / "resume").glob(f"e{state['epoch'] + 1:05d}-*"))
     # resume the same job (fewer epochs left to keep the test short): it continues from the checkpoint
@@ -326,7 +326,7 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint(tmp_path):
 
     from bigltr.distributed import Dist, Trainable
     from bigltr.engine.common import cosine_schedule
-    from bigltr.engine.resume import Progress
+    from bigltr.engine.resume import StageState
 
     torch.manual_seed(0)
     model, dist = nn.Linear(4, 3), Dist("ddp")
@@ -334,7 +334,7 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint(tmp_path):
     def progress():
         trainer = Trainable(model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
         sched = cosine_schedule(trainer.optimizer, 10)
-        return Progress(tmp_path, 1, {"recipe": "x"}, dist=dist, model=model, trainer=trainer, scheduler=sched)
+        return StageState(tmp_path, 1, {"recipe": "x"}, dist=dist, model=model, trainer=trainer, scheduler=sched)
 
     prog = progress()
     for _ in range(2):
@@ -348,11 +348,11 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint(tmp_path):
     (root / ".tmp-e00000-b00000003" / "dcp").mkdir(parents=True)  # a save killed while writing
     (root / ".tmp-e00000-b00000003" / "dcp" / "__0_0.distcp").write_bytes(b"partial")
     (root / "e00000-b00000004").mkdir()  # a folder with no meta.pt (never made by bigltr, but never trusted)
-    assert latest_checkpoint(tmp_path) == root / "e00000-b00000002"
+    assert resume_candidates(tmp_path)[0] == root / "e00000-b00000002"
 
     with torch.no_grad():
         model.weight.add_(1.0)
-    again = progress().restore(latest_checkpoint(tmp_path))
+    again = progress().restore(resume_candidates(tmp_path)[0])
     assert all(torch.equal(v, saved[k]) for k, v in model.state_dict().items())
     assert torch.equal(again.trainer.optimizer.state[model.weight]["momentum_buffer"], buf)
     assert again.scheduler.last_epoch == 2 and (again.epoch, again.batch) == (0, 2) and again.resumed
@@ -369,17 +369,17 @@ def test_a_checkpoint_the_run_cannot_read_is_a_clear_error(tmp_path):
     from bigltr.config import ConfigError
     from bigltr.distributed import Dist, Trainable
     from bigltr.engine.common import cosine_schedule
-    from bigltr.engine.resume import Progress
+    from bigltr.engine.resume import StageState
 
     model = nn.Linear(4, 3)
 
     def progress(dist):
         trainer = Trainable(model, torch.optim.SGD(model.parameters(), lr=0.1))
-        return Progress(tmp_path, 1, {}, dist=dist, model=model, trainer=trainer,
+        return StageState(tmp_path, 1, {}, dist=dist, model=model, trainer=trainer,
                         scheduler=cosine_schedule(trainer.optimizer, 10))
 
     progress(Dist("ddp")).checkpoint(0, 3)  # one process, mid-epoch
-    ckpt = latest_checkpoint(tmp_path)
+    ckpt = resume_candidates(tmp_path)[0]
     cases = [(Dist("deepspeed", world_size=2, zero_stage=2), "written by dist.backend=ddp on 1 process(es) (dcp"),
              (Dist("fsdp2", world_size=2), "written by 1 process(es), this run has 2: a mid-epoch position")]
     for dist, words in cases:

@@ -1,4 +1,4 @@
-"""bigltr-tune (bigltr/tune.py): Optuna studies of real trainer runs on tiny shards (two workers sharing the journal,
+"""bigltr-tune (bigltr/tune/): Optuna studies of real trainer runs on tiny shards (two workers sharing the journal,
 resume, phase 2 from the best phase-1 checkpoint, a failing trial); pruning, stopped workers and stale trials with a
 stand-in trainer through --launch (fast and deterministic); fail-fast errors; slurm/tune.sh; ablation --tuned."""
 import csv
@@ -430,7 +430,7 @@ def test_ablation_takes_tuned_values(tmp_path, monkeypatch):
         return 0
 
     monkeypatch.setattr(bigltr.train, "main", fake_train)
-    monkeypatch.setattr(ablation, "posthoc_rows", lambda argv, ckpt: {
+    monkeypatch.setattr(ablation, "posthoc_rows", lambda argv, ckpt, method="tau_norm": {
         "l2": {"val": metrics, "test": metrics}, "tau": {"val": metrics, "test": metrics}, "best_tau": 1.0})
     rows = ablation.main(["recipe=tiny_test", f"out={tmp_path / 'abl'}", "--tuned", tuned, "--tuned-row5", row5])
     assert rows[1][0] == "CE + WD (0.0012, tuned)" and "radius 0.3" in rows[5][0]

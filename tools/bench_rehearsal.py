@@ -51,8 +51,8 @@ def measure(tree: Path, src: Path, out: Path, args) -> dict:
     n_val = info["splits"].get("val", {}).get("num_samples", 0)
     common = [f"data.root={shards}", f"data.img_size={args.img_size}", f"model.name={args.model}",
               "data.train_aug=none", "data.num_workers=1", "data.many_thr=100", "data.few_thr=20",
-              f"stage1.epochs={args.epochs}", "stage2.epochs=2", "stage1.batch_size=64", "stage1.lr=0.2",
-              "stage2.batch_size=256", "stage1.amp=bf16", "stage2.features=cached", "stage2.cache.views=center"]
+              f"stage1.epochs={args.epochs}", "stage2.epochs=2", "stage1.batch_size=64", "stage1.lr=0.05",
+              "stage2.batch_size=256", "stage1.amp=none", "stage2.features=cached", "stage2.cache.views=center"]
     run = out / "run"
     _run(tree, ["-m", "bigltr.train", "recipe=inat2018", f"out={run}", "stage=all", *common], log)
     res = json.loads((run / "results.json").read_text())

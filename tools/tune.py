@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Alias of `bigltr-tune` (bigltr/tune.py): Optuna tuning of the weight decays and the MaxNorm radius. See
+"""Alias of `bigltr-tune` (the package bigltr/tune/): Optuna tuning of the weight decays and the MaxNorm radius. See
 docs/tuning.md. Needs the package installed: ``pip install -e .`` in the repository root."""
 import sys
 

@@ -47,7 +47,7 @@ def param_groups(model: nn.Module, weight_decay: float, scope: str) -> list[dict
 
 
 def build_sgd(groups: list[dict], lr: float, momentum: float, wd_p: float = 2.0) -> torch.optim.SGD:
-    """SGD with coupled weight decay. wd_p = 2: torch.optim.SGD itself (its own L2 decay, bit for bit as before);
+    """SGD with coupled weight decay. wd_p = 2: torch.optim.SGD itself (its own L2 decay, bit for bit);
     otherwise LpSGD, whose decay is the gradient of (weight_decay / wd_p) * sum |w|^wd_p."""
     if wd_p == 2:
         return torch.optim.SGD(groups, lr=lr, momentum=momentum)
@@ -86,8 +86,8 @@ def train_epoch(*, trainer, loader, loss_fn: nn.Module, scheduler, device: torch
     same global batch (`bigltr.config.batch_plan`). `after_step` runs after each step.
     Resuming: the first `start_batch` batches are read and skipped (the order is deterministic per epoch).
     `step_hook(batches_done)` runs after each optimiser step; if it returns True the epoch stops there.
-    `guard.observe(loss, epoch, batch)` (the run's StopFlag) records a non-finite loss on the device, without a sync.
-    `tally` (the stage's `Progress.tally`, carried by resume checkpoints): the epoch's running loss sum, correct
+    `guard.observe(loss, epoch, batch)` (the run's StopGuard) records a non-finite loss on the device, without a sync.
+    `tally` (the stage's `StageState.tally`, carried by resume checkpoints): the epoch's running loss sum, correct
     count, samples and steps, kept current before each `step_hook` (references to the device tensors, no sync); a
     resumed epoch (`start_batch` = `tally["batches"]`) starts from them, so its numbers are those of the whole epoch.
     """

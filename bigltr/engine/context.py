@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from bigltr.atomic import write_json_atomic
 from bigltr.config import Config
 from bigltr.data.errors import DataError
 from bigltr.data.info import read_info, split_class_counts, split_entry
@@ -30,7 +29,7 @@ class RunContext:
     info: dict
     out: Path
     dist: Dist
-    stop: object = None  # bigltr.engine.resume.StopFlag, set by the run
+    stop: object = None  # bigltr.engine.resume.StopGuard, set by the run
 
     @property
     def train_split(self) -> str:
@@ -183,7 +182,3 @@ class RunContext:
                 res.setdefault("posthoc", {"method": ev.posthoc, "tau": ev.posthoc_tau})[split] = \
                     self.metrics(*out["posthoc"], split=split)
         return res
-
-
-def write_json(path: str | os.PathLike, obj) -> None:
-    write_json_atomic(path, obj)

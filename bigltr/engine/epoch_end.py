@@ -20,14 +20,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bigltr.checkpoint import load_checkpoint, save_checkpoint
+from bigltr.atomic import write_json_atomic
+from bigltr.checkpoint import load_run_checkpoint, save_checkpoint
 from bigltr.config import to_dict
 from bigltr.engine.common import CsvLog, peak_memory_mib
-from bigltr.engine.context import RunContext, write_json
-from bigltr.engine.resume import Preempted, Progress
+from bigltr.engine.context import RunContext
+from bigltr.engine.resume import Preempted, StageState
 from bigltr.engine.tracking import Tracking
 from bigltr.models import build_model
 from bigltr.objective.maxnorm import row_norms
+from bigltr.rundir import StageDir
 
 log = logging.getLogger("bigltr")
 
@@ -50,32 +52,36 @@ def val_text(val: dict | None) -> str:
 
 
 def write_weight_norms(out: Path, per_epoch: list, class_counts: list[int], extra: dict) -> None:
-    """<out>/weight_norms.npy: the classifier row norms of every epoch, float32 [epochs, classes] (36 MB at 100,000
-    classes x 90 epochs, where JSON took 89 MB); <out>/weight_norms.json: what they are, with a per-epoch summary
-    (min / median / max) that reads at any class count. `bigltr.results.read_weight_norms` reads both forms."""
+    """In stage folder `out`: weight_norms.npy, the classifier row norms of every epoch, float32 [epochs, classes]
+    (36 MB at 100,000 classes x 90 epochs, where JSON took 89 MB); weight_norms.json, what they are, with a
+    per-epoch summary (min / median / max) that reads at any class count. `bigltr.results.read_weight_norms` reads
+    both forms."""
     import numpy as np
 
+    stage_dir = StageDir(out)
+    array = stage_dir.weight_norms_array
     a = np.stack([np.asarray(n, dtype=np.float32) for n in per_epoch]) if per_epoch else np.zeros((0, 0), np.float32)
-    tmp = out / "weight_norms.npy.tmp"
+    tmp = array.with_name(f"{array.name}.tmp")
     with open(tmp, "wb") as f:
         np.save(f, a)
-    os.replace(tmp, out / "weight_norms.npy")
+    os.replace(tmp, array)
     summary = [{"min": round(float(r.min()), 6), "median": round(float(np.median(r)), 6), "max": round(float(r.max()), 6)}
                for r in a]
-    write_json(out / "weight_norms.json", {"class_counts": class_counts, "per_epoch_file": "weight_norms.npy",
-                                          "shape": list(a.shape), "per_epoch_summary": summary, **extra})
+    write_json_atomic(stage_dir.weight_norms, {"class_counts": class_counts, "per_epoch_file": array.name,
+                                               "shape": list(a.shape), "per_epoch_summary": summary, **extra})
 
 
 class EpochEnd:
-    def __init__(self, ctx: RunContext, prog: Progress, *, out: Path, epochs: int, amp: str,
+    def __init__(self, ctx: RunContext, prog: StageState, *, out: Path, epochs: int, amp: str,
                  tracking: Tracking | None = None, checkpoint_extra: dict | None = None):
-        """`prog`: the stage's Progress (its stage number, trainer and best-so-far); `out`: the stage's folder;
+        """`prog`: the stage's StageState (its stage number, trainer and best-so-far); `out`: the stage's folder;
         `checkpoint_extra`: fields last.pt / best.pt carry besides the weights (stage 2: maxnorm_radius)."""
         self.ctx, self.prog, self.out, self.epochs, self.amp = ctx, prog, out, epochs, amp
+        self.files = StageDir(out)
         self.stage = prog.stage
         self.tracking = tracking or Tracking()
         self.checkpoint_extra = checkpoint_extra or {}
-        self.summary = CsvLog(out / "summary.csv", resume=prog.resumed) if ctx.is_main else None
+        self.summary = CsvLog(self.files.summary, resume=prog.resumed) if ctx.is_main else None
         self.val_s = 0.0  # seconds spent in per-epoch validation
 
     def validate(self, model, val_loader) -> tuple[dict, dict]:
@@ -113,9 +119,9 @@ class EpochEnd:
                      "val": measured, "val_key": ctx.eval_key(self.amp),
                      **self.checkpoint_extra, "config": to_dict(ctx.cfg),
                      **{k: ctx.info[k] for k in ("classes", "category_ids") if k in ctx.info}}  # bigltr-eval checks
-            save_checkpoint(state, self.out / "last.pt")
+            save_checkpoint(state, self.files.last)
             if is_best:
-                save_checkpoint(state, self.out / "best.pt")
+                save_checkpoint(state, self.files.best)
         log.info(f"stage{self.stage} epoch {epoch + 1}/{self.epochs} {text}{' *best' if is_best else ''}")
         prog.checkpoint(epoch + 1, 0)
         if stop_now:
@@ -129,7 +135,7 @@ class EpochEnd:
             write_weight_norms(self.out, prog.norms_per_epoch, ctx.class_counts, norms_extra or {})
         ctx.dist.barrier()  # best.pt is complete before any rank reads it
         final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(ctx.device)
-        best = load_checkpoint(self.out / "best.pt")
+        best = load_run_checkpoint(self.files.best, strict=False)
         final.load_state_dict(best["model"])
         val = ctx.reusable_val(best, self.amp)  # the same on every rank: they all read the same best.pt
         if val is not None:

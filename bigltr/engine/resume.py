@@ -41,11 +41,11 @@ import torch
 
 from bigltr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_error
 from bigltr.config import ConfigError
+from bigltr.rundir import RunDir, StageDir
 
 log = logging.getLogger("bigltr")
 
 EXIT_PREEMPTED = 75
-PREEMPT_FILE = "PREEMPT"
 
 
 class Preempted(Exception):
@@ -56,7 +56,7 @@ class TrainingDiverged(RuntimeError):
     """The loss became non-finite; no checkpoint was written after it, so the newest resume checkpoint is finite."""
 
 
-class StopFlag:
+class StopGuard:
     """Stop requests and the non-finite-loss guard, checked together every `check_every` optimiser steps (counted
     over the whole run, not per epoch) and at every epoch end, with one all-reduce so that every rank agrees.
 
@@ -65,7 +65,7 @@ class StopFlag:
     """
 
     def __init__(self, run_dir: Path, dist, check_every: int = 10):
-        self.file = Path(run_dir) / PREEMPT_FILE
+        self.file = RunDir(run_dir).preempt
         self.dist, self.check_every = dist, max(1, check_every)
         self.requested = False
         self.steps = 0  # optimiser steps taken by this process (all stages, all epochs)
@@ -115,10 +115,6 @@ class StopFlag:
                 f"learning rate (or use amp=none / bf16 instead of fp16) and resume with resume=auto, or start over")
         return bool(stop)
 
-    def should_stop(self, where: str = "training") -> bool:
-        """After an optimiser step: count it, and poll when a check is due (collective then)."""
-        return self.step_taken() and self.poll(where)
-
 
 def rng_state() -> dict:
     st = np.random.get_state()
@@ -147,26 +143,20 @@ _TAG = re.compile(r"^e(\d{5})-b(\d{8})$")
 
 def resume_candidates(stage_dir: Path) -> list[Path]:
     """Complete resume checkpoints of a stage (folders with meta.pt), newest first."""
-    root = Path(stage_dir) / "resume"
+    root = StageDir(stage_dir).resume
     if not root.is_dir():
         return []
     return sorted((p for p in root.iterdir() if _TAG.match(p.name) and (p / "meta.pt").is_file()), reverse=True)
 
 
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    """The newest complete resume checkpoint of a stage (a folder with meta.pt), or None."""
-    found = resume_candidates(stage_dir)
-    return found[0] if found else None
-
-
-class Progress:
+class StageState:
     """A stage's position and history, and the resume checkpoints that carry them."""
 
     def __init__(self, stage_dir: Path, stage: int, config: dict, *, dist, model, trainer, scheduler,
                  stateful: dict | None = None):
         """`stateful`: more objects with state_dict()/load_state_dict() to carry, per rank (stage 2's MaxNorm
         counters, which count this rank's rows under FSDP2)."""
-        self.root, self.stage, self.config = Path(stage_dir) / "resume", stage, config
+        self.root, self.stage, self.config = StageDir(stage_dir).resume, stage, config
         self.dist, self.model, self.trainer, self.scheduler = dist, model, trainer, scheduler
         self.stateful = stateful or {}
         self.epoch, self.batch = 0, 0  # where training (re)starts
@@ -180,7 +170,7 @@ class Progress:
         self._steps += 1
         return self._steps
 
-    def restore_newest(self, candidates: list[Path]) -> "Progress":
+    def restore_newest(self, candidates: list[Path]) -> "StageState":
         """Restore the newest readable checkpoint of `candidates` (newest first). An unreadable one (truncated,
         corrupt, or refused by the safe loader) is skipped with a warning naming it; all ranks agree on the one
         they load. None readable: an error (starting the stage over silently would discard the run)."""
@@ -215,7 +205,7 @@ class Progress:
             return str(e)
         return ""
 
-    def restore(self, directory: Path | None) -> "Progress":
+    def restore(self, directory: Path | None) -> "StageState":
         """Load model, optimizer, scheduler, scaler, RNG and position from a resume checkpoint folder."""
         if directory is None:
             return self
@@ -369,7 +359,7 @@ def _rng_from_file(state: dict) -> dict:
     return state
 
 
-def step_hook(ctx, progress: Progress, epoch: int, batches: int) -> bool:
+def step_hook(ctx, state: StageState, epoch: int, batches: int) -> bool:
     """After an optimiser step: the rank-agreed stop / non-finite-loss check (every `preempt_check_every` steps of
     the run) and the periodic resume checkpoint (every `ckpt_every_steps` steps of the run; the loss is checked
     first, so no checkpoint ever holds weights trained on a non-finite loss).
@@ -377,26 +367,26 @@ def step_hook(ctx, progress: Progress, epoch: int, batches: int) -> bool:
     Returns True when the stage must stop; the stop checkpoint is then already written."""
     stop, every = ctx.stop, ctx.cfg.ckpt_every_steps
     if stop is None:  # a stage driven outside `run` (benchmarks): periodic checkpoints only
-        if every and progress.steps_taken() % every == 0:
-            progress.checkpoint(epoch, batches)
+        if every and state.steps_taken() % every == 0:
+            state.checkpoint(epoch, batches)
         return False
     check_due = stop.step_taken()
     ckpt_due = bool(every) and stop.steps % every == 0
     if not (check_due or ckpt_due):
         return False
-    if stop.poll(f"stage {progress.stage}"):
-        progress.checkpoint(epoch, batches)
+    if stop.poll(f"stage {state.stage}"):
+        state.checkpoint(epoch, batches)
         log.warning(f"stop requested: checkpoint written at epoch {epoch + 1}, batch {batches}; exiting with "
                     f"{EXIT_PREEMPTED}")
         return True
     if ckpt_due:
-        progress.checkpoint(epoch, batches)
+        state.checkpoint(epoch, batches)
     return False
 
 
-def epoch_end_stop(ctx, progress: Progress, epoch: int) -> bool:
+def epoch_end_stop(ctx, state: StageState, epoch: int) -> bool:
     """At an epoch end, before anything is written: raise if the loss went non-finite in the epoch; True if a stop
     was asked (the caller writes the epoch-end checkpoint, then raises Preempted)."""
-    stop = ctx.stop is not None and ctx.stop.poll(f"stage {progress.stage}")
-    progress.check_finite(epoch + 1, 0)
+    stop = ctx.stop is not None and ctx.stop.poll(f"stage {state.stage}")
+    state.check_finite(epoch + 1, 0)
     return stop

@@ -10,15 +10,18 @@ import torch
 import yaml
 
 from bigltr import plots
-from bigltr.config import BoundedSafeLoader, Config, ConfigError, batch_plan, save_config, to_dict
-from bigltr.engine.context import RunContext, write_json
-from bigltr.engine.resume import StopFlag, resume_candidates
+from bigltr.atomic import write_json_atomic
+from bigltr.checkpoint import load_run_checkpoint
+from bigltr.config import Config, ConfigError, batch_plan, save_config, to_dict
+from bigltr.engine.context import RunContext
+from bigltr.engine.resume import StopGuard, resume_candidates
 from bigltr.engine.rundir import RunLock, RunLocked, compare_for_resume
 from bigltr.engine.stage1 import run_stage1
 from bigltr.engine.stage2 import run_stage2
 from bigltr.engine.tracking import Tracking
 from bigltr.distributed import Dist, resolve_device
-from bigltr.results import GROUPS, RESULTS_NAME, group_sizes, per_class_accuracy, read_results, read_weight_norms
+from bigltr.results import GROUPS, group_sizes, per_class_accuracy, read_results, read_weight_norms
+from bigltr.rundir import STAGES, RunDir
 
 log = logging.getLogger("bigltr")
 
@@ -52,14 +55,14 @@ def run(cfg: Config, dist: Dist | None = None) -> dict:
 
 def _run_locked(cfg: Config, ctx: RunContext, out: Path) -> dict:
     dist = ctx.dist
-    results_path = out / RESULTS_NAME
+    results_path = RunDir(out).results
     results = read_results(out)
     if cfg.resume == "auto":
         _check_resume_config(cfg, out, results)
     dist.barrier()  # every rank has read the old results and config before rank 0 rewrites them
     if dist.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml", header=[
+        save_config(cfg, RunDir(out).config, header=[
             f"{s}: {batch_plan(getattr(cfg, s), dist.world_size, s).describe()}" for s in ("stage1", "stage2")])
     results["classes"] = ctx.info.get("classes")
     results["class_counts"] = ctx.class_counts
@@ -73,7 +76,7 @@ def _run_locked(cfg: Config, ctx: RunContext, out: Path) -> dict:
              f"({ctx.num_classes} classes)")
 
     with Tracking.open(cfg, out, dist.is_main) as tracking:  # log.trackers, main rank; finished however this ends
-        ctx.stop = StopFlag(out, dist, cfg.preempt_check_every)
+        ctx.stop = StopGuard(out, dist, cfg.preempt_check_every)
         try:
             ctx.stop.clear_stale()
             return _run_stages(cfg, ctx, results, results_path, tracking)
@@ -84,16 +87,17 @@ def _run_locked(cfg: Config, ctx: RunContext, out: Path) -> dict:
 def _check_resume_config(cfg: Config, out: Path, results: dict) -> None:
     """resume=auto continues checkpoints trained with out/config.yaml: a key that changes the model, data or
     method of a stage that has started is an error; keys that may change are listed."""
-    saved_path = out / "config.yaml"
+    run_dir = RunDir(out)
+    saved_path = run_dir.config
     if not saved_path.exists():
         return
     try:
-        saved = yaml.load(saved_path.read_text(), Loader=BoundedSafeLoader)  # aliases bounded
+        saved = run_dir.read_config()
     except (yaml.YAMLError, OSError) as e:
         raise ConfigError(f"resume=auto: {saved_path} is not readable ({e})") from None
     if not isinstance(saved, dict):
         raise ConfigError(f"resume=auto: {saved_path} does not hold a config mapping")
-    started = {s for s in ("stage1", "stage2") if s in results or resume_candidates(out / s)}
+    started = {s for s in STAGES if s in results or resume_candidates(run_dir.stage(s).path)}
     if not started:
         return
     errors, allowed = compare_for_resume(saved, to_dict(cfg), to_dict(Config()), started)
@@ -116,24 +120,24 @@ def _run_stages(cfg: Config, ctx: RunContext, results: dict, results_path: Path,
         results.pop("stage2", None)  # a new stage 1 invalidates any earlier stage 2
         done.discard("stage2")
         if dist.is_main:
-            write_json(results_path, results)
+            write_json_atomic(results_path, results)
     if cfg.stage in ("2", "all") and "stage2" not in done:
         seed_everything(cfg.seed + 1)
-        ckpt = cfg.stage1_checkpoint or str(out / "stage1" / "best.pt")
+        ckpt = cfg.stage1_checkpoint or str(RunDir(out).best(1))
         if not Path(ckpt).is_file():
             raise FileNotFoundError(f"stage 2 needs stage 1's checkpoint; {ckpt} does not exist (run stage=1 with "
                                     f"out={cfg.out} first, or set stage1_checkpoint=PATH)")
         results["stage2"] = run_stage2(ctx, ckpt, tracking)
         ran.add("stage2")
         if dist.is_main:
-            write_json(results_path, results)
+            write_json_atomic(results_path, results)
     dist.barrier()
     if not dist.is_main:
         return results
     if cfg.log.plots:  # off in tuning trials (bigltr-tune passes log.plots=false): nobody looks at them there
         write_plots(results, out)
     table = summary_table(results, stage_configs(cfg, out, results, ran))
-    (out / "table.md").write_text(table + "\n")
+    RunDir(out).table.write_text(table + "\n")
     print("\n" + table + "\n")
     return results
 
@@ -143,16 +147,17 @@ def stage_configs(cfg: Config, out: Path, results: dict, ran: set[str]) -> dict[
     (stage=2 after an earlier stage=1 run, resume=auto after a finished stage) the config its best.pt embeds, which
     may differ from this run's (say stage1.weight_decay=0 then). A stage whose best.pt is unreadable is left out."""
     configs = {}
-    for s in ("stage1", "stage2"):
+    for s in STAGES:
         if s not in results:
             continue
         if s in ran:
             configs[s] = to_dict(cfg)
             continue
+        best = RunDir(out).best(s)
         try:  # mmap: only the config is read, not the weights
-            configs[s] = torch.load(out / s / "best.pt", map_location="cpu", weights_only=True, mmap=True)["config"]
+            configs[s] = load_run_checkpoint(best, strict=False, mmap=True)["config"]
         except Exception as e:  # noqa: BLE001 - a label is not worth failing a finished run for
-            log.warning(f"{out / s / 'best.pt'}: no config readable ({type(e).__name__}: {e}); table.md names the "
+            log.warning(f"{best}: no config readable ({type(e).__name__}: {e}); table.md names the "
                         f"row without its settings")
     return configs
 
@@ -266,13 +271,14 @@ def write_plots(results: dict, out: Path) -> None:
     counts, names = results.get("group_counts") or results["class_counts"], results.get("classes")
     groups = results.get("groups") or {}
     thr = {"many_thr": groups.get("many_thr", 100), "few_thr": groups.get("few_thr", 20)}
-    norms = {f"stage {s[-1]}": results[s]["weight_norms"] for s in ("stage1", "stage2") if s in results}
+    run_dir = RunDir(out)
+    norms = {f"stage {s[-1]}": results[s]["weight_norms"] for s in STAGES if s in results}
     radius = results.get("stage2", {}).get("maxnorm_radius")
-    plots.plot_weight_norms(norms, counts, out / "weight_norms.png", radius=radius, class_names=names, **thr)
-    accs = {f"stage {s[-1]}": per_class_accuracy(results[s]["test"]) for s in ("stage1", "stage2") if s in results}
-    plots.plot_per_class_accuracy(accs, counts, out / "per_class_accuracy.png", class_names=names, **thr)
-    for s in ("stage1", "stage2"):
-        wn = read_weight_norms(out / s) if s in results else None
+    plots.plot_weight_norms(norms, counts, run_dir.plot("weight_norms"), radius=radius, class_names=names, **thr)
+    accs = {f"stage {s[-1]}": per_class_accuracy(results[s]["test"]) for s in STAGES if s in results}
+    plots.plot_per_class_accuracy(accs, counts, run_dir.plot("per_class_accuracy"), class_names=names, **thr)
+    for s in STAGES:
+        wn = read_weight_norms(run_dir.stage(s).path) if s in results else None
         if wn is not None:
-            plots.plot_norm_evolution(wn["per_epoch"], counts, out / f"{s}_norm_evolution.png",
+            plots.plot_norm_evolution(wn["per_epoch"], counts, run_dir.plot(f"{s}_norm_evolution"),
                                       f"{s}: classifier row norms per epoch", radius=wn.get("radius"), **thr)

@@ -1,4 +1,5 @@
 """Guards of a run directory: one run at a time (a lock), and `resume=auto` only with the config it was trained with.
+(Where the files of a run directory live: bigltr.rundir.)
 
 The lock is a file `<out>/.bigltr.lock` created with O_CREAT|O_EXCL (atomic on local disks and on NFS v3+, Lustre
 and GPFS, where `flock`/`fcntl` locks are not always available or survive a node's death) holding the owner's host,
@@ -16,11 +17,11 @@ import threading
 import time
 from pathlib import Path
 
-from bigltr.config import ConfigError, flatten
+from bigltr.config import ConfigError, config_diff, key_in
+from bigltr.rundir import RunDir
 
 log = logging.getLogger("bigltr")
 
-LOCK_NAME = ".bigltr.lock"
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 
@@ -41,7 +42,7 @@ def _alive(pid: int) -> bool:
 
 class RunLock:
     def __init__(self, out: Path, stale_s: float = STALE_S, heartbeat_s: float = HEARTBEAT_S):
-        self.path = Path(out) / LOCK_NAME
+        self.path = RunDir(out).lock
         self.stale_s, self.heartbeat_s = stale_s, heartbeat_s
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": os.environ.get("SLURM_JOB_ID", ""),
                    "started": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -65,7 +66,7 @@ class RunLock:
                         f"that run is dead on another machine, delete {self.path}") from None
                 log.warning(f"taking over the stale lock {self.path} ({reason})")
                 try:  # rename first: of two runs taking over at once, only one rename succeeds
-                    aside = self.path.with_name(f"{LOCK_NAME}.stale-{self.me['host']}-{self.me['pid']}")
+                    aside = self.path.with_name(f"{self.path.name}.stale-{self.me['host']}-{self.me['pid']}")
                     os.replace(self.path, aside)
                     aside.unlink()
                 except FileNotFoundError:
@@ -134,21 +135,10 @@ def compare_for_resume(saved: dict, new: dict, defaults: dict, started: set[str]
     """(errors, allowed changes) between the saved and the new resolved config.
 
     `started`: the stages ("stage1", "stage2") with results or resume checkpoints; a key of a stage that has not
-    started may change. A key the saved config lacks (written by an older bigltr) counts as its default."""
-    s, n, dflt = flatten(saved), flatten(new), flatten(defaults)
+    started may change. A key the saved config lacks (written by an older bigltr) counts as its default. Both
+    lists are sorted by key."""
+    may_change = RESUMABLE + tuple(f"{s}." for s in ("stage1", "stage2") if s not in started)
     errors, allowed = [], []
-    for key in sorted(set(s) | set(n)):
-        if key not in n:
-            continue  # a key this version no longer has
-        old = s.get(key, dflt.get(key))
-        if old == n[key] or (isinstance(old, (int, float)) and isinstance(n[key], (int, float))
-                             and not isinstance(old, bool) and float(old) == float(n[key])):
-            continue
-        change = f"{key}: {old!r} -> {n[key]!r}"
-        stage = key.split(".")[0] if key.startswith(("stage1.", "stage2.")) else None
-        if any(key == r or (r.endswith(".") and key.startswith(r)) for r in RESUMABLE) or (
-                stage is not None and stage not in started):
-            allowed.append(change)
-        else:
-            errors.append(change)
+    for key, old, value in sorted(config_diff(saved, new, defaults=defaults), key=lambda d: d[0]):
+        (allowed if key_in(key, may_change) else errors).append(f"{key}: {old!r} -> {value!r}")
     return errors, allowed

@@ -14,19 +14,20 @@ from bigltr.config import ConfigError, batch_plan, to_dict
 from bigltr.engine.common import build_sgd, cosine_schedule, param_groups, train_epoch
 from bigltr.engine.context import RunContext
 from bigltr.engine.epoch_end import EpochEnd, val_text
-from bigltr.engine.resume import Preempted, Progress, epoch_end_stop, resume_candidates, step_hook
+from bigltr.engine.resume import Preempted, StageState, epoch_end_stop, resume_candidates, step_hook
 from bigltr.engine.tracking import Tracking
 from bigltr.models import build_model
 from bigltr.objective.etf import ETFClassifier, FeaturePenalizedLoss
 from bigltr.objective.losses import build_loss
 from bigltr.objective.maxnorm import row_norms
+from bigltr.rundir import RunDir
 
 log = logging.getLogger("bigltr")
 
 
 def run_stage1(ctx: RunContext, tracking: Tracking | None = None) -> dict:
     cfg, s1, device, dist = ctx.cfg, ctx.cfg.stage1, ctx.device, ctx.dist
-    out = ctx.out / "stage1"
+    out = RunDir(ctx.out).stage(1).path
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans,
                         pretrained=cfg.model.pretrained, drop_rate=cfg.model.drop_rate)
     if s1.classifier == "etf":  # one-stage weight balancing: a fixed simplex ETF, only its bias trains
@@ -58,8 +59,8 @@ def run_stage1(ctx: RunContext, tracking: Tracking | None = None) -> dict:
     loss_fn = build_loss(s1.loss, ctx.class_counts, la_tau=s1.la_tau)  # "ce": nn.CrossEntropyLoss
     if s1.feature_reg > 0:
         loss_fn = FeaturePenalizedLoss(loss_fn, model.classifier, s1.feature_reg)
-    prog = Progress(out, 1, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler).restore_newest(
-        resume_candidates(out) if cfg.resume == "auto" else [])
+    prog = StageState(out, 1, to_dict(cfg), dist=dist, model=model, trainer=trainer,
+                      scheduler=scheduler).restore_newest(resume_candidates(out) if cfg.resume == "auto" else [])
     ends = EpochEnd(ctx, prog, out=out, epochs=s1.epochs, amp=s1.amp, tracking=tracking)
     log.info(f"stage 1: {cfg.model.name}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params "
              f"(local), {train_loader.num_samples} train images/rank x {dist.world_size} rank(s), {steps} "

@@ -15,18 +15,19 @@ from pathlib import Path
 
 import torch
 
-from bigltr.checkpoint import load_checkpoint
+from bigltr.checkpoint import NotRunCheckpointError, load_run_checkpoint
 from bigltr.config import ConfigError, batch_plan, cache_amp, to_dict
 from bigltr.engine.common import autocast, build_sgd, cosine_schedule, freeze, train_epoch
 from bigltr.engine.context import RunContext
 from bigltr.engine.epoch_end import EpochEnd, val_text
 from bigltr.engine.feature_cache import EvalFeatures, FeatureCache
-from bigltr.engine.resume import Preempted, Progress, epoch_end_stop, resume_candidates, step_hook
+from bigltr.engine.resume import Preempted, StageState, epoch_end_stop, resume_candidates, step_hook
 from bigltr.engine.tracking import Tracking
 from bigltr.models import build_model
 from bigltr.objective.fused_sgd import SGDMaxNorm
 from bigltr.objective.losses import build_loss
 from bigltr.objective.maxnorm import MaxNorm, resolve_radius
+from bigltr.rundir import RunDir
 
 log = logging.getLogger("bigltr")
 
@@ -51,12 +52,14 @@ def eval_cache_key(cfg, stage1_checkpoint: str, split: str, dist, per_process: i
 
 def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | None = None) -> dict:
     cfg, s2, device, dist = ctx.cfg, ctx.cfg.stage2, ctx.device, ctx.dist
-    out = ctx.out / "stage2"
+    stage_dir = RunDir(ctx.out).stage(2)
+    out = stage_dir.path
     plan = batch_plan(s2, dist.world_size, "stage2")
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans, pretrained=False)
-    ckpt = load_checkpoint(stage1_checkpoint)
-    if not isinstance(ckpt, dict) or "model" not in ckpt:
-        raise ConfigError(f"{stage1_checkpoint} is not a bigltr checkpoint (no 'model' entry)")
+    try:
+        ckpt = load_run_checkpoint(stage1_checkpoint, strict=False)
+    except NotRunCheckpointError:
+        raise ConfigError(f"{stage1_checkpoint} is not a bigltr checkpoint (no 'model' entry)") from None
     if ckpt.get("stage", 1) != 1:
         raise ConfigError(f"{stage1_checkpoint} is a stage-{ckpt.get('stage')} checkpoint; stage 2 starts from stage "
                           f"1's weights (<out>/stage1/best.pt)")
@@ -80,7 +83,7 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
     cache_s = 0.0
     if s2.features == "cached":
         c = s2.cache
-        cache_dir = Path(c.dir) if c.dir else out / "feature_cache"
+        cache_dir = Path(c.dir) if c.dir else stage_dir.feature_cache
         if dist.distributed:  # each rank caches the features of its own part of the data
             cache_dir = cache_dir / f"rank{dist.rank}-of-{dist.world_size}"
         train_loader = FeatureCache.build(
@@ -147,7 +150,7 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
             return trainer(feats.float())
 
     scheduler = cosine_schedule(trainer.optimizer, s2.epochs * steps)
-    prog = Progress(out, 2, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler,
+    prog = StageState(out, 2, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler,
                     stateful={"maxnorm": maxnorm}).restore_newest(
         resume_candidates(out) if cfg.resume == "auto" else [])
     ends = EpochEnd(ctx, prog, out=out, epochs=s2.epochs, amp=s2.amp, tracking=tracking,

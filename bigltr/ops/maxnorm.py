@@ -89,7 +89,7 @@ def _rule(r, tau: float, projection: str):
     ||w|| ** cmp_pow > r_cmp and scale them by r_cmp / ||w|| ** scale_pow. Returns (r_cmp, cmp_pow, scale_pow).
 
     exact: {||w||**tau <= r} = {||w|| <= r**(1/tau)}, so it is an ordinary norm clamp (powers 1) at the radius
-    r**(1/tau): the kernels keep their tau = 1 path, and tau = 1 gives the very same bits as before.
+    r**(1/tau): the kernels run their tau = 1 path, and tau = 1 is exactly the plain norm clamp.
     official: the official code's `n = ||w||**tau; if n > r: w *= r / n**tau`. At tau = 1 the two coincide.
     `r` is a float or a 0-d tensor (then r**(1/tau) stays on its device: no host sync)."""
     tau = float(tau)

@@ -30,7 +30,9 @@ class SourceData(NamedTuple):
     source: dict  # provenance for _info.json "source" (the CLI appends the output options)
     extra: Optional[dict] = None  # extra top-level _info.json keys (iNat: category_ids)
     expected_counts: Optional[list[int]] = None  # the long-tail profile the written train split must match
-    legacy_source: bool = False  # idx: "source" keeps its layout from before idx went through convert()
+    # idx: _info.json in idx's own layout ("source" with image_format and maxcount; no encode options, skipped
+    # counts or official training counts: convert(record_encode=False)), byte-identical across conversions
+    idx_info_layout: bool = False
     holdout: Optional[object] = None  # a bigltr.data.longtail.Holdout: val drawn out of train after the decode check
 
 

@@ -182,14 +182,14 @@ def run(args: argparse.Namespace) -> dict:
 
     params = inspect.signature(args.source.load).parameters  # load()'s keywords are named like the options
     data = args.source.load(**{k: getattr(args, k) for k in params})
-    tail = ({"image_format": args.image_format, "maxcount": args.maxcount} if data.legacy_source
+    tail = ({"image_format": args.image_format, "maxcount": args.maxcount} if data.idx_info_layout
             else {"maxcount": args.maxcount, "maxsize": args.maxsize})
     opts = EncodeOptions(args.image_format, getattr(args, "resize", None), getattr(args, "jpeg_quality", None))
     return convert(args.out, name=args.name or os.path.basename(os.path.normpath(args.out)), classes=data.classes,
                    splits=data.splits, source={**data.source, **tail}, opts=opts,
                    workers=getattr(args, "workers", 1), max_skip_fraction=getattr(args, "max_skip_fraction", 0.01),
                    maxcount=args.maxcount, maxsize=args.maxsize, overwrite=args.overwrite, progress=args.progress,
-                   extra=data.extra, record_encode=not data.legacy_source, expected_class_counts=data.expected_counts,
+                   extra=data.extra, record_encode=not data.idx_info_layout, expected_class_counts=data.expected_counts,
                    report_extra=_report_extra(data.source), holdout=data.holdout)
 
 

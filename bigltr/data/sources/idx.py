@@ -147,7 +147,7 @@ def load(src: str, *, dataset: str = "fashion-mnist", classes: Optional[str] = N
         "split_rule": IDX_SPLIT_RULE,
         "keys": "train_<index in train-*-ubyte> (train and val), t10k_<index in t10k-*-ubyte> (test)",
     }
-    return SourceData(names, splits, source, expected_counts=counts, legacy_source=True)
+    return SourceData(names, splits, source, expected_counts=counts, idx_info_layout=True)
 
 
 def _pair_items(images: np.ndarray, left: np.ndarray, right: np.ndarray, pair_labels: np.ndarray, order,
