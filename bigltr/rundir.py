@@ -35,7 +35,20 @@ def stage_name(stage: int | str) -> str:
     return s if s.startswith("stage") else f"stage{s}"
 
 
-class StageDir:
+class _Folder:
+    """A folder addressed by its path (os.fspath works on it)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def __fspath__(self) -> str:
+        return os.fspath(self.path)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({str(self.path)!r})"
+
+
+class StageDir(_Folder):
     """`<out>/stage{1,2}/`: a stage's checkpoints, logs and resume state."""
 
     BEST = "best.pt"
@@ -46,14 +59,6 @@ class StageDir:
     RESUME = "resume"
     FEATURE_CACHE = "feature_cache"
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __fspath__(self) -> str:
-        return os.fspath(self.path)
-
-    def __repr__(self) -> str:
-        return f"StageDir({str(self.path)!r})"
 
     @property
     def best(self) -> Path:
@@ -84,7 +89,7 @@ class StageDir:
         return self.path / self.FEATURE_CACHE
 
 
-class RunDir:
+class RunDir(_Folder):
     """`<out>/`: a run folder's files (see the module's docstring for the layout)."""
 
     CONFIG = "config.yaml"
@@ -93,14 +98,6 @@ class RunDir:
     PREEMPT = "PREEMPT"
     LOCK = ".bigltr.lock"
 
-    def __init__(self, path: str | os.PathLike):
-        self.path = Path(path)
-
-    def __fspath__(self) -> str:
-        return os.fspath(self.path)
-
-    def __repr__(self) -> str:
-        return f"RunDir({str(self.path)!r})"
 
     @classmethod
     def of_checkpoint(cls, checkpoint: str | os.PathLike) -> "RunDir":

@@ -13,14 +13,14 @@ function (stage 2's cached backbone features). An EMA of the weights or another 
 """
 from __future__ import annotations
 
+import io
 import logging
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from bigltr.atomic import write_json_atomic
+from bigltr.atomic import write_bytes_atomic, write_json_atomic
 from bigltr.checkpoint import load_run_checkpoint, save_checkpoint
 from bigltr.config import to_dict
 from bigltr.engine.common import CsvLog, peak_memory_mib
@@ -61,10 +61,9 @@ def write_weight_norms(out: Path, per_epoch: list, class_counts: list[int], extr
     stage_dir = StageDir(out)
     array = stage_dir.weight_norms_array
     a = np.stack([np.asarray(n, dtype=np.float32) for n in per_epoch]) if per_epoch else np.zeros((0, 0), np.float32)
-    tmp = array.with_name(f"{array.name}.tmp")
-    with open(tmp, "wb") as f:
-        np.save(f, a)
-    os.replace(tmp, array)
+    buf = io.BytesIO()
+    np.save(buf, a)
+    write_bytes_atomic(array, buf.getvalue())
     summary = [{"min": round(float(r.min()), 6), "median": round(float(np.median(r)), 6), "max": round(float(r.max()), 6)}
                for r in a]
     write_json_atomic(stage_dir.weight_norms, {"class_counts": class_counts, "per_epoch_file": array.name,
