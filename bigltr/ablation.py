@@ -53,9 +53,9 @@ def _finished(run: Path, stage: str) -> dict | None:
 
 
 def run_or_reuse(train, run: Path, stage: str, argv: list[str], trial: Path | None = None) -> tuple[Path, dict]:
-    """(run folder, results): the finished results of `trial` (a tuning study's run, when its config is this row's) or of `run` (this
-    ablation's own folder, which must hold this row's config); else train `run` (train=None: --no-train, an error
-    saying which row is missing)."""
+    """(run folder, results): the finished results of `trial` (a tuning study's run, when its config is this row's)
+    or of `run` (this ablation's own folder, which must hold this row's config); else train `run` (train=None:
+    --no-train, an error saying which row is missing)."""
     res = _finished(trial, stage) if trial is not None else None
     why = reuse_problem(trial, argv, stage) if res is not None else None
     if res is not None and not why:
@@ -175,10 +175,15 @@ def tuned_overrides(tuned: str | None, row5: str | None = None, row6: str | None
                     row7: str | None = None) -> dict[int, list[str]]:
     """key=value overrides per ablation row (2, 5, 6, 7) from bigltr-tune's tune_result.json files."""
     def load(d: str, phase: int) -> dict | None:
-        f = Path(d) / "tune_result.json"
-        if not f.is_file():
-            raise SystemExit(f"[ablation] {f} not found: run bigltr-tune with out={d} first")
-        sel = json.loads(f.read_text()).get(f"phase{phase}")
+        from bigltr.tune.folder import TuneFolder
+
+        try:
+            sel = TuneFolder(d).selected(phase)
+        except OSError as e:
+            raise SystemExit(f"[ablation] {e.filename} not readable ({e.strerror}): run bigltr-tune with out={d} "
+                             "first") from None
+        except ValueError as e:
+            raise SystemExit(f"[ablation] {d}: damaged tune_result.json ({e})") from None
         return sel["params"] if sel else None
 
     def kv(params: dict) -> list[str]:
@@ -297,6 +302,7 @@ def main(argv=None) -> list[tuple[str, dict]]:
     from bigltr.config import build_config
     from bigltr.rundir import RunDir
     from bigltr.train import main as train_main
+    from bigltr.tune.folder import TuneFolder
 
     train = None if args.no_train else train_main
 
@@ -311,7 +317,7 @@ def main(argv=None) -> list[tuple[str, dict]]:
     if wd1 == 0 and not (args.tuned or args.baselines):
         raise SystemExit("[ablation] the recipe's stage1.weight_decay is 0: row 2 (CE + WD) needs a tuned value")
     # Runs the studies already hold (validation picked them; reusing them changes no number, it saves the CPU time)
-    p1 = json.loads(Path(args.tuned, "tune_result.json").read_text()).get("phase1") if args.tuned else None
+    p1 = TuneFolder(args.tuned).selected(1) if args.tuned else None
     trial2 = study_trial(args.tuned, 1)
     trial1 = study_trial(args.tuned, 1, {**p1["params"], "stage1.weight_decay": 0}) if p1 else None
     s2 = [] if args.online else ["stage2.features=cached", "stage2.cache.location=disk",

@@ -13,19 +13,17 @@ every file of a DeepSpeed checkpoint with the safe loader before the folder is h
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import io
 import os
 import pickle
 import shutil
-import typing
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from bigltr.config import Config, config_from_dict
+from bigltr.config import Config, config_from_dict, field_entry
 from bigltr.errors import BadInputError
 
 
@@ -170,19 +168,18 @@ def class_mismatch(ckpt: dict, info: dict) -> str | None:
     return None
 
 
-def _known_keys(data: dict, cls=Config) -> dict:
+def _known_keys(data: dict, prefix: str = "") -> dict:
     """The part of a saved config that the current schema knows (a checkpoint from an older bigltr may carry keys
     that were renamed or removed since: they cannot matter to evaluation and are dropped)."""
-    hints = typing.get_type_hints(cls)
     out = {}
-    for f in dataclasses.fields(cls):
-        if f.name not in data:
+    for name, value in data.items():
+        entry = field_entry(prefix, name)
+        if entry is None:
             continue
-        if dataclasses.is_dataclass(hints[f.name]):
-            if isinstance(data[f.name], dict):
-                out[f.name] = _known_keys(data[f.name], hints[f.name])
-        else:
-            out[f.name] = data[f.name]
+        if not entry.is_section:
+            out[name] = value
+        elif isinstance(value, dict):
+            out[name] = _known_keys(value, f"{entry.key}.")
     return out
 
 

@@ -2,10 +2,12 @@
 
 Every command that takes config keys (bigltr-train, bigltr-tune, bigltr-eval, bigltr-ablation) reads its `key=value`
 arguments with `split_override` / `parse_overrides` of bigltr.config, so `--key=value`, spaces around the key and an
-empty value mean the same everywhere. This module only imports bigltr.config (no circle). `config_help()` lists every key of `bigltr.config.Config` with its type, default
-and description, read from the dataclass fields themselves (`metadata["help"]`): adding a field adds it to --help.
+empty value mean the same everywhere. `config_help()` lists every key of `bigltr.config.Config` with its type,
+default and description, read from the config's one walk of its schema (`bigltr.config.SCHEMA`, the fields'
+`metadata["help"]`): adding a field adds it to --help.
 
-Only `bigltr.config` and PyYAML are imported: `--help` and config errors answer before torch is loaded.
+Only `bigltr.config` (which does not import this module) and PyYAML are imported: `--help` and config errors answer
+before torch is loaded.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ import types
 import typing
 from typing import Any, Literal
 
-from bigltr.config import Config
+from bigltr.config import SCHEMA
 
 
 # ----------------------------------------------------------------------------------------------- help
@@ -49,30 +51,15 @@ def format_value(value: Any) -> str:
     return repr(value)
 
 
-def section_docs(cls=Config, prefix: str = "") -> list[tuple[str, str]]:
+def section_docs() -> list[tuple[str, str]]:
     """(dotted section, description) of every nested config section, in declaration order."""
-    out = []
-    hints = typing.get_type_hints(cls)
-    for f in dataclasses.fields(cls):
-        if dataclasses.is_dataclass(hints[f.name]):
-            out.append((f"{prefix}{f.name}", f.metadata.get("help", "")))
-            out += section_docs(hints[f.name], f"{prefix}{f.name}.")
-    return out
+    return [(key, entry.help) for key, entry in SCHEMA.items() if entry.is_section]
 
 
-def key_docs(cls=Config, prefix: str = "", instance: Any = None) -> list[KeyDoc]:
+def key_docs() -> list[KeyDoc]:
     """Every config key (the same list as `bigltr.config.valid_keys()`) with its type, default and description."""
-    instance = cls() if instance is None else instance
-    hints = typing.get_type_hints(cls)
-    docs = []
-    for f in dataclasses.fields(cls):
-        tp, value = hints[f.name], getattr(instance, f.name)
-        if dataclasses.is_dataclass(tp):
-            docs += key_docs(tp, f"{prefix}{f.name}.", value)
-        else:
-            docs.append(KeyDoc(f"{prefix}{f.name}", format_type(tp), format_value(value),
-                               " ".join(f.metadata.get("help", "").split())))
-    return docs
+    return [KeyDoc(key, format_type(entry.type), format_value(entry.default), " ".join(entry.help.split()))
+            for key, entry in SCHEMA.items() if not entry.is_section]
 
 
 def config_help() -> str:
@@ -80,7 +67,8 @@ def config_help() -> str:
     sections = dict(section_docs())
     lines = ["Config keys: set any of them as key=value on the command line or as nested YAML in a recipe.",
              "Each key is shown as `key: TYPE = DEFAULT` (a|b|c: one of these values), its description below it.",
-             "Defaults are the dataclass defaults of bigltr/config.py; a recipe (recipe=NAME) changes many of them."]
+             "Defaults are the dataclass defaults of bigltr/config/schema.py; a recipe (recipe=NAME) changes many "
+             "of them."]
     current = None
     for d in key_docs():
         section = d.key.rpartition(".")[0]

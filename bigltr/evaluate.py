@@ -79,8 +79,8 @@ def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = Non
         checkpoint_classes, checkpoint_config, checkpoint_stage, class_mismatch, load_run_checkpoint)
     from bigltr.data.info import read_info
     from bigltr.distributed import Dist, resolve_device
-    from bigltr.engine.common import evaluate
     from bigltr.engine.context import RunContext
+    from bigltr.engine.evaluation import Evaluator
     from bigltr.metrics import class_groups
     from bigltr.models import build_checkpoint_model
     from bigltr.objective.posthoc import posthoc_classifier
@@ -116,16 +116,15 @@ def evaluate_checkpoint(path: str | Path, overrides: dict[str, Any] | None = Non
         classifiers["posthoc"] = posthoc_classifier(model.classifier, cfg.eval.posthoc, cfg.eval.posthoc_tau,
                                                     class_counts=ctx.class_counts)
     loader = ctx.loader(split, train=False, batch_size=stage_cfg.batch_size)
-    counts = evaluate(backbone=model.backbone, classifiers=classifiers, loader=loader, num_classes=num_classes,
-                      device=device, amp=stage_cfg.amp, tta_flip=cfg.eval.tta_flip, desc=f"eval {split}", dist=dist)
+    metrics = Evaluator(ctx).split(model.backbone, classifiers, loader, stage_cfg.amp, f"eval {split}",
+                                   tta_flip=cfg.eval.tta_flip)
     groups = class_groups(ctx.group_counts, cfg.data.many_thr, cfg.data.few_thr)
     result = {"checkpoint": str(path), "stage": stage, "epoch": ckpt.get("epoch"), "model": cfg.model.name,
               "data_root": cfg.data.root, "split": split, "many_thr": cfg.data.many_thr, "few_thr": cfg.data.few_thr,
               "groups": {k: len(v) for k, v in groups.items()}, "warnings": warnings,
-              **ctx.metrics(*counts["model"], split=split)}
-    if "posthoc" in counts:
-        result["posthoc"] = {"method": cfg.eval.posthoc, "tau": cfg.eval.posthoc_tau,
-                             split: ctx.metrics(*counts["posthoc"], split=split)}
+              **metrics["model"]}
+    if "posthoc" in metrics:
+        result["posthoc"] = {"method": cfg.eval.posthoc, "tau": cfg.eval.posthoc_tau, split: metrics["posthoc"]}
     return result
 
 
@@ -140,21 +139,22 @@ def tau_sweep(cfg: Config, checkpoint: str | Path, taus: Sequence[float], splits
 
     from bigltr.checkpoint import load_run_checkpoint
     from bigltr.distributed import Dist, resolve_device
-    from bigltr.engine.common import evaluate
     from bigltr.engine.context import RunContext
+    from bigltr.engine.evaluation import Evaluator, evaluate
     from bigltr.models import build_checkpoint_model
     from bigltr.objective.posthoc import posthoc_classifier
 
     device = resolve_device(cfg.device)
     ctx = RunContext.create(cfg, Dist("ddp", device=device))
     model = build_checkpoint_model(load_run_checkpoint(checkpoint), cfg, checkpoint).to(device)
+    evaluator = Evaluator(ctx)
     clfs = {t: posthoc_classifier(model.classifier, method, t, class_counts=ctx.class_counts) for t in taus}
     out = {}
     for split in splits:
         counts = evaluate(backbone=model.backbone, classifiers=clfs, num_classes=ctx.num_classes, device=device,
                           loader=ctx.loader(split, train=False, batch_size=cfg.stage1.batch_size),
                           tta_flip=cfg.eval.tta_flip)
-        out[split] = {t: ctx.metrics(*v) for t, v in counts.items()}
+        out[split] = {t: evaluator.metrics(*v) for t, v in counts.items()}
     if device.type == "cuda":
         torch.cuda.empty_cache()
     return out

@@ -5,7 +5,7 @@
     <out>/table.md            Many / Medium / Few / All on test
     <out>/*.png               weight_norms, per_class_accuracy, stage{1,2}_norm_evolution
     <out>/PREEMPT             a stop request (created by the Slurm scripts or a user; removed when a run starts)
-    <out>/.bigltr.lock        one run at a time (bigltr.engine.rundir.RunLock)
+    <out>/.bigltr.lock        one run at a time (bigltr.engine.lock.RunLock)
     <out>/stage{1,2}/         a stage's folder (StageDir):
         best.pt, last.pt      model checkpoints (bigltr.checkpoint.load_run_checkpoint reads them)
         summary.csv           one row per epoch

@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from bigltr.checkpoint import CheckpointError  # heavy imports only after the config is known to be good
     from bigltr.data.errors import DataError
     from bigltr.distributed import Dist, DistError, launched_world_size
-    from bigltr.engine.resume import EXIT_PREEMPTED, Preempted, TrainingDiverged
-    from bigltr.engine.rundir import RunLocked
+    from bigltr.engine.stop import EXIT_PREEMPTED, Preempted, TrainingDiverged
+    from bigltr.engine.lock import RunLocked
     from bigltr.engine.run import run
 
     try:

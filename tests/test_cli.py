@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bigltr.config import (Config, ConfigError, build_config, config_from_dict, parse_overrides, split_override, to_dict,
-                           valid_keys)
+from bigltr.config import (Config, ConfigError, build_config, config_from_dict, parse_overrides, split_override,
+                           to_dict, valid_keys)
 
 BIN = Path(sys.executable).parent
 ROOT = Path(__file__).resolve().parent.parent

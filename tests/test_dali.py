@@ -306,7 +306,7 @@ def test_truncated_shard_like_shardloader(shards, tmp_path):
 def test_pipeline_choice_config_and_context(shards, tmp_path, monkeypatch):
     """data.pipeline: torch default; auto -> torch without CUDA (logged); dali -> DaliShardLoader through
     RunContext.loader; dali without DALI importable -> ConfigError naming the install command."""
-    from bigltr import config as config_mod
+    from bigltr.config import validation
     from bigltr.config import ConfigError, build_config
     from bigltr.data.dali import DaliShardLoader, resolve_pipeline
     from bigltr.distributed import Dist
@@ -321,7 +321,7 @@ def test_pipeline_choice_config_and_context(shards, tmp_path, monkeypatch):
     ld = ctx.loader("val", train=False, batch_size=16)
     assert isinstance(ld, DaliShardLoader) and ld.index_dir == str(tmp_path / "idx")
     assert _epoch(ld)[2] == _epoch(_torch(shards, "val", batch_size=16))[2]
-    monkeypatch.setattr(config_mod, "_dali_importable", lambda: False)
+    monkeypatch.setattr(validation, "_dali_importable", lambda: False)
     with pytest.raises(ConfigError, match=r"data.pipeline.*pip install -e '\.\[dali\]'"):
         build_config(["data.pipeline=dali"])
     build_config(["data.pipeline=auto"])  # auto falls back to torch at run time

@@ -72,7 +72,7 @@ def test_two_stages_end_to_end(tiny_shards, tmp_path):
 def test_table_row_names_follow_the_config():
     """summary_table names each stage from its config: what is on joined by " + ", what is off after a comma."""
     from bigltr.config import build_config
-    from bigltr.engine.run import summary_table
+    from bigltr.engine.report import summary_table
 
     m = {"many": 90.0, "medium": 60.0, "few": 40.0, "all": 63.3, "per_class": []}
     results = {"stage1": {"test": m}, "stage2": {"test": m, "maxnorm_radius": 0.66234}}

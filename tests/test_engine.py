@@ -6,7 +6,8 @@ import torch
 import torch.nn as nn
 
 from bigltr.distributed import Trainable
-from bigltr.engine.common import cosine_schedule, param_groups, train_epoch
+from bigltr.engine.loop import train_epoch
+from bigltr.engine.optim import cosine_schedule, param_groups
 
 
 def _run(batches, accum):
@@ -29,7 +30,7 @@ def test_gradient_accumulation_equals_the_big_batch():
     assert s_big["steps"] == s_small["steps"] == 2
     torch.testing.assert_close(m_small.weight, m_big.weight, rtol=1e-5, atol=1e-6)
     assert abs(s_big["train_loss"] - s_small["train_loss"]) < 1e-5
-    # a trailing partial group is read but not trained (every step sees the same global batch; engine/common.py)
+    # a trailing partial group is read but not trained (every step sees the same global batch; engine/loop.py)
     _, s_odd = _run(small[:3], 2)
     assert s_odd["steps"] == 1 and s_odd["batches"] == 3 and s_odd["samples"] == 16
 
@@ -60,6 +61,8 @@ def test_final_reload_reuses_the_selected_epochs_val(tiny_shards, tmp_path, monk
     """best.pt's weights were validated at their epoch: the final reload evaluates test only and reports that
     epoch's val metrics, which equal a fresh val pass of best.pt computed here. log.plots=false writes no PNG."""
     import bigltr.engine.context as context
+    import bigltr.engine.evaluation as evaluation
+    from bigltr.engine.evaluation import Evaluator
     from bigltr.config import build_config
     from bigltr.distributed import Dist
     from bigltr.models import build_model
@@ -67,15 +70,16 @@ def test_final_reload_reuses_the_selected_epochs_val(tiny_shards, tmp_path, monk
     from bigltr.train import main
 
     calls = []
-    real = context.evaluate
+    real = evaluation.evaluate
 
     def spy(**kw):
         calls.append(kw["desc"])
         return real(**kw)
 
-    monkeypatch.setattr(context, "evaluate", spy)
+    monkeypatch.setattr(evaluation, "evaluate", spy)
     out = tmp_path / "run"
-    args = ["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage=1", "stage1.epochs=4", "data.train_aug=none"]
+    args = ["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage=1", "stage1.epochs=4",
+            "data.train_aug=none"]
     assert main(args + ["log.plots=false"]) == 0
     assert calls == ["val"] * 4 + ["eval test"]  # one val pass per epoch, none at the final reload
     res = read_results(out)["stage1"]
@@ -89,17 +93,18 @@ def test_final_reload_reuses_the_selected_epochs_val(tiny_shards, tmp_path, monk
     assert "Many (n=" in (out / "table.md").read_text()
 
     # reference: a fresh val pass over best.pt's weights (the pass the reload no longer makes)
-    monkeypatch.setattr(context, "evaluate", real)
+    monkeypatch.setattr(evaluation, "evaluate", real)
     cfg = build_config(args)
     ctx = context.RunContext.create(cfg, Dist("ddp", device=torch.device("cpu")))
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans)
     model.load_state_dict(best["model"])
-    fresh = ctx.final_eval(model, 16, cfg.stage1.amp)
+    ev = Evaluator(ctx)
+    fresh = ev.final(model, 16, cfg.stage1.amp)
     assert fresh["val"] == res["val"] and fresh["test"] == res["test"]
-    assert ctx.reusable_val(best, cfg.stage1.amp) == best["val"]
+    assert ev.reusable_val(best, cfg.stage1.amp) == best["val"]
     # reused only when the final pass would measure the same thing
-    assert ctx.reusable_val({**best, "val_key": {**best["val_key"], "world_size": 2}}, cfg.stage1.amp) is None
-    assert ctx.reusable_val(best, "bf16") is None and ctx.reusable_val({"model": {}}, cfg.stage1.amp) is None
+    assert ev.reusable_val({**best, "val_key": {**best["val_key"], "world_size": 2}}, cfg.stage1.amp) is None
+    assert ev.reusable_val(best, "bf16") is None and ev.reusable_val({"model": {}}, cfg.stage1.amp) is None
     for extra in ("eval.tta_flip=true", "eval.posthoc=tau_norm"):
-        other = context.RunContext.create(build_config(args + [extra]), ctx.dist)
+        other = Evaluator(context.RunContext.create(build_config(args + [extra]), ctx.dist))
         assert other.reusable_val(best, cfg.stage1.amp) is None, extra

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from bigltr.config import build_config
-from bigltr.engine.common import evaluate
+from bigltr.engine.evaluation import Evaluator, evaluate
 from bigltr.engine.context import RunContext
-from bigltr.engine.feature_cache import EvalFeatures, FeatureCache, entry_name
+from bigltr.engine.feature_cache import EvalFeatures, FeatureCache
+from bigltr.engine.feature_store import entry_name
 from bigltr.models import build_model
 from bigltr.results import per_class_accuracy
 
@@ -84,9 +85,9 @@ def test_cached_eval_equals_online(tiny_shards, stage1_ckpt, tmp_path):
                "eval.posthoc_tau=0.5")
     model = _model(ctx, stage1_ckpt)
     # final evaluation (val + test, flip-TTA, post-hoc classifier): identical metrics, per class
-    online = ctx.final_eval(model, 16, "none")
+    online = Evaluator(ctx).final(model, 16, "none")
     cache = {s: _features(ctx, model, s, flip=True) for s in ("val", "test")}
-    cached = ctx.final_eval(model, 16, "none", features=cache.__getitem__)
+    cached = Evaluator(ctx).final(model, 16, "none", features=cache.__getitem__)
     assert cached == online
     assert len(set(per_class_accuracy(online["test"]))) > 2 and 0 < online["test"]["all"] < 100  # not a degenerate head
     # the flipped view is the backbone on flipped images (not a flip of features)
@@ -96,9 +97,10 @@ def test_cached_eval_equals_online(tiny_shards, stage1_ckpt, tmp_path):
         assert torch.equal(flipped, model.backbone(torch.flip(images, dims=[3])))
         assert torch.equal(centre, model.backbone(images))
     # per-epoch validation (no TTA) on a flip cache: the centre view only
-    per_epoch = ctx.evaluate(torch.nn.Identity(), {"m": model.classifier}, cache["val"], "none", "val")
-    assert per_epoch == ctx.evaluate(model.backbone, {"m": model.classifier},
-                                     ctx.loader("val", train=False, batch_size=16), "none", "val")
+    ev = Evaluator(ctx)
+    per_epoch = ev.split(torch.nn.Identity(), {"m": model.classifier}, cache["val"], "none", "val")
+    assert per_epoch == ev.split(model.backbone, {"m": model.classifier}, ctx.loader("val", train=False, batch_size=16),
+                                 "none", "val")
     assert per_epoch["m"]["samples"] == 60
     with pytest.raises(ValueError, match="flipped"):
         evaluate(backbone=None, classifiers={"m": model.classifier}, loader=_features(ctx, model, "val", flip=False),
@@ -111,7 +113,8 @@ def test_cached_eval_two_ranks_counts_each_sample_once(tiny_shards, stage1_ckpt,
     single = _ctx(tiny_shards, tmp_path, FakeDist())
     model = _model(single, stage1_ckpt)
     clf = {"m": model.classifier}
-    ref = single.evaluate(model.backbone, clf, single.loader("test", train=False, batch_size=16), "none", "test")
+    test_loader = single.loader("test", train=False, batch_size=16)
+    ref = Evaluator(single).split(model.backbone, clf, test_loader, "none", "test")
     for cached in (False, True):
         r1 = FakeDist(rank=1, world_size=2)
         ctx1 = _ctx(tiny_shards, tmp_path, r1)
@@ -121,7 +124,7 @@ def test_cached_eval_two_ranks_counts_each_sample_once(tiny_shards, stage1_ckpt,
         ctx0 = _ctx(tiny_shards, tmp_path, FakeDist(rank=0, world_size=2, others=[r1.sent]))
         loader0 = _features(ctx0, model, "test", flip=False) if cached else ctx0.loader("test", train=False,
                                                                                           batch_size=16)
-        assert ctx0.evaluate(model.backbone, clf, loader0, "none", "test") == ref
+        assert Evaluator(ctx0).split(model.backbone, clf, loader0, "none", "test") == ref
         if cached:
             assert len(loader0) == len(loader1) == 4 and sum(loader0.sizes) == 64
             assert sum(loader1.sizes) == 64 and len(set(loader1.keys)) == 16  # padded with repeats
@@ -346,7 +349,7 @@ def test_damaged_cache_is_rebuilt_with_a_log_line(tmp_path, caplog, damage):
             with open(labels, "wb") as f:
                 np.save(f, edited)
         elif damage == "label_out_of_range":  # labels and their checksum edited together
-            from bigltr.engine.feature_cache import labels_digest
+            from bigltr.engine.feature_store import labels_digest
 
             bad = np.load(labels)
             bad[0] = 99

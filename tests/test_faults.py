@@ -226,7 +226,7 @@ def test_an_error_on_one_rank_reaches_the_launcher(tiny_shards, tmp_path):
     assert "terminate called" not in log and "SIGABRT" not in log, log[-3000:]
 
 
-# ------------------------------------------------------------------------------------------ bigltr-eval / -export inputs
+# ----------------------------------------------------------------------------------- bigltr-eval / -export inputs
 def _model_checkpoint(path: Path, shards: Path, **extra) -> dict:
     """A stage-2 best.pt as the trainer writes it (the real model code, tiny_test's config), with `extra` fields."""
     from bigltr.checkpoint import save_checkpoint

@@ -1,4 +1,4 @@
-"""Lp weight decay (bigltr.objective.lp_decay.LpSGD, engine.common.build_sgd, SGDMaxNorm's wd_p) against a float64
+"""Lp weight decay (bigltr.objective.lp_decay.LpSGD, engine.optim.build_sgd, SGDMaxNorm's wd_p) against a float64
 hand computation; p = 2 must be torch SGD bit for bit."""
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bigltr.config import ConfigError, build_config
-from bigltr.engine.common import build_sgd
+from bigltr.engine.optim import build_sgd
 from bigltr.objective.fused_sgd import SGDMaxNorm
 from bigltr.objective.lp_decay import LpSGD, lp_decay_grad
 

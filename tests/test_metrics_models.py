@@ -2,7 +2,7 @@
 import timm
 import torch
 
-from bigltr.engine.common import evaluate
+from bigltr.engine.evaluation import evaluate
 from bigltr.metrics import class_groups, summarize
 from bigltr.models import build_model
 

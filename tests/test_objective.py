@@ -131,7 +131,7 @@ def test_posthoc_tau_norm():
 
 def test_flip_tta_averages_logits_of_image_and_mirror():
     """eval.tta_flip (official code's reported numbers): prediction = argmax of the mean of both views' logits."""
-    from bigltr.engine.common import evaluate
+    from bigltr.engine.evaluation import evaluate
 
     torch.manual_seed(3)
     backbone = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))

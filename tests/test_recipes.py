@@ -19,8 +19,8 @@ def test_recipe_runs_on_tiny_data(recipe, tiny_shards, tmp_path):
     small = [] if cfg.model.name.endswith("_cifar") else ["model.name=test_efficientnet_gn"]
     out = tmp_path / recipe
     argv = [f"recipe={recipe}", f"data.root={tiny_shards}", f"out={out}", "data.img_size=32", "data.num_workers=0",
-            "stage1.epochs=1", "stage2.epochs=1", "stage1.batch_size=16", "stage2.batch_size=16", "stage1.warmup_epochs=0",
-            "data.many_thr=20", "data.few_thr=8", *small]
+            "stage1.epochs=1", "stage2.epochs=1", "stage1.batch_size=16", "stage2.batch_size=16",
+            "stage1.warmup_epochs=0", "data.many_thr=20", "data.few_thr=8", *small]
     assert main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     assert res["stage2"]["test"]["num_samples"] == 80

@@ -115,7 +115,7 @@ def test_group_sizes_match_the_metrics_groups():
 
 
 def test_results_table_names_group_sizes_and_absent_groups():
-    from bigltr.engine.run import format_table, summary_table
+    from bigltr.engine.report import format_table, summary_table
     from bigltr.results import group_sizes
 
     m = {"many": 81.234, "medium": 60.0, "few": None, "all": 70.617, "per_class": {"accuracy": [], "count": []}}

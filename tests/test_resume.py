@@ -325,7 +325,7 @@ def test_a_save_cut_short_leaves_the_previous_checkpoint(tmp_path):
     import torch.nn as nn
 
     from bigltr.distributed import Dist, Trainable
-    from bigltr.engine.common import cosine_schedule
+    from bigltr.engine.optim import cosine_schedule
     from bigltr.engine.resume import StageState
 
     torch.manual_seed(0)
@@ -368,7 +368,7 @@ def test_a_checkpoint_the_run_cannot_read_is_a_clear_error(tmp_path):
 
     from bigltr.config import ConfigError
     from bigltr.distributed import Dist, Trainable
-    from bigltr.engine.common import cosine_schedule
+    from bigltr.engine.optim import cosine_schedule
     from bigltr.engine.resume import StageState
 
     model = nn.Linear(4, 3)

@@ -37,7 +37,10 @@ exit "$rc"
 """
 SCONTROL = r"""#!/bin/bash
 echo "scontrol $*" >> "$FAKE_LOG/events"
-if [ "$1 $2" = "show hostnames" ]; then sleep "${FAKE_SCONTROL_SLEEP:-0}"; printf '%s\n' ${FAKE_HOSTS:-gpu-a07 gpu-b12}; fi
+if [ "$1 $2" = "show hostnames" ]; then
+    sleep "${FAKE_SCONTROL_SLEEP:-0}"
+    printf '%s\n' ${FAKE_HOSTS:-gpu-a07 gpu-b12}
+fi
 if [ "$1" = requeue ] && [ -n "${FAKE_REQUEUE_FAILS:-}" ]; then exit 1; fi
 exit 0
 """

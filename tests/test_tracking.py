@@ -15,7 +15,7 @@ def test_tracker_names_are_accelerates():
 
 
 def test_unknown_or_missing_tracker_fails_at_start_up(capsys, monkeypatch, tmp_path):
-    import bigltr.config as config_mod
+    from bigltr.config import validation
     from bigltr.train import main
 
     out = tmp_path / "never"
@@ -23,7 +23,7 @@ def test_unknown_or_missing_tracker_fails_at_start_up(capsys, monkeypatch, tmp_p
     err = capsys.readouterr().err
     assert "config key 'log.trackers': unknown tracker 'tensorbord'; did you mean 'tensorboard'?" in err, err
     # a known tracker whose package is absent: said with what to install
-    monkeypatch.setattr(config_mod, "_importable", lambda module: module != "comet_ml")
+    monkeypatch.setattr(validation, "_importable", lambda module: module != "comet_ml")
     assert main([f"out={out}", "log.trackers=[tensorboard, comet_ml]"]) == 2
     err = capsys.readouterr().err
     assert "'comet_ml' is not installed: pip install comet-ml" in err, err

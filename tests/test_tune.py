@@ -459,7 +459,8 @@ def test_phase2_trials_share_one_feature_cache(tiny_shards, tmp_path):
     assert train_main(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={s1}", "stage=1", "stage1.epochs=1"]) == 0
     out = tmp_path / "t"
     assert tune.main(["recipe=tiny_test", f"out={out}", f"data.root={tiny_shards}", "stage2.epochs=1",
-                      "stage2.features=cached", "stage2.cache.location=disk", f"stage1_checkpoint={s1 / 'stage1' / 'best.pt'}",
+                      "stage2.features=cached", "stage2.cache.location=disk",
+                      f"stage1_checkpoint={s1 / 'stage1' / 'best.pt'}",
                       "--phase", "2", "--trials", "2", "--poll", "0.5"]) == 0
     (name,) = [p.name for p in (out / "trials").iterdir()]
     trials = sorted(_trials(out, name), key=lambda t: t.number)

@@ -20,8 +20,9 @@ import torch
 import torch.nn as nn
 
 from bigltr.distributed import Trainable
-from bigltr.engine.common import (autocast, build_sgd, cosine_schedule, param_groups, peak_memory_mib,
-                                  train_epoch)
+from bigltr.engine.device import autocast, peak_memory_mib
+from bigltr.engine.loop import train_epoch
+from bigltr.engine.optim import build_sgd, cosine_schedule, param_groups
 from bigltr.models import build_model
 
 

@@ -40,7 +40,9 @@ from .writer import AUTO, REPORT_NAME, EncodedImage, encode_image, prepare_outpu
 __all__ = ["Item", "EncodeOptions", "load_image", "SkipLimitExceeded", "EmptiedClassError", "ConversionReport",
            "ordered_map", "convert", "IMG_EXTENSIONS"]
 
-# torchvision's ImageFolder extensions (compared case-insensitively)
+# File name endings of the source files an ImageFolder conversion picks up (torchvision's ImageFolder list, compared
+# case-insensitively). A different list from plan.IMAGE_KEYS, the members a shard holds its image under: load_image
+# stores a JPEG, PNG or WebP source as it is (_KEEP_FORMATS) and re-encodes any other format.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # PIL format -> stored extension. MPO: multi-picture JPEG from cameras/phones; a valid JPEG (first frame).
 _KEEP_FORMATS = {"JPEG": "jpg", "MPO": "jpg", "PNG": "png", "WEBP": "webp"}

@@ -1,16 +1,15 @@
-"""Streaming reader of bigltr's WebDataset shards for training and evaluation.
+"""Streaming reader of bigltr's WebDataset shards for training and evaluation: ``ShardLoader``, the torch reader of
+the epoch plan in ``plan.py`` (which shards each rank reads, the split by sample, equal batch counts across ranks,
+padding of short ranks, fault counters).
 
 Design (one epoch = one ``iter(loader)``):
 
-* The main process decides which shards this rank reads and in which order, from ``_info.json`` alone:
-  - train: all shards permuted by ``numpy.random.default_rng([seed, epoch])`` (the same on every rank),
-    rank ``r`` takes ``perm[r::world_size]``;
-  - eval: shards in file order, rank ``r`` takes ``shards[r::world_size]``.
-* A ``torch.utils.data.DataLoader`` runs ``num_workers`` workers; worker ``w`` reads ``rank_shards[w::W]``
-  through ``webdataset.WebDataset`` (train: raw samples pass a shuffle buffer seeded by
-  ``(seed, epoch, rank, worker)``), decodes, applies the transform and sends chunks of up to
-  ``batch_size`` samples. The main process re-batches the chunks into batches of exactly ``batch_size``
-  (the last one partial unless ``drop_last``), so no per-worker remainders appear.
+* The main process takes this rank's shards of the epoch from the plan. A ``torch.utils.data.DataLoader`` runs
+  ``num_workers`` workers; worker ``w`` reads ``rank_shards[w::W]`` through ``webdataset.WebDataset`` (train: raw
+  samples pass a shuffle buffer seeded by ``(seed, epoch, rank, worker)``), decodes, applies the transform and sends
+  chunks of up to ``batch_size`` samples. The main process re-batches the chunks into batches of exactly
+  ``batch_size`` (the last one partial unless ``drop_last``), so no per-worker remainders appear. When the plan
+  divides the split by sample, each worker keeps every ``world_size``-th sample of its stream.
 * Everything that decides the order depends only on (seed, epoch, rank, world_size, num_workers): the same
   values give the same batches. Random augmentation is seeded per (seed, epoch, rank) as well, through the
   DataLoader's generator: worker ``w`` seeds ``random``, ``numpy`` and ``torch`` from it as torch does. With
@@ -19,20 +18,6 @@ Design (one epoch = one ``iter(loader)``):
   reads or advances the process's global RNGs (the training step's, which resume checkpoints carry). Mid-epoch
   resume replays the epoch and discards the batches already trained: that is exact only because re-reading
   them draws nothing from the RNGs the checkpoint restored (docs/data.md, "Failure behaviour").
-
-Equal batch counts across ranks (``world_size > 1``): a collective hangs if one rank yields fewer batches.
-``len(loader)`` is computed from ``shard_lengths`` and is the same on every rank:
-
-* train: every rank reads at most ``T`` samples, ``T`` = the sum of the ``len(shards) // world_size``
-  smallest shard lengths, a lower bound of what any rank receives in any epoch. Ranks drop the rest of
-  their stream (up to about one shard per rank per epoch, different ones each epoch). If that would drop more
-  than 10% of the split (few or uneven shards), or there are fewer shards than ranks, the split is divided by
-  sample instead: every rank reads all shards and keeps every ``world_size``-th sample of each worker's stream.
-* eval with ``drop_last=False``: ranks hold different counts; each rank yields ``max_r ceil(n_r / B)``
-  batches, a rank that runs out repeats its last batch (duplicate keys): an exact evaluator keeps one
-  prediction per ``__key__``. With ``drop_last=True`` all ranks are truncated to ``min_r floor(n_r / B)``.
-* If corrupt samples make a rank run short of ``len(loader)``, it pads with repeats of its last batch and
-  counts them in ``padded_batches``. With ``world_size == 1`` nothing is padded: the epoch just ends early.
 
 Data faults (table in docs/data.md, "Failure behaviour"); nothing is lost silently:
 
@@ -51,7 +36,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import os
 import random
 from typing import Any, Callable, Iterator, Optional
@@ -63,15 +47,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .errors import DataError
-from .info import INFO_NAME, read_info, split_entry
+from .info import read_info
 from .labels import parse_label
+from .plan import IMAGE_KEYS, EpochPlan, sub_seed
 
 __all__ = ["ShardLoader", "DataError"]
 
 _log = logging.getLogger(__name__)
-
-IMAGE_KEYS = "png;jpg;jpeg;webp"
-_IMAGE_EXTS = tuple(IMAGE_KEYS.split(";"))
 
 
 # ----------------------------------------------------------------------------------------------- worker side
@@ -158,11 +140,8 @@ class _ShardReads:
             self._close(url)
 
 
-def _decode_image_native(key: str, data: bytes):
+def _decode_image(data: bytes) -> Image.Image:
     """Decode image bytes into a PIL image in its stored mode (the transform picks L/RGB)."""
-    ext = key.rsplit(".", 1)[-1].lower()
-    if ext not in ("png", "jpg", "jpeg", "webp"):
-        return None
     import io
 
     with io.BytesIO(data) as stream:
@@ -183,10 +162,6 @@ def _buffer_shuffle(src: Iterator, bufsize: int, rng: random.Random) -> Iterator
         buf[j] = sample
     rng.shuffle(buf)
     yield from buf
-
-
-def _sub_seed(*parts: int) -> int:
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(1, dtype=np.uint64)[0])
 
 
 def _global_rng() -> tuple:
@@ -255,11 +230,11 @@ class _EpochStream(IterableDataset):
         if "cls" not in sample:
             raise _BadSample(f"{where}: no .cls label")
         label = parse_label(sample["cls"], where, self.num_classes)
-        ext = next((e for e in _IMAGE_EXTS if e in sample), None)
+        ext = next((e for e in IMAGE_KEYS if e in sample), None)
         if ext is None:
-            raise _BadSample(f"{where}: no image ({', '.join('.' + e for e in _IMAGE_EXTS)})")
+            raise _BadSample(f"{where}: no image ({', '.join('.' + e for e in IMAGE_KEYS)})")
         try:
-            img = _decode_image_native(ext, sample[ext])
+            img = _decode_image(sample[ext])
         except _PROGRAMMING_ERRORS:
             raise
         except Exception as e:
@@ -288,7 +263,7 @@ class _EpochStream(IterableDataset):
             r, w = self.stride
             ds = ds.compose(lambda src: itertools.islice(src, r, None, w))
         if self.train and self.shuffle_buffer > 1:
-            rng = random.Random(_sub_seed(self.seed, self.epoch, self.rank, wid))
+            rng = random.Random(sub_seed(self.seed, self.epoch, self.rank, wid))
             bufsize = self.shuffle_buffer
             ds = ds.compose(lambda src: _buffer_shuffle(src, bufsize, rng))
         ds = ds.map(self._apply, handler=counter)
@@ -312,21 +287,15 @@ class _EpochStream(IterableDataset):
 
 
 # ----------------------------------------------------------------------------------------------- loader
-class ShardLoader:
+class ShardLoader(EpochPlan):
     """Iterate ``(images [B,C,H,W] float, labels [B] long, keys list[str])`` batches over one split.
 
     ``train=True``: shard order and a ``shuffle_buffer`` sample buffer are shuffled deterministically for
     (seed, epoch); call ``set_epoch(epoch)`` before each epoch (the epoch stays fixed otherwise, so iterating
     twice without it repeats the order). ``train=False``: no shuffling, every sample once.
-    ``drop_last`` defaults to ``train``. See the module docstring for how ranks are kept in step.
-
-    Attributes: ``info`` (parsed ``_info.json``), ``num_samples`` (samples this rank reads per epoch, before
-    ``drop_last``), ``expected_samples`` (the split's ``num_samples``: whole split, all ranks),
-    ``skipped`` / ``epoch_skipped`` (corrupt samples skipped since construction / in the last epoch),
-    ``lost`` / ``epoch_lost`` (samples missing because a shard ended early or could not be read) and
-    ``lost_shards`` (their file names, last epoch), ``padded_batches`` (batches repeated in the last epoch to
-    keep ranks in step). The per-epoch counters are this rank's; sum them over ranks. When the split is
-    divided by sample (every rank reads every shard), lost samples are counted on rank 0 only.
+    ``drop_last`` defaults to ``train``. Which shards each rank reads, how ranks are kept in step and the
+    attributes (``info``, ``num_samples``, the fault counters ``skipped`` / ``epoch_skipped``, ``lost`` /
+    ``epoch_lost`` / ``lost_shards``, ``padded_batches``, ...) are the plan's: :class:`EpochPlan`.
 
     Faults (see the module docstring): a bad label raises DataError (any loader); a shard that yields fewer
     samples than ``shard_lengths`` records is logged and counted (``train=True``) or raises DataError
@@ -351,113 +320,20 @@ class ShardLoader:
         prefetch_factor: Optional[int] = None,
         allow_partial: bool = False,
     ):
-        self.root = os.fspath(root)
-        self.info = read_info(self.root)
-        if any(s not in self.info["splits"] for s in split.split("+")):  # "train+val": the union (split_entry)
-            raise ValueError(
-                f"split '{split}' not in {os.path.join(self.root, '_info.json')} "
-                f"(has: {', '.join(self.info['splits'])})"
-            )
-        if int(batch_size) < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if not (0 <= int(rank) < int(world_size)):
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-        if int(num_workers) < 0:
-            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-        self.split = split
-        self.entry = split_entry(self.info, split)
-        self.batch_size = int(batch_size)
+        super().__init__(root, read_info(os.fspath(root)), split, batch_size=batch_size, train=train, seed=seed,
+                         num_workers=num_workers, rank=rank, world_size=world_size, drop_last=drop_last,
+                         allow_partial=allow_partial)
         self.transform = transform
-        self.train = bool(train)
-        self.seed = int(seed)
-        self.num_workers = int(num_workers)
         self.shuffle_buffer = int(shuffle_buffer)
-        self.rank, self.world_size = int(rank), int(world_size)
-        self.drop_last = self.train if drop_last is None else bool(drop_last)
         self.pin_memory = bool(pin_memory)
         self.prefetch_factor = prefetch_factor
-        self.allow_partial = bool(allow_partial)
-        self.expected_samples = int(self.entry["num_samples"])
-        self.epoch = 0
-        self.skipped = 0
-        self.epoch_skipped = 0
-        self.lost = 0
-        self.epoch_lost = 0
-        self.lost_shards: list[str] = []
-        self.padded_batches = 0
-
-        self._files = [os.path.join(self.root, f) for f in self.entry["filenames"]]
-        self._lengths = [int(n) for n in self.entry["shard_lengths"]]
-        n_shards = len(self._files)
-        if n_shards == 0 or sum(self._lengths) == 0:
-            raise ValueError(f"split '{split}' of {self.root} holds no samples")
-        ws, B = self.world_size, self.batch_size
-        # Training reads whole shards per rank, each rank capped at a share every epoch can give (the sum of the
-        # n_shards // ws smallest shards). When that cap would drop more than 10% of the split (few or uneven
-        # shards), or there are fewer shards than ranks, split by sample instead: each rank reads every shard and
-        # keeps every ws-th sample of each worker's stream (ws-fold reading, no extra decoding). The converters'
-        # default layout (writer.auto_shard_lengths: balanced shards, a power-of-two multiple of them) keeps 1, 2,
-        # 4, 8 ranks on whole shards, dropping fewer samples than there are shards (12,406 in 16 shards: 6).
-        shard_cap = sum(sorted(self._lengths)[: n_shards // ws]) if self.train and ws > 1 else None
-        self._split_samples = ws > n_shards or (shard_cap is not None and shard_cap * ws < 0.9 * sum(self._lengths))
-        if self.rank == 0 and ws > 1:
-            total = sum(self._lengths)
-            if self._split_samples:
-                why = ("fewer shards than ranks" if ws > n_shards else
-                       f"whole shards would give each rank only {shard_cap} samples ({total - shard_cap * ws} of "
-                       f"{total} dropped per epoch)")
-                _log.info("split '%s' of %s: %d shard(s) for %d ranks: %s, so every rank reads every shard and "
-                          "keeps one sample in %d (%d-fold reading); to read whole shards, make shards of nearly "
-                          "equal size, ideally a multiple of %d of them (tools/make_shards.py's default --maxcount "
-                          "auto: balanced, a power-of-two count; see docs/data.md, 'Shard size')", split, self.root,
-                          n_shards, ws, why, ws, ws, ws)
-            elif shard_cap is not None:
-                _log.info("split '%s' of %s: %d shards for %d ranks: each rank reads whole shards, %d samples per "
-                          "epoch (%d of %d dropped)", split, self.root, n_shards, ws, shard_cap,
-                          total - shard_cap * ws, total)
-        if self._split_samples:
-            nw = max(1, min(self.num_workers, n_shards))
-            streams = [sum(self._lengths[w::nw]) for w in range(nw)]  # eval order; train varies per epoch
-            per_rank = [sum(len(range(r, L, ws)) for L in streams) for r in range(ws)]
-            self._cap = None
-            if self.train:  # shard order changes per epoch, so use a bound that holds for every epoch
-                cap = max(0, sum(self._lengths) // ws - nw)
-                per_rank, self._cap = [cap] * ws, cap
-        elif shard_cap is not None:
-            per_rank = [shard_cap] * ws
-            self._cap: Optional[int] = shard_cap
-        else:
-            per_rank = [sum(self._lengths[r::ws]) for r in range(ws)]
-            self._cap = None
-        self.num_samples = per_rank[self.rank]
-        batches = [(n // B) if self.drop_last else math.ceil(n / B) for n in per_rank]
-        self._len = min(batches) if self.drop_last else max(batches)
-
-    # -- epoch control
-    def set_epoch(self, epoch: int) -> None:
-        """Select the shuffle of ``epoch`` (deterministic for (seed, epoch)); no effect on eval order."""
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self._len
-
-    def shards_for_epoch(self, epoch: Optional[int] = None) -> list[str]:
-        """The shard paths this rank reads in ``epoch`` (default: the current one), in reading order."""
-        epoch = self.epoch if epoch is None else int(epoch)
-        order = np.arange(len(self._files))
-        if self.train:
-            order = np.random.default_rng([self.seed, epoch]).permutation(len(self._files))
-        if self._split_samples:
-            return [self._files[i] for i in order]
-        return [self._files[i] for i in order[self.rank::self.world_size]]
 
     # -- iteration
     def _dataloader(self, urls: list[str]) -> DataLoader:
         stream = _EpochStream(urls, transform=self.transform, train=self.train,
                               shuffle_buffer=self.shuffle_buffer, seed=self.seed, epoch=self.epoch,
                               rank=self.rank, chunk=self.batch_size, lengths=dict(zip(self._files, self._lengths)),
-                              num_classes=int(self.info["num_classes"]),
-                              stride=(self.rank, self.world_size) if self._split_samples else None)
+                              num_classes=int(self.info["num_classes"]), stride=self.stride)
         workers = min(self.num_workers, len(urls))
         # Always our own generator: without one, iter(DataLoader) draws its base seed from the global torch RNG
         # (also with num_workers=0), which a mid-epoch resume would then draw a second time.
@@ -469,7 +345,7 @@ class ShardLoader:
 
     def _generator(self) -> torch.Generator:
         """The epoch's DataLoader generator: its first draw is the workers' base seed."""
-        return torch.Generator().manual_seed(_sub_seed(self.seed, self.epoch, self.rank, 7))
+        return torch.Generator().manual_seed(sub_seed(self.seed, self.epoch, self.rank, 7))
 
     def _base_seed(self) -> int:
         """The base seed ``iter(DataLoader)`` draws from ``_generator()`` (torch's ``_BaseDataLoaderIter``)."""
@@ -495,13 +371,10 @@ class ShardLoader:
         try:
             for x, y, keys, wid, st in it:
                 status[wid] = st
-                if st["error"]:
+                error = st["error"] or self.short_error(st["short"])
+                if error:
                     failed = True
-                    raise DataError(st["error"])
-                if st["short"] and not (self.train or self.allow_partial):
-                    failed = True
-                    raise DataError(self._short_message(*next(iter(st["short"].items())))
-                                    + "; set data.eval_partial=true to evaluate the readable part")
+                    raise DataError(error)
                 if x is None:
                     continue
                 if cap is not None and taken + len(keys) > cap:
@@ -526,40 +399,9 @@ class ShardLoader:
                 last = (torch.cat(xs), torch.cat(ys), ks)
                 yield last
                 emitted += 1
-            if self.world_size > 1 and emitted < target:
-                if last is None:
-                    raise DataError(
-                        f"rank {self.rank}: split '{self.split}' yielded no usable sample this epoch "
-                        f"(all corrupt?); cannot keep {self.world_size} ranks in step"
-                    )
-                _log.warning("rank %d: padding %d batch(es) to stay in step with other ranks",
-                             self.rank, target - emitted)
-                while emitted < target:
-                    self.padded_batches += 1
-                    yield last
-                    emitted += 1
+            yield from self.pad(last, emitted)
         finally:
             del it
-            self._end_epoch(status, log=not failed)
-
-    @staticmethod
-    def _short_message(url: str, short: tuple) -> str:
-        got, recorded, error = short
-        return (f"{url} yielded {got} of {recorded} samples recorded in {INFO_NAME}"
-                + (f" (read error: {error})" if error else "")
-                + "; the shard is truncated or damaged: re-copy it or re-run tools/make_shards.py "
-                  f"(`tools/make_shards.py verify {os.path.dirname(url)}` checks every shard)")
-
-    def _end_epoch(self, status: dict[int, dict], *, log: bool = True) -> None:
-        """Per-epoch counters from the workers' last status; log shards that ended early."""
-        self.epoch_skipped = sum(st["skipped"] for st in status.values())
-        self.skipped += self.epoch_skipped
-        short = {u: sh for st in status.values() for u, sh in st["short"].items()}  # workers read disjoint shards
-        if self._split_samples and self.rank != 0:
-            short = {}  # every rank read the same shards: rank 0 counts (and logs) the loss once
-        self.epoch_lost = sum(rec - got for got, rec, _ in short.values())
-        self.lost += self.epoch_lost
-        self.lost_shards = sorted(os.path.basename(u) for u in short)
-        for url, sh in sorted(short.items()) if log else ():
-            _log.warning("rank %d, split '%s', epoch %d: %s; %d sample(s) missing from this epoch", self.rank,
-                         self.split, self.epoch, self._short_message(url, sh), sh[1] - sh[0])
+            # workers read disjoint shards: their short shards do not overlap
+            self.count_epoch(sum(st["skipped"] for st in status.values()),
+                             {u: sh for st in status.values() for u, sh in st["short"].items()}, log=not failed)

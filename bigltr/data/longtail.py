@@ -34,10 +34,10 @@ from typing import NamedTuple, Optional, Sequence
 import numpy as np
 
 __all__ = ["LONGTAIL_FORMULA", "IDX_SPLIT_RULE", "longtail_counts", "holdout_and_longtail", "holdout_per_class",
-           "draw_per_class", "cifar_subset", "cifar_subset_rule", "val_from_unused", "train_shuffle", "train_order_rule",
-           "split_items", "warn", "HoldoutPolicy", "Holdout", "HOLDOUT_DEFAULTS", "CLASS_ORDER_RULE", "class_order",
-           "counts_by_class", "PAIRS_SPLIT_RULE",
-           "pair_item_needs", "pairs_holdout", "draw_pairs"]
+           "draw_per_class", "cifar_subset", "cifar_subset_rule", "val_from_unused", "train_shuffle",
+           "train_order_rule", "split_items", "warn", "HoldoutPolicy", "Holdout", "HOLDOUT_DEFAULTS",
+           "CLASS_ORDER_RULE", "class_order", "counts_by_class", "PAIRS_SPLIT_RULE", "pair_item_needs",
+           "pairs_holdout", "draw_pairs"]
 
 LONGTAIL_FORMULA = "int(n_max * (1/imbalance) ** (c / (C-1)))  # LDAM-DRW"  # as recorded in _info.json
 

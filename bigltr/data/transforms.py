@@ -18,11 +18,9 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-from bigltr.config import image_hw  # the one rule for data.img_size (config.validate uses it too)
+from bigltr.config import AUGS, image_hw  # the augmentation names and the one rule for data.img_size
 
 __all__ = ["AUGS", "image_hw", "build_transform"]
-
-AUGS = ("none", "cifar", "crop", "imagenet")
 
 
 def _size_text(hw: tuple[int, int]) -> str:

@@ -16,11 +16,11 @@ from typing import Callable, Optional, Sequence
 
 from .errors import DataError
 from .info import INFO_NAME, validate_info
+from .plan import IMAGE_KEYS
+from .shard_index import default_index_dir, load_shard_index
 from .writer import sha256_file
 
 __all__ = ["VerifyReport", "verify_dataset", "check_label_counts"]
-
-_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 
 
 @dataclass
@@ -72,7 +72,7 @@ def _read_shard(path: str, num_classes: int, decode: bool) -> tuple[list[int], l
         if not 0 <= label < num_classes:
             problems.append(f"sample {key}: label {label} outside [0, {num_classes})")
             continue
-        ext = next((e for e in _IMAGE_EXTS if e in fields), None)
+        ext = next((e for e in IMAGE_KEYS if e in fields), None)
         if ext is None:
             problems.append(f"sample {key}: no image")
             continue
@@ -171,8 +171,6 @@ def check_label_counts(root: str | os.PathLike, info: dict, *, split: str = "tra
     so a later start costs one small JSON read per shard. Shards that read short, hold a sample without label or
     image, or a label that is not in range are left out: the loaders count or refuse those when they read them.
     """
-    from .dali import default_index_dir, load_shard_index  # no DALI import; the tar scan and its cache
-
     root = os.fspath(root)
     entry = info["splits"].get(split)
     if entry is None:

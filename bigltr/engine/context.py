@@ -1,7 +1,6 @@
 """What a stage needs to know about the run: config, device, dataset facts, output folder, loaders."""
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,10 +15,7 @@ from bigltr.data.dali import DaliShardLoader, resolve_pipeline
 from bigltr.data.loader import ShardLoader
 from bigltr.data.transforms import build_transform
 from bigltr.distributed import Dist
-from bigltr.engine.common import evaluate
-from bigltr.metrics import group_counts, summarize
-from bigltr.objective.posthoc import posthoc_classifier
-from bigltr.results import pack_per_class
+from bigltr.metrics import group_counts
 
 
 @dataclass
@@ -29,7 +25,7 @@ class RunContext:
     info: dict
     out: Path
     dist: Dist
-    stop: object = None  # bigltr.engine.resume.StopGuard, set by the run
+    stop: object = None  # bigltr.engine.stop.StopGuard, set by the run
 
     @property
     def train_split(self) -> str:
@@ -96,12 +92,6 @@ class RunContext:
                            pin_memory=d.pin_memory and self.device.type == "cuda", rank=self.dist.rank,
                            world_size=self.dist.world_size, allow_partial=d.eval_partial and split != "train")
 
-    def evaluate(self, backbone, classifiers: dict, split_loader, amp: str, desc: str) -> dict:
-        """Metrics per named classifier on one split (exact under several ranks)."""
-        out = evaluate(backbone=backbone, classifiers=classifiers, loader=split_loader, num_classes=self.num_classes,
-                       device=self.device, amp=amp, desc=desc, dist=self.dist)
-        return {k: self.metrics(*v, split=split_loader.split) for k, v in out.items()}
-
     def data_losses(self, loader) -> dict:
         """Training samples skipped as corrupt or lost to a shard that ended early in the last epoch, summed over
         ranks. More than `data.max_skip_fraction` of the split stops the run (on every rank alike)."""
@@ -117,68 +107,3 @@ class RunContext:
                             f"data.max_skip_fraction={limit}; check the shards with `tools/make_shards.py verify "
                             f"{self.cfg.data.root}`")
         return {"skipped": skipped, "lost": lost}
-
-    def metrics(self, correct: torch.Tensor, total: torch.Tensor, split: str | None = None) -> dict:
-        """Group accuracies; with `split`, also checks that every sample of the split was evaluated: a partial
-        val/test set is an error unless data.eval_partial, and is then reported as "N of M"."""
-        m = summarize(correct, total, self.group_counts, self.cfg.data.many_thr, self.cfg.data.few_thr)
-        m["per_class"] = pack_per_class(m["per_class"], total)  # arrays, small at 100k classes (bigltr.results)
-        if split is None:
-            return m
-        n, expected = int(total.sum()), int(self.info["splits"][split]["num_samples"])
-        m["samples"] = n
-        if n < expected:
-            if not self.cfg.data.eval_partial:
-                raise DataError(f"{split} split of {self.cfg.data.root}: only {n} of {expected} samples could be "
-                                f"evaluated (truncated shard or corrupt images); results over a partial {split} set "
-                                f"are not comparable. Repair the shards (`tools/make_shards.py verify "
-                                f"{self.cfg.data.root}`) or set data.eval_partial=true to report them as "
-                                f"'{n} of {expected}'")
-            m["expected_samples"] = expected
-        return m
-
-
-    def eval_key(self, amp: str) -> dict:
-        """What a per-epoch validation result depends on besides the weights: stored with it in best.pt, so that the
-        final evaluation reuses it only when it would compute the same numbers (`reusable_val`)."""
-        d = self.cfg.data
-        return {"data": os.path.abspath(d.root), "world_size": self.dist.world_size, "amp": amp,
-                "eval_partial": d.eval_partial, "many_thr": d.many_thr, "few_thr": d.few_thr}
-
-    def reusable_val(self, ckpt: dict, amp: str) -> dict | None:
-        """The validation metrics stored in checkpoint `ckpt` (best.pt) when the final evaluation would measure the
-        same numbers again: same weights (they are that checkpoint's), same data and conditions (`eval_key`), and
-        a final evaluation that adds nothing to the per-epoch one (no flip-TTA, no post-hoc classifier, which
-        both change the val numbers). Else None: the val pass runs."""
-        ev = self.cfg.eval
-        val = ckpt.get("val")
-        if not isinstance(val, dict) or ev.tta_flip or ev.posthoc != "none":
-            return None
-        return val if ckpt.get("val_key") == self.eval_key(amp) else None
-
-    def final_eval(self, model, batch_size: int, amp: str, features=None, val: dict | None = None) -> dict:
-        """Val and test metrics of `model` (and of its post-hoc normalised classifier when configured).
-        `features(split)`, when given, returns the split's cached backbone features (EvalFeatures, stage 2 with a
-        frozen backbone): only the classifiers then run. `val`: this model's validation metrics, already measured
-        (`reusable_val`): the val pass is skipped and they are reported as they are."""
-        ev = self.cfg.eval
-        classifiers = {"model": model.classifier}
-        if ev.posthoc != "none":
-            classifiers["posthoc"] = posthoc_classifier(model.classifier, ev.posthoc, ev.posthoc_tau,
-                                                        class_counts=self.class_counts)
-        model.eval()
-        res = {}
-        if val is not None:
-            if "posthoc" in classifiers:
-                raise ValueError("final_eval: a reused val result has no post-hoc metrics; pass val=None")
-            res["val"] = val
-        for split in ("val", "test") if val is None and self.has_val else ("test",):
-            loader = features(split) if features else self.loader(split, train=False, batch_size=batch_size)
-            out = evaluate(backbone=model.backbone, classifiers=classifiers, loader=loader,
-                           num_classes=self.num_classes, device=self.device, amp=amp, tta_flip=ev.tta_flip,
-                           desc=f"eval {split}", dist=self.dist)
-            res[split] = self.metrics(*out["model"], split=split)
-            if "posthoc" in out:
-                res.setdefault("posthoc", {"method": ev.posthoc, "tau": ev.posthoc_tau})[split] = \
-                    self.metrics(*out["posthoc"], split=split)
-        return res

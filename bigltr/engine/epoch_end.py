@@ -1,20 +1,22 @@
 """What a stage does after each training epoch and after its last one: the one place for model selection.
 
-After every epoch (`EpochEnd.validate`, then `EpochEnd.record`): validation metrics and the whole weights, the
-best-so-far decision on the balanced VALIDATION accuracy (never on test), the summary.csv row, the tracker scalars,
-last.pt / best.pt, the log line, the epoch-end resume checkpoint, and the stop on request. After the last epoch
-(`EpochEnd.finish`): weight_norms.json, best.pt reloaded on every rank and evaluated on test, and on val unless
-the val metrics best.pt stores (measured on those very weights at its epoch) are what that pass would give again
-(RunContext.reusable_val): they are then reported as they are, and the second val pass is skipped.
+After every epoch (`validate`, then `record`; called by bigltr.engine.loop.StageLoop): validation metrics and the
+whole weights, the best-so-far decision on the balanced VALIDATION accuracy (never on test), the summary.csv row,
+the tracker scalars, last.pt / best.pt, the log line, the epoch-end resume checkpoint, and the stop on request.
+After the last epoch (`finish`): weight_norms.json, best.pt reloaded on every rank and evaluated on test, and on
+val unless the val metrics best.pt stores (measured on those very weights at its epoch) are what that pass would
+give again (Evaluator.reusable_val): they are then reported as they are, and the second val pass is skipped.
 
-Both stages use it; what differs between them comes in as data: extra summary columns and the log text (stage 2's
-MaxNorm statistics), extra checkpoint fields (stage 2's maxnorm_radius), the val loader and a `features(split)`
-function (stage 2's cached backbone features). An EMA of the weights or another selection metric goes here.
+What differs between the stages comes in as data: extra summary columns and the log text (stage 2's MaxNorm
+statistics), extra checkpoint fields (stage 2's maxnorm_radius), the val loader and a `features(split)` function
+(stage 2's cached backbone features). An EMA of the weights or another selection metric goes here.
 """
 from __future__ import annotations
 
+import csv
 import io
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,11 @@ from typing import Callable
 from bigltr.atomic import write_bytes_atomic, write_json_atomic
 from bigltr.checkpoint import load_run_checkpoint, save_checkpoint
 from bigltr.config import to_dict
-from bigltr.engine.common import CsvLog, peak_memory_mib
 from bigltr.engine.context import RunContext
-from bigltr.engine.resume import Preempted, StageState
+from bigltr.engine.device import peak_memory_mib
+from bigltr.engine.evaluation import Evaluator
+from bigltr.engine.resume import StageState
+from bigltr.engine.stop import Preempted
 from bigltr.engine.tracking import Tracking
 from bigltr.models import build_model
 from bigltr.objective.maxnorm import row_norms
@@ -43,6 +47,7 @@ class Final:
     peak_memory_mib: float  # measured after the final evaluation: the stage's peak, evaluation included
     weight_norms: list[float]  # classifier row norms of the best epoch's weights
     eval_s: float  # seconds of the final val/test evaluation
+    val_s: float  # seconds of the per-epoch validation
     val_reused: bool = False  # val metrics taken from best.pt (its epoch's validation), no second val pass
 
 
@@ -70,6 +75,24 @@ def write_weight_norms(out: Path, per_epoch: list, class_counts: list[int], extr
                                                "shape": list(a.shape), "per_epoch_summary": summary, **extra})
 
 
+class CsvLog:
+    """summary.csv, one row per epoch; the header is fixed by the first row (timm's summary.csv convention)."""
+
+    def __init__(self, path: str | os.PathLike, resume: bool = False):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if not resume and self.path.exists():
+            self.path.unlink()
+
+    def write(self, row: dict) -> None:
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+
+
 class EpochEnd:
     def __init__(self, ctx: RunContext, prog: StageState, *, out: Path, epochs: int, amp: str,
                  tracking: Tracking | None = None, checkpoint_extra: dict | None = None):
@@ -81,20 +104,25 @@ class EpochEnd:
         self.tracking = tracking or Tracking()
         self.checkpoint_extra = checkpoint_extra or {}
         self.summary = CsvLog(self.files.summary, resume=prog.resumed) if ctx.is_main else None
-        self.val_s = 0.0  # seconds spent in per-epoch validation
+        self.evaluator = Evaluator(ctx)
 
-    def validate(self, model, val_loader) -> tuple[dict, dict]:
-        """(validation metrics, whole state dict) of `model`: what the selection sees and last.pt/best.pt hold.
-        `val_loader` may yield cached backbone features (stage 2), the backbone then does not run; None (protocol
-        refit with val trained on): no validation, the metrics are None."""
-        model.eval()
-        if val_loader is None:
-            return None, self.ctx.dist.full_state_dict(model)
-        t = time.perf_counter()
-        val = self.ctx.evaluate(model.backbone, {"m": model.classifier}, val_loader, self.amp, "val")["m"]
-        self.val_s += time.perf_counter() - t
-        # whole weights on every rank (a collective under FSDP2/ZeRO-3)
-        return val, self.ctx.dist.full_state_dict(model)
+    def validate(self, model, val_loader) -> tuple[dict | None, dict]:
+        """(validation metrics, whole state dict) of `model` (bigltr.engine.evaluation.Evaluator.validate)."""
+        return self.evaluator.validate(model, val_loader, self.amp)
+
+    @property
+    def val_s(self) -> float:
+        """Seconds spent in per-epoch validation."""
+        return self.evaluator.val_s
+
+    def is_best(self, epoch: int, val_all: float | None) -> bool:
+        """Whether epoch `epoch` (1-based) is the new best, and if so remember it: the highest balanced validation
+        accuracy so far; `val_all` None (protocol refit, no selection): every epoch is, so the last one is kept."""
+        best = self.prog.best
+        if val_all is None or best is None or best[1] is None or val_all > best[1]:
+            self.prog.best = (epoch, val_all)
+            return True
+        return False
 
     def record(self, epoch: int, tr: dict, val: dict, state_model: dict, *, columns: dict, text: str,
                stop_now: bool) -> None:
@@ -104,7 +132,7 @@ class EpochEnd:
         ctx, prog = self.ctx, self.prog
         prog.norms_per_epoch.append(row_norms(state_model["classifier.weight"]).float().cpu())  # [C] per epoch
         # holdout: the best val accuracy so far; refit: every epoch replaces best.pt, the last one is kept
-        is_best = prog.update_best(epoch + 1, val["all"] if val is not None and ctx.cfg.protocol == "holdout" else None)
+        is_best = self.is_best(epoch + 1, val["all"] if val is not None and ctx.cfg.protocol == "holdout" else None)
         measured, val = val, val or {"all": None, "many": None, "medium": None, "few": None}
         if ctx.is_main:
             row = {"epoch": epoch + 1, "lr": prog.trainer.optimizer.param_groups[0]["lr"], **tr,
@@ -115,7 +143,7 @@ class EpochEnd:
             # weights only; optimizer, scheduler and data position live in the resume checkpoint (below)
             # val: this epoch's validation of these weights, reused by `finish` when they are selected
             state = {"stage": self.stage, "epoch": epoch + 1, "model": state_model, "val_all": val["all"],
-                     "val": measured, "val_key": ctx.eval_key(self.amp),
+                     "val": measured, "val_key": self.evaluator.eval_key(self.amp),
                      **self.checkpoint_extra, "config": to_dict(ctx.cfg),
                      **{k: ctx.info[k] for k in ("classes", "category_ids") if k in ctx.info}}  # bigltr-eval checks
             save_checkpoint(state, self.files.last)
@@ -136,15 +164,16 @@ class EpochEnd:
         final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(ctx.device)
         best = load_run_checkpoint(self.files.best, strict=False)
         final.load_state_dict(best["model"])
-        val = ctx.reusable_val(best, self.amp)  # the same on every rank: they all read the same best.pt
+        val = self.evaluator.reusable_val(best, self.amp)  # the same on every rank: they all read the same best.pt
         if val is not None:
             log.info(f"stage{self.stage}: val metrics of epoch {best.get('epoch')} reused for best.pt (same weights, "
                      f"same evaluation); only test is evaluated")
         t = time.perf_counter()
-        metrics = ctx.final_eval(final, batch_size, self.amp, features=features, val=val)
+        metrics = self.evaluator.final(final, batch_size, self.amp, features=features, val=val)
         eval_s = time.perf_counter() - t
         result = Final(metrics=metrics, best_epoch=prog.best[0], peak_memory_mib=round(peak_memory_mib(ctx.device), 1),
                        weight_norms=[round(n, 6) for n in row_norms(final.classifier.weight).tolist()], eval_s=eval_s,
+                       val_s=self.val_s,
                        val_reused=val is not None)
         if ctx.is_main:
             self.tracking.log_final(self.stage, metrics, result.best_epoch, step=self.epochs)

@@ -1,4 +1,5 @@
-"""Preemption-safe training: resume checkpoints with the data position, and the stop signal.
+"""Preemption-safe training: resume checkpoints that carry the data position, and the check that resume=auto
+continues with the config the run was trained with (when to stop: bigltr.engine.stop).
 
 A stage writes a resume checkpoint every `ckpt_every_steps` optimiser steps, at every epoch end and when it is
 asked to stop, as a folder `<out>/stage{N}/resume/e{epoch}-b{batch}/`:
@@ -19,11 +20,6 @@ interrupted run ends with the same weights as a straight one. That needs the loa
 process's global RNGs (restored here) while they replay: ShardLoader's augmentation has its own per-(seed, epoch,
 rank) RNG also with num_workers=0, DALI's pipeline is seeded per (seed, epoch, rank), and the stage-2 feature
 cache's order per (seed, epoch).
-
-Stop requests: SIGUSR1 or SIGTERM to any training process, or a file `<out>/PREEMPT` (what the Slurm scripts
-create: torchrun's agent dies on SIGUSR1 instead of forwarding it, a file reaches every rank on every node). Ranks
-agree on the step to stop at with an all-reduce every `preempt_check_every` steps; then they checkpoint and the
-process exits with EXIT_PREEMPTED (75, EX_TEMPFAIL), which the job scripts answer with a requeue.
 """
 from __future__ import annotations
 
@@ -32,89 +28,18 @@ import os
 import random
 import re
 import shutil
-import signal
-import threading
 from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 from bigltr.checkpoint import CheckpointError, load_checkpoint, save_checkpoint, write_error
-from bigltr.config import ConfigError
-from bigltr.rundir import RunDir, StageDir
+from bigltr.config import Config, ConfigError, config_diff, key_in, to_dict
+from bigltr.engine.stop import check_finite_weights
+from bigltr.rundir import STAGES, RunDir, StageDir
 
 log = logging.getLogger("bigltr")
-
-EXIT_PREEMPTED = 75
-
-
-class Preempted(Exception):
-    """Raised after the stop checkpoint is written; the entry point turns it into EXIT_PREEMPTED."""
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became non-finite; no checkpoint was written after it, so the newest resume checkpoint is finite."""
-
-
-class StopGuard:
-    """Stop requests and the non-finite-loss guard, checked together every `check_every` optimiser steps (counted
-    over the whole run, not per epoch) and at every epoch end, with one all-reduce so that every rank agrees.
-
-    The loss is checked without a host sync per step: `observe(loss)` records, on the device, where the loss
-    first became non-finite; `poll` reads it with the stop request.
-    """
-
-    def __init__(self, run_dir: Path, dist, check_every: int = 10):
-        self.file = RunDir(run_dir).preempt
-        self.dist, self.check_every = dist, max(1, check_every)
-        self.requested = False
-        self.steps = 0  # optimiser steps taken by this process (all stages, all epochs)
-        self._bad_at = torch.full((), -1, dtype=torch.long, device=dist.device)  # epoch * 2**32 + batch, or -1
-        self._previous = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGUSR1, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handler)
-
-    def close(self) -> None:
-        """Give the signals back to whoever handled them before the run."""
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-
-    def _handler(self, signum, frame):
-        log.warning(f"received signal {signal.Signals(signum).name}: checkpointing at the next check "
-                    f"(every {self.check_every} steps and at the epoch end)")
-        self.requested = True
-
-    def clear_stale(self) -> None:
-        """A PREEMPT file left by the previous (requeued) job must not stop this one."""
-        if self.dist.is_main and self.file.exists():
-            self.file.unlink()
-        self.dist.barrier()
-
-    def observe(self, loss: torch.Tensor, epoch: int, batch: int) -> None:
-        """Remember (on the device, no sync) the first batch whose loss is not finite."""
-        bad = ~torch.isfinite(loss.detach()) & (self._bad_at < 0)
-        self._bad_at.masked_fill_(bad, epoch * 2**32 + batch)
-
-    def step_taken(self) -> bool:
-        """Count an optimiser step; True when a check is due."""
-        self.steps += 1
-        return self.steps % self.check_every == 0
-
-    def poll(self, where: str) -> bool:
-        """Collective. Raise TrainingDiverged if any rank saw a non-finite loss; return True if a stop is asked."""
-        local = torch.stack([torch.tensor(int(self.requested or self.file.exists()), device=self.dist.device),
-                             self._bad_at])
-        stop, bad_at = (int(v) for v in self.dist.all_reduce_(local, "max").tolist())
-        if bad_at >= 0:
-            epoch, batch = divmod(bad_at, 2**32)
-            raise TrainingDiverged(
-                f"{where}: the training loss became non-finite (nan/inf) at epoch {epoch + 1}, batch {batch + 1}; "
-                f"nothing was saved after it, so the newest resume checkpoint holds finite weights. Lower the "
-                f"learning rate (or use amp=none / bf16 instead of fp16) and resume with resume=auto, or start over")
-        return bool(stop)
-
 
 def rng_state() -> dict:
     st = np.random.get_state()
@@ -246,31 +171,9 @@ class StageState:
     def start_batch(self, epoch: int) -> int:
         return self.batch if epoch == self.epoch else 0
 
-    def update_best(self, epoch: int, val_all: float | None) -> bool:
-        """Whether epoch `epoch` is the new best: the highest `val_all` so far; None (no selection): always."""
-        if val_all is None or self.best is None or self.best[1] is None or val_all > self.best[1]:
-            self.best = (epoch, val_all)
-            return True
-        return False
-
-    def check_finite(self, epoch: int, batch: int) -> None:
-        """Collective: raise TrainingDiverged if any weight is nan/inf (a finite loss can still end in a step that
-        overflows the weights). Called before anything is saved, so every checkpoint holds finite weights."""
-        local = [getattr(p, "ds_tensor", p) for p in self.model.parameters()]
-        local += [b for b in self.model.buffers() if b.is_floating_point()]  # BatchNorm statistics too
-        local = [t.to_local() if hasattr(t, "to_local") else t for t in local]
-        ok = torch.stack([torch.isfinite(t).all() for t in local if t.numel()] or [torch.tensor(True)]).all()
-        ok = ok.to(device=self.dist.device, dtype=torch.long)
-        if int(self.dist.all_reduce_(ok, "min")) == 0:
-            raise TrainingDiverged(
-                f"stage {self.stage}: the weights became non-finite (nan/inf) by the "
-                + (f"end of epoch {epoch}" if batch == 0 else f"epoch {epoch + 1}, batch {batch}")
-                + "; nothing was saved after it, so the newest resume checkpoint holds finite weights. "
-                "Lower the learning rate and resume with resume=auto, or start over")
-
     def checkpoint(self, epoch: int, batch: int) -> Path:
         """Collective: every rank writes its part into a temporary folder; rank 0 renames it when all are done."""
-        self.check_finite(epoch, batch)
+        check_finite_weights(self.model, self.dist, self.stage, epoch, batch)
         d, tag = self.dist, f"e{epoch:05d}-b{batch:08d}"
         final, tmp = self.root / tag, self.root / f".tmp-{tag}"
         if d.is_main:
@@ -359,34 +262,46 @@ def _rng_from_file(state: dict) -> dict:
     return state
 
 
-def step_hook(ctx, state: StageState, epoch: int, batches: int) -> bool:
-    """After an optimiser step: the rank-agreed stop / non-finite-loss check (every `preempt_check_every` steps of
-    the run) and the periodic resume checkpoint (every `ckpt_every_steps` steps of the run; the loss is checked
-    first, so no checkpoint ever holds weights trained on a non-finite loss).
-
-    Returns True when the stage must stop; the stop checkpoint is then already written."""
-    stop, every = ctx.stop, ctx.cfg.ckpt_every_steps
-    if stop is None:  # a stage driven outside `run` (benchmarks): periodic checkpoints only
-        if every and state.steps_taken() % every == 0:
-            state.checkpoint(epoch, batches)
-        return False
-    check_due = stop.step_taken()
-    ckpt_due = bool(every) and stop.steps % every == 0
-    if not (check_due or ckpt_due):
-        return False
-    if stop.poll(f"stage {state.stage}"):
-        state.checkpoint(epoch, batches)
-        log.warning(f"stop requested: checkpoint written at epoch {epoch + 1}, batch {batches}; exiting with "
-                    f"{EXIT_PREEMPTED}")
-        return True
-    if ckpt_due:
-        state.checkpoint(epoch, batches)
-    return False
+# Keys that may differ when a run is resumed: how long it trains, where things are, logging, the launch.
+RESUMABLE = ("recipe", "stage", "out", "resume", "device", "log_every", "ckpt_every_steps", "preempt_check_every",
+             "stage1.epochs", "stage2.epochs", "stage1.micro_batch_size", "stage2.micro_batch_size", "data.root", "data.num_workers", "data.pin_memory",
+             "data.max_skip_fraction", "data.eval_partial", "data.pipeline", "stage2.cache.location",
+             "stage2.cache.dir", "eval.", "dist.", "log.")
 
 
-def epoch_end_stop(ctx, state: StageState, epoch: int) -> bool:
-    """At an epoch end, before anything is written: raise if the loss went non-finite in the epoch; True if a stop
-    was asked (the caller writes the epoch-end checkpoint, then raises Preempted)."""
-    stop = ctx.stop is not None and ctx.stop.poll(f"stage {state.stage}")
-    state.check_finite(epoch + 1, 0)
-    return stop
+def compare_for_resume(saved: dict, new: dict, defaults: dict, started: set[str]) -> tuple[list[str], list[str]]:
+    """(errors, allowed changes) between the saved and the new resolved config.
+
+    `started`: the stages ("stage1", "stage2") with results or resume checkpoints; a key of a stage that has not
+    started may change. A key the saved config lacks (written by an older bigltr) counts as its default. Both
+    lists are sorted by key."""
+    may_change = RESUMABLE + tuple(f"{s}." for s in ("stage1", "stage2") if s not in started)
+    errors, allowed = [], []
+    for key, old, value in sorted(config_diff(saved, new, defaults=defaults), key=lambda d: d[0]):
+        (allowed if key_in(key, may_change) else errors).append(f"{key}: {old!r} -> {value!r}")
+    return errors, allowed
+
+
+def check_resume_config(cfg: Config, out: Path, results: dict) -> None:
+    """resume=auto continues checkpoints trained with out/config.yaml: a key that changes the model, data or
+    method of a stage that has started is an error; keys that may change are listed."""
+    run_dir = RunDir(out)
+    saved_path = run_dir.config
+    if not saved_path.exists():
+        return
+    try:
+        saved = run_dir.read_config()
+    except (yaml.YAMLError, OSError) as e:
+        raise ConfigError(f"resume=auto: {saved_path} is not readable ({e})") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"resume=auto: {saved_path} does not hold a config mapping")
+    started = {s for s in STAGES if s in results or resume_candidates(run_dir.stage(s).path)}
+    if not started:
+        return
+    errors, allowed = compare_for_resume(saved, to_dict(cfg), to_dict(Config()), started)
+    if errors:
+        raise ConfigError(f"resume=auto in {out}: the checkpoints there were trained with {saved_path}, and these "
+                          f"keys change the model, data or method: " + "; ".join(errors)
+                          + ". Use another out= for a new run, or resume with the saved values")
+    if allowed:
+        log.info("resume=auto: changed since the run started: " + "; ".join(allowed))

@@ -1,6 +1,6 @@
 """Stage 2: learn the classifier. Backbone frozen; class-balanced loss, weight decay and MaxNorm.
 
-Loads stage 1's best checkpoint. Only `model.classifier` (weight and bias) is trained. The backbone runs under
+Loads stage 1's best checkpoint, builds the stage's parts and hands them to the StageLoop (bigltr.engine.loop). Only `model.classifier` (weight and bias) is trained. The backbone runs under
 no_grad; its BatchNorm layers are in eval mode (frozen statistics, default) or train mode (official code: the
 running statistics keep moving). MaxNorm projects every class row into the ball of radius delta after every
 optimiser step (paper) or once per epoch (official code); per epoch the radius, the rows it clipped and the
@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 
 from bigltr.checkpoint import NotRunCheckpointError, load_run_checkpoint
-from bigltr.config import ConfigError, batch_plan, cache_amp, to_dict
-from bigltr.engine.common import autocast, build_sgd, cosine_schedule, freeze, train_epoch
+from bigltr.config import ConfigError, batch_plan, cache_amp
 from bigltr.engine.context import RunContext
-from bigltr.engine.epoch_end import EpochEnd, val_text
+from bigltr.engine.device import autocast, grad_scaler
+from bigltr.engine.epoch_end import val_text
 from bigltr.engine.feature_cache import EvalFeatures, FeatureCache
-from bigltr.engine.resume import Preempted, StageState, epoch_end_stop, resume_candidates, step_hook
+from bigltr.engine.loop import StageLoop, StageParts, steps_per_epoch
+from bigltr.engine.optim import build_sgd, cosine_schedule
 from bigltr.engine.tracking import Tracking
 from bigltr.models import build_model
 from bigltr.objective.fused_sgd import SGDMaxNorm
@@ -53,7 +54,6 @@ def eval_cache_key(cfg, stage1_checkpoint: str, split: str, dist, per_process: i
 def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | None = None) -> dict:
     cfg, s2, device, dist = ctx.cfg, ctx.cfg.stage2, ctx.device, ctx.dist
     stage_dir = RunDir(ctx.out).stage(2)
-    out = stage_dir.path
     plan = batch_plan(s2, dist.world_size, "stage2")
     model = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans, pretrained=False)
     try:
@@ -72,7 +72,7 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
     stage1_weight = model.classifier.weight.detach().clone()
     if s2.classifier_init == "reinit":
         model.classifier.reset_parameters()
-    freeze(model.backbone)
+    model.backbone.requires_grad_(False)
 
     mn = s2.maxnorm
     radius = resolve_radius(stage1_weight, mn.radius_mode, mn.radius)
@@ -117,12 +117,7 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
         train_loader = ctx.loader(ctx.train_split, train=True, batch_size=plan.per_process)
         val_loader = ctx.loader("val", train=False, batch_size=plan.per_process) if ctx.has_val else None
         eval_features = None  # the final evaluation reads the images
-    steps = len(train_loader) // plan.accum_steps  # every step sees the global batch (trailing micro-batches unused)
-    if steps == 0:
-        raise ConfigError(f"stage2.batch_size={s2.batch_size} gives 0 training steps per epoch: the train split has "
-                          f"{train_loader.num_samples} image(s) per process and only full batches are trained "
-                          f"({plan.describe()}); use a smaller batch size")
-    scaler = torch.amp.GradScaler(device.type) if s2.amp == "fp16" else None
+    steps = steps_per_epoch(train_loader, plan, "stage2", s2.batch_size)
     clf = model.classifier
 
     def make_optimizer():  # called by the backend after sharding (FSDP2 rows are DTensors by then)
@@ -135,8 +130,8 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
                          s2.wd_p)
 
     # DDP(classifier), the FSDP2 row-sharded classifier, or a DeepSpeed engine over the classifier
-    trainer = dist.prepare(clf, make_optimizer, what="classifier", scaler=scaler, accum_steps=plan.accum_steps,
-                           micro_batch_size=plan.per_process)
+    trainer = dist.prepare(clf, make_optimizer, what="classifier", scaler=grad_scaler(device, s2.amp),
+                           accum_steps=plan.accum_steps, micro_batch_size=plan.per_process)
     if mn.fused:
         maxnorm = MaxNorm(radius, tau=mn.tau, when="off", projection=mn.projection)  # the MaxNorm object only reports
 
@@ -149,52 +144,39 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
                 feats = model.backbone(images)
             return trainer(feats.float())
 
-    scheduler = cosine_schedule(trainer.optimizer, s2.epochs * steps)
-    prog = StageState(out, 2, to_dict(cfg), dist=dist, model=model, trainer=trainer, scheduler=scheduler,
-                    stateful={"maxnorm": maxnorm}).restore_newest(
-        resume_candidates(out) if cfg.resume == "auto" else [])
-    ends = EpochEnd(ctx, prog, out=out, epochs=s2.epochs, amp=s2.amp, tracking=tracking,
-                    checkpoint_extra={"maxnorm_radius": radius})
-    log.info(f"stage 2: loss {s2.loss}, wd {s2.weight_decay}, MaxNorm {mn.when} radius {radius:.4f} "
-             f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}, {steps} "
-             f"steps/epoch of {plan.describe()}")
-    for epoch in range(prog.epoch, s2.epochs):
-        train_loader.set_epoch(epoch)
+    def train_mode():  # the backbone stays in eval mode (frozen statistics) unless bn_mode=train (official code)
         model.eval()
         if s2.bn_mode == "train":
             model.backbone.train()
         model.classifier.train()
-        tr = train_epoch(trainer=trainer, forward=forward, loader=train_loader, loss_fn=loss_fn,
-                         scheduler=scheduler, device=device, amp=s2.amp, log_every=cfg.log_every,
-                         # on the local rows (FSDP2), or on the fp32 master and the weights (DeepSpeed)
-                         after_step=lambda: maxnorm.after_step(clf.weight, dist.row_projector),
-                         desc=f"stage2 {epoch + 1}/{s2.epochs}", accum_steps=plan.accum_steps,
-                         start_batch=prog.start_batch(epoch),
-                         step_hook=lambda b, e=epoch: step_hook(ctx, prog, e, b), guard=ctx.stop, epoch=epoch,
-                         tally=prog.tally)
-        if tr["stopped"]:
-            raise Preempted(f"stage 2 stopped at epoch {epoch + 1}, batch {tr['batches']}")
-        stop_now = epoch_end_stop(ctx, prog, epoch)  # raises if the loss went non-finite: nothing below is written then
-        tr.update(ctx.data_losses(train_loader))  # samples skipped (corrupt) or lost (short shard); may raise
-        maxnorm.after_epoch(clf.weight, dist.row_projector)
-        val, state_model = ends.validate(model, val_loader)
-        mstats = maxnorm.stats(state_model["classifier.weight"], dist=dist if dist.rows_sharded else None)
-        ends.record(epoch, tr, val, state_model, stop_now=stop_now,
-                    columns={"maxnorm_radius": mstats.radius,
-                             "maxnorm_clipped_rows": -1 if mn.fused else mstats.clipped_rows,
-                             "maxnorm_rows_at_radius": mstats.rows_at_radius,
-                             "maxnorm_applications": mstats.applications, "wnorm_min": mstats.norm_min,
-                             "wnorm_mean": mstats.norm_mean, "wnorm_max": mstats.norm_max},
-                    text=f"loss {tr['train_loss']:.4f} {val_text(val)} | MaxNorm radius {radius:.4f} "
-                         + ("fused into SGD" if mn.fused else
-                            f"clipped {mstats.clipped_rows} rows in {mstats.applications} projections")
-                         + f", {mstats.rows_at_radius} rows at the radius, norms {mstats.norm_min:.4f}.."
-                           f"{mstats.norm_max:.4f}")
-    train_s = time.perf_counter() - t_start
-    final = ends.finish(plan.per_process, features=eval_features, norms_extra={"radius": radius})
+
+    def report(tr, val, state_model):
+        m = maxnorm.stats(state_model["classifier.weight"], dist=dist if dist.rows_sharded else None)
+        return ({"maxnorm_radius": m.radius, "maxnorm_clipped_rows": -1 if mn.fused else m.clipped_rows,
+                 "maxnorm_rows_at_radius": m.rows_at_radius, "maxnorm_applications": m.applications,
+                 "wnorm_min": m.norm_min, "wnorm_mean": m.norm_mean, "wnorm_max": m.norm_max},
+                f"loss {tr['train_loss']:.4f} {val_text(val)} | MaxNorm radius {radius:.4f} "
+                + ("fused into SGD" if mn.fused else
+                   f"clipped {m.clipped_rows} rows in {m.applications} projections")
+                + f", {m.rows_at_radius} rows at the radius, norms {m.norm_min:.4f}..{m.norm_max:.4f}")
+
+    parts = StageParts(
+        number=2, model=model, trainer=trainer, forward=forward, scheduler=cosine_schedule(trainer.optimizer,
+                                                                                             s2.epochs * steps),
+        loss_fn=loss_fn, train_loader=train_loader, val_loader=val_loader, plan=plan, epochs=s2.epochs, amp=s2.amp,
+        report=report, train_mode=train_mode,
+        # on the local rows (FSDP2), or on the fp32 master and the weights (DeepSpeed)
+        after_step=lambda: maxnorm.after_step(clf.weight, dist.row_projector),
+        after_epoch=lambda: maxnorm.after_epoch(clf.weight, dist.row_projector),
+        stateful={"maxnorm": maxnorm}, checkpoint_extra={"maxnorm_radius": radius}, features=eval_features,
+        norms_extra={"radius": radius},
+        describe=f"stage 2: loss {s2.loss}, wd {s2.weight_decay}, MaxNorm {mn.when} radius {radius:.4f} "
+                 f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}, {steps} "
+                 f"steps/epoch of {plan.describe()}")
+    final, train_s = StageLoop(ctx, parts, tracking).run()
     return {**final.metrics, "best_epoch": final.best_epoch, "maxnorm_radius": radius, "features": s2.features,
             "peak_memory_mib": final.peak_memory_mib,
             "wall_time_s": {"train_incl_val": round(train_s, 2), "feature_cache_build": round(cache_s, 2),
-                            "per_epoch_val": round(ends.val_s, 2), "final_eval": round(final.eval_s, 2)},
+                            "per_epoch_val": round(final.val_s, 2), "final_eval": round(final.eval_s, 2)},
             "weight_norms": final.weight_norms, "batch": plan.record(),
             "val_reused": final.val_reused}

@@ -15,8 +15,8 @@ import types
 
 from bigltr.results import read_epochs
 from bigltr.tune import base, cli, folder, recovery, report, space, study, trial, worker
-from bigltr.tune.base import (COUNTED, EX_STOPPED, EX_UNFINISHED, EXIT_MEANING, GROUPS, HOST, LOG_PREFIX, OWNED,
-                              RADIUS, ROOT, S1_WD, S2_WD, JournalError, TuneError, fmt, log)
+from bigltr.tune.base import (COUNTED, EX_STOPPED, EX_UNFINISHED, EXIT_MEANING, GROUPS, HOST, OWNED, RADIUS, ROOT,
+                              S1_WD, S2_WD, JournalError, TuneError, fmt, log, set_log_prefix)
 from bigltr.tune.cli import build_parser, main, make_tune, validate
 from bigltr.tune.folder import TrialRecord, TuneFolder
 from bigltr.tune.recovery import fail_stale, record_finished, retire, stop_orphan
@@ -29,8 +29,8 @@ from bigltr.tune.worker import STOP_SIGNALS, one_trial, run_study, run_worker, s
     work_phase
 
 __all__ = [
-    "COUNTED", "EX_STOPPED", "EX_UNFINISHED", "EXIT_MEANING", "GROUPS", "HOST", "LOG_PREFIX", "OWNED", "RADIUS",
-    "ROOT", "S1_WD", "S2_WD", "JournalError", "TuneError", "fmt", "log", "build_parser", "main", "make_tune",
+    "COUNTED", "EX_STOPPED", "EX_UNFINISHED", "EXIT_MEANING", "GROUPS", "HOST", "OWNED", "RADIUS", "ROOT", "S1_WD",
+    "S2_WD", "JournalError", "TuneError", "fmt", "log", "set_log_prefix", "build_parser", "main", "make_tune",
     "validate", "TrialRecord", "TuneFolder", "fail_stale", "record_finished", "retire", "stop_orphan",
     "final_command", "plot_study", "studies", "summary_rows", "write_tables", "Param", "default_space",
     "parse_param", "GridSampler", "Tune", "best_trial", "check_journal", "counted", "enqueue_grid", "make_pruner",

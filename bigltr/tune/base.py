@@ -37,11 +37,18 @@ class JournalError(TuneError):
     """The study's journal file is damaged."""
 
 
-LOG_PREFIX = ["[tune]"]  # "[tune w1]" in the second of several local workers
+_log_prefix = "[tune]"
+
+
+def set_log_prefix(prefix: str) -> None:
+    """What log() starts each line with from now on in this process ("[tune w1]" in the second of several local
+    workers; "[tune]" until then)."""
+    global _log_prefix
+    _log_prefix = prefix
 
 
 def log(msg: str) -> None:
-    print(f"{LOG_PREFIX[0]} {msg}", flush=True)
+    print(f"{_log_prefix} {msg}", flush=True)
 
 
 def fmt(v) -> str:

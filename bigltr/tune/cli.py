@@ -42,6 +42,7 @@ from pathlib import Path
 import optuna
 
 from bigltr.config import EXAMPLE, ConfigError, build_config, split_override
+from bigltr.rundir import RunDir
 from bigltr.tune.base import OWNED, JournalError, TuneError, fmt
 from bigltr.tune.report import report
 from bigltr.tune.space import default_space, parse_param
@@ -153,7 +154,7 @@ def make_tune(args) -> Tune:
 def validate(tune: Tune, cfg) -> None:
     """Every key and every range end of each phase's space goes through the config before anything runs, and every
     searched key through Optuna's suggest (in memory), so no trial of the study can fail on its space."""
-    placeholder = tune.checkpoint or str(tune.out / "trials" / "phase1" / "0" / "stage1" / "best.pt")
+    placeholder = tune.checkpoint or str(RunDir(tune.trial_folder("phase1", 0)).best(1))
     for ph in tune.phases:
         space = tune.spaces[ph]
         for q in space:
@@ -167,7 +168,7 @@ def validate(tune: Tune, cfg) -> None:
         checks = [first] + [{**first, q.key: v} for q in space for v in q.examples()[1:]]
         for values in checks:
             try:
-                build_config(tune.trial_argv(ph, tune.out / "trials" / "check", values, placeholder))
+                build_config(tune.trial_argv(ph, tune.trial_folder("check", 0), values, placeholder))
             except ConfigError as e:
                 raise TuneError(f"config error in phase {ph} (" + " ".join(f"{k}={fmt(v)}" for k, v in values.items())
                                 + f"): {e}") from None

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from bigltr.results import read_epochs
+from bigltr.rundir import RunDir
 from bigltr.tune.base import GROUPS, HOST, log
 from bigltr.tune.study import Tune
 from bigltr.tune.trial import _group_alive, _pid_alive, _start_time, trial_results
@@ -77,7 +78,7 @@ def record_finished(tune: Tune, study: optuna.Study, t, phase: int, reason: str)
     res = trial_results(Path(d), phase) if d else None
     if res is None:
         return False
-    rows = read_epochs(Path(d) / f"stage{phase}" / "summary.csv")
+    rows = read_epochs(RunDir(d).stage(phase).summary)
     storage, tid = tune.storage_obj, tune.trial_id(study.study_name, t.number)
     note = f"finished after its worker stopped ({reason}): result read from its results.json"
     try:

@@ -14,6 +14,7 @@ import optuna
 from optuna.trial import TrialState
 
 from bigltr.atomic import write_json_atomic, write_text_atomic
+from bigltr.rundir import RunDir, default_out
 from bigltr.tune.base import GROUPS, fmt, log
 from bigltr.tune.folder import TRIALS_FILE, TRIALS_VERSION
 from bigltr.tune.study import Tune, best_trial, phase2_name
@@ -117,7 +118,7 @@ def _selected(tune: Tune, sel) -> dict | None:
     out = {"study": name, "trial": t.number, "params": ua.get("overrides") or t.params, "val": ua.get("val"),
            "test_all_info_only": ua.get("test_all"), "dir": ua.get("dir")}
     if name == "phase1":
-        out["checkpoint"] = str(Path(ua.get("dir", "")) / "stage1" / "best.pt")
+        out["checkpoint"] = str(RunDir(ua.get("dir", "")).best(1))
     return out
 
 
@@ -125,7 +126,7 @@ def final_command(tune: Tune, params: dict) -> str:
     """The refit (docs/reproduce.md "Protocol"): the tuned values, trained on the whole official training set (train
     + the val held out of it, where the data holds one out), the fixed schedule, the last epoch kept."""
     return shlex.join(["python", "-m", "bigltr.train", f"recipe={tune.recipe}",
-                       f"out=runs/{Path(tune.recipe).stem}_refit", "protocol=refit", *tune.overrides,
+                       f"out={default_out(tune.recipe)}_refit", "protocol=refit", *tune.overrides,
                        *[f"{k}={fmt(v)}" for k, v in params.items()]])
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from bigltr.rundir import RunDir
 from bigltr.tune.base import COUNTED, JournalError, fmt, log
 from bigltr.tune.space import Param
 
@@ -45,6 +46,10 @@ class Tune:
             if self.feature_cache:
                 argv.append(f"stage2.cache.dir={self.feature_cache}")
         return argv + [f"{k}={fmt(v)}" for k, v in values.items()]
+
+    def trial_folder(self, study_name: str, number: int | str) -> Path:
+        """DIR/trials/<study>/<number>: the run folder (out=) of a trial."""
+        return self.out / "trials" / study_name / str(number)
 
     def journal_path(self) -> Path | None:
         """The journal file of the study (None with an RDB URL)."""
@@ -76,7 +81,7 @@ def phase2_name(tune: Tune, best1: optuna.trial.FrozenTrial | None) -> str | Non
 
 def trial_dir(tune: Tune, study_name: str, t) -> Path:
     """A retried trial runs in the folder of the trial it retries (and resumes from its checkpoint)."""
-    return tune.out / "trials" / study_name / str(t.user_attrs.get("retry_of", t.number))
+    return tune.trial_folder(study_name, t.user_attrs.get("retry_of", t.number))
 
 
 def best_trial(trials) -> optuna.trial.FrozenTrial | None:
@@ -173,7 +178,7 @@ def phase_study(tune: Tune, phase: int) -> tuple[str, str] | None:
     best1 = None if tune.checkpoint else best_trial(study_trials(tune.storage_obj, "phase1"))
     if not tune.checkpoint and best1 is None:
         return None
-    return phase2_name(tune, best1), tune.checkpoint or str(trial_dir(tune, "phase1", best1) / "stage1" / "best.pt")
+    return phase2_name(tune, best1), tune.checkpoint or str(RunDir(trial_dir(tune, "phase1", best1)).best(1))
 
 
 def check_journal(path: Path) -> None:

@@ -17,6 +17,7 @@ import optuna
 
 from bigltr.config import ConfigError
 from bigltr.results import finished_stage, read_epochs, read_results
+from bigltr.rundir import RunDir
 from bigltr.tune.base import GROUPS, ROOT
 from bigltr.tune.study import Tune
 
@@ -119,7 +120,7 @@ def run_trial(tune: Tune, trial: optuna.Trial, cmd: list[str], d: Path, stage: i
     d.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    summary, err = d / f"stage{stage}" / "summary.csv", d / "stderr.log"
+    summary, err = RunDir(d).stage(stage).summary, d / "stderr.log"
     reported: set[int] = set()
     t0 = last_beat = time.time()
     with open(d / "stdout.log", "ab") as fo, open(err, "ab") as fe:

@@ -16,8 +16,8 @@ import optuna
 from optuna.trial import TrialState
 
 from bigltr.config import ConfigError, build_config
-from bigltr.tune.base import (EX_STOPPED, EX_UNFINISHED, EXIT_MEANING, GROUPS, HOST, LOG_PREFIX, ROOT, TuneError, fmt,
-                              log)
+from bigltr.tune.base import (EX_STOPPED, EX_UNFINISHED, EXIT_MEANING, GROUPS, HOST, ROOT, TuneError, fmt, log,
+                              set_log_prefix)
 from bigltr.tune.recovery import fail_stale, retire
 from bigltr.tune.report import report, write_tables
 from bigltr.tune.study import (Tune, best_trial, counted, enqueue_grid, open_study, phase_study, study_trials,
@@ -187,7 +187,7 @@ def run_study(tune: Tune, args, argv: list[str]) -> int:
     stop = threading.Event()
     child = args.worker_index is not None  # started by a local parent below: no report of its own
     if child:
-        LOG_PREFIX[0] = f"[tune w{args.worker_index}]"
+        set_log_prefix(f"[tune w{args.worker_index}]")
     if args.worker_only or args.workers == 1 or child:
         old = _on_signals(lambda *_: stop.set())
         try:

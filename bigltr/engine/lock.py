@@ -1,5 +1,5 @@
-"""Guards of a run directory: one run at a time (a lock), and `resume=auto` only with the config it was trained with.
-(Where the files of a run directory live: bigltr.rundir.)
+"""One run at a time in a run directory: a lock. (Where the files of a run directory live: bigltr.rundir; resume=auto
+only with the config it was trained with: bigltr.engine.resume.)
 
 The lock is a file `<out>/.bigltr.lock` created with O_CREAT|O_EXCL (atomic on local disks and on NFS v3+, Lustre
 and GPFS, where `flock`/`fcntl` locks are not always available or survive a node's death) holding the owner's host,
@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from bigltr.config import ConfigError, config_diff, key_in
+from bigltr.config import ConfigError
 from bigltr.rundir import RunDir
 
 log = logging.getLogger("bigltr")
@@ -121,24 +121,3 @@ class RunLock:
                 self.path.unlink()
             except FileNotFoundError:
                 pass
-
-
-# ------------------------------------------------------------------------------------------ config on resume
-# Keys that may differ when a run is resumed: how long it trains, where things are, logging, the launch.
-RESUMABLE = ("recipe", "stage", "out", "resume", "device", "log_every", "ckpt_every_steps", "preempt_check_every",
-             "stage1.epochs", "stage2.epochs", "stage1.micro_batch_size", "stage2.micro_batch_size", "data.root", "data.num_workers", "data.pin_memory",
-             "data.max_skip_fraction", "data.eval_partial", "data.pipeline", "stage2.cache.location",
-             "stage2.cache.dir", "eval.", "dist.", "log.")
-
-
-def compare_for_resume(saved: dict, new: dict, defaults: dict, started: set[str]) -> tuple[list[str], list[str]]:
-    """(errors, allowed changes) between the saved and the new resolved config.
-
-    `started`: the stages ("stage1", "stage2") with results or resume checkpoints; a key of a stage that has not
-    started may change. A key the saved config lacks (written by an older bigltr) counts as its default. Both
-    lists are sorted by key."""
-    may_change = RESUMABLE + tuple(f"{s}." for s in ("stage1", "stage2") if s not in started)
-    errors, allowed = [], []
-    for key, old, value in sorted(config_diff(saved, new, defaults=defaults), key=lambda d: d[0]):
-        (allowed if key_in(key, may_change) else errors).append(f"{key}: {old!r} -> {value!r}")
-    return errors, allowed
