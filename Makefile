@@ -23,7 +23,8 @@ $(STAMP): setup.cfg pyproject.toml
 data: $(DATA)/_info.json
 
 # rebuilt when the converter changes (its sources, split rules or shard layout)
-$(DATA)/_info.json: $(STAMP) tools/make_shards.py $(wildcard bigltr/data/sources/*.py) bigltr/data/longtail.py bigltr/data/writer.py bigltr/data/convert.py
+$(DATA)/_info.json: $(STAMP) tools/make_shards.py $(wildcard bigltr/data/sources/*.py) bigltr/data/longtail.py bigltr/data/writer.py bigltr/data/convert.py \
+    bigltr/data/holdout.py bigltr/data/pairs.py bigltr/data/decode.py bigltr/data/conversion_report.py
 	src=$$(PY=$(PY) bash tools/fetch_fashion_mnist.sh) && \
 	$(PY) tools/make_shards.py idx --src "$$src" --out $(DATA) --dataset fashion-mnist \
 	    --imbalance 100 --n-max 5000 --val-per-class 200 --seed 0 --overwrite

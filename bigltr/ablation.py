@@ -17,9 +17,20 @@ With --baselines, the standard long-tailed baselines follow on the same data, ba
  10 cRT                          stage 2 from row 2: re-initialised classifier, CE, class-balanced sampling
  11 one-stage WB                 stage 1 with a fixed simplex-ETF classifier, feature-norm penalty 0.01 and WD
                                  (stage1.weight_decay, else 5e-3), then post-hoc multiplicative LA (Hasegawa & Sato)
+ 12 LWS                          stage 2 from row 2: stage 1's classifier frozen, one scale per class trained with
+                                 CE on class-balanced sampling (Kang et al.)
+Row 11 needs a feature dimension >= classes - 1 (a simplex ETF): with a narrower backbone it is reported as "not
+applicable" (checked before any row trains) and the other rows run.
 Stage 2 uses cached backbone features (one disk cache shared by rows 5-7) unless --online is given. A run whose
 results.json is already complete is reused (an interrupted ablation resumes). Writes ablation.md, ablation.csv and
 ablation.png in `out`.
+
+Each row also says what reaching it cost, in CPU-hours (GPU-hours on GPU: wall seconds x processes / 3600), read
+from the files (a reused row keeps its original cost): train (the row's own run: results.json wall_time_s x
+world_size), stage 1 (the stage-1 run a post-hoc or stage-2 row starts from, shared by those rows and shown in each),
+tune (the tau sweep, posthoc*.json's wall_s; the trials of the study its values came from, tune_trials.json's wall_s)
+and total (their sum, a run counted once). The tuning of the stage-1 row a stage-2 row starts from is in that row's
+tune, not repeated.
 
 With --tuned DIR (a bigltr-tune output, DIR/tune_result.json) the rows use the values tuned on validation: row 2
 (and row 1, with WD 0) the phase-1 best, row 7 the phase-2 best, row 5 its values without the MaxNorm ones, row 6
@@ -32,237 +43,70 @@ started from row 2's checkpoint. Then only the missing rows and the post-hoc row
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 from pathlib import Path
 
-GROUPS = ("many", "medium", "few", "all")
+from bigltr.ablation_cost import Row, posthoc_cost, study_cost
+from bigltr.ablation_reuse import run_or_reuse, study_budget, study_trial, tuned_overrides
+from bigltr.ablation_table import GROUPS, data_name, write_outputs
+
 TAUS = [round(0.1 * i, 1) for i in range(0, 21)]  # tau-norm grid searched on validation (0 = plain classifier)
 
 
-def _finished(run: Path, stage: str) -> dict | None:
-    """The run's stage-`stage` results when that stage has finished (bigltr.results' rule), else None."""
-    from bigltr.config import ConfigError
-    from bigltr.results import finished_stage, read_results
+def one_stage_problem(argv: list[str]) -> str | None:
+    """Why the one-stage WB row cannot run with `argv`'s model on its data (a simplex-ETF classifier needs a feature
+    dimension >= classes - 1; bigltr.models.check_etf_fits, the trainer's own start-up check): the row's short
+    "not applicable (...)" after printing the trainer's full message; None when it can run (or _info.json is not
+    readable: row 1's trainer then says why)."""
+    from bigltr.config import ConfigError, build_config
+    from bigltr.models import check_etf_fits, feature_dim
 
+    cfg = build_config(argv + ["stage1.classifier=etf", "stage=1"])
     try:
-        return finished_stage(read_results(run), stage)
-    except ConfigError as e:  # a damaged results.json: one line, what to do
-        raise SystemExit(f"[ablation] {e}") from None
-
-
-def run_or_reuse(train, run: Path, stage: str, argv: list[str], trial: Path | None = None) -> tuple[Path, dict]:
-    """(run folder, results): the finished results of `trial` (a tuning study's run, when its config is this row's)
-    or of `run` (this ablation's own folder, which must hold this row's config); else train `run` (train=None:
-    --no-train, an error saying which row is missing)."""
-    res = _finished(trial, stage) if trial is not None else None
-    why = reuse_problem(trial, argv, stage) if res is not None else None
-    if res is not None and not why:
-        print(f"[ablation] reusing {trial}")
-        return trial, res
-    if why:
-        print(f"[ablation] not reusing {trial}: {why}")
-    res = _finished(run, stage)
-    if res is not None:
-        other = reuse_problem(run, argv, stage)
-        if other:
-            raise SystemExit(f"[ablation] {run} holds another run ({other}): give this ablation its own out=DIR")
-        print(f"[ablation] reusing {run}")
-        return run, res
-    if train is None:
-        raise SystemExit(f"[ablation] --no-train: no finished run for {run.name}"
-                         + (f" ({trial} is not it: {why})" if why else "") + f"; it would train {' '.join(argv)}")
-    rc = train(argv + [f"stage={stage}", f"out={run}"])
-    if rc != 0:
-        raise SystemExit(f"[ablation] run {run} failed with exit code {rc}")
-    res = _finished(run, stage)
-    if res is None:
-        raise SystemExit(f"[ablation] run {run} exited 0 but its results.json has no finished stage{stage}")
-    return run, res
-
-
-def _same(a: str, b) -> bool:
+        num_classes = len(json.loads((Path(cfg.data.root) / "_info.json").read_text())["class_counts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
     try:
-        return float(a) == float(b)
-    except (TypeError, ValueError):
-        return str(a).lower() == str(b).lower()
-
-
-def study_trial(d: str | None, phase: int, params: dict | None = None) -> Path | None:
-    """The run folder of a finished trial in bigltr-tune output `d`: the phase's best trial, or (`params` given) the
-    COMPLETE trial of the phase's study whose values are exactly `params` (bigltr.tune.TuneFolder: tune_trials.json,
-    or an older folder's tune_summary.csv). None when there is none."""
-    from bigltr.tune.folder import TuneFolder
-
-    if not d:
-        return None
-    folder = TuneFolder(d)
-    try:
-        sel = folder.selected(phase)
-    except (OSError, ValueError):
-        return None
-    if not sel:
-        return None
-    if params is None:
-        return Path(sel["dir"]) if sel.get("dir") else None
-    try:
-        trials = folder.trials(phase)
-    except (OSError, ValueError):
-        return None
-    for t in trials:
-        if t.state == "COMPLETE" and t.params.keys() == params.keys() and \
-                all(_same(t.params[k], v) for k, v in params.items()):
-            return t.folder
+        check_etf_fits(cfg, num_classes)
+    except ConfigError as e:
+        print(f"[ablation] {e}")
+        return (f"not applicable ({cfg.model.name} has {feature_dim(cfg.model.name, cfg.data.in_chans)}-dim "
+                f"features; a simplex ETF of {num_classes} classes needs >= {num_classes - 1})")
     return None
-
-
-def study_budget(d: str | None, phase: int) -> str:
-    """What tuning the phase's study of bigltr-tune output `d` cost: its trials (by state) and their summed wall
-    time (bigltr.tune.TuneFolder); "" when there is no such study."""
-    from bigltr.tune.folder import TuneFolder
-
-    if not d:
-        return ""
-    try:
-        trials = TuneFolder(d).trials(phase)
-    except (OSError, ValueError):
-        return ""
-    if not trials:
-        return ""
-    states = {st: sum(t.state == st for t in trials) for st in ("COMPLETE", "PRUNED", "FAIL")}
-    wall = sum(t.wall_s or 0 for t in trials)
-    extra = ", ".join(f"{n} {st.lower()}" for st, n in states.items() if n and st != "COMPLETE")
-    return f"{len(trials)} trial{'s' * (len(trials) != 1)}{f' ({extra})' if extra else ''}, {wall / 60:.1f} min"
-
-
-# Keys that do not change a run's numbers: where and how it ran. Everything else must be equal for a study's trial to
-# stand in for an ablation row (a trial of another dataset, schedule or evaluation is never reused silently).
-REUSE_IGNORED = ("recipe", "out", "resume", "stage", "device", "log_every", "ckpt_every_steps", "preempt_check_every",
-                 "data.num_workers", "data.pin_memory", "stage2.cache.location", "stage2.cache.dir", "dist.", "log.")
-
-
-def reuse_problem(run: Path, argv: list[str], stage: str) -> str | None:
-    """Why `run` (its config.yaml) is not the stage-`stage` run that `argv` describes; None when it is. The first
-    key that differs (bigltr.config.config_diff, in the config's key order) is named; the other stage's keys do not
-    count, nor (for stage 1) stage1_checkpoint."""
-    import yaml
-
-    from bigltr.config import build_config, config_diff, flatten, to_dict
-    from bigltr.rundir import RunDir
-
-    try:
-        saved = flatten(RunDir(run).read_config() or {})
-    except (OSError, yaml.YAMLError, AttributeError) as e:
-        return f"its config.yaml is unreadable ({e})"
-    ignore = REUSE_IGNORED + (("stage2.", "stage1_checkpoint") if stage == "1" else ("stage1.",))
-    diffs = config_diff(saved, to_dict(build_config(argv)), ignore, same=_same_setting)
-    if diffs:
-        key, have, want = diffs[0]
-        return f"it ran with {key}={have!r}, this row needs {want!r}"
-    return None
-
-
-def _same_setting(key: str, have, want) -> bool:
-    """Whether a run's saved value `have` of `key` is the wanted one: paths (data.root, stage1_checkpoint) that
-    resolve to the same place, lists equal, anything else equal or `_same` (numbers by value, text by case)."""
-    if key in ("data.root", "stage1_checkpoint"):
-        return bool(have) == bool(want) and (not want or Path(have).resolve() == Path(want).resolve())
-    return have == want if isinstance(want, (list, dict)) else (have == want or _same(str(have), want))
-
-
-def tuned_overrides(tuned: str | None, row5: str | None = None, row6: str | None = None,
-                    row7: str | None = None) -> dict[int, list[str]]:
-    """key=value overrides per ablation row (2, 5, 6, 7) from bigltr-tune's tune_result.json files."""
-    def load(d: str, phase: int) -> dict | None:
-        from bigltr.tune.folder import TuneFolder
-
-        try:
-            sel = TuneFolder(d).selected(phase)
-        except OSError as e:
-            raise SystemExit(f"[ablation] {e.filename} not readable ({e.strerror}): run bigltr-tune with out={d} "
-                             "first") from None
-        except ValueError as e:
-            raise SystemExit(f"[ablation] {d}: damaged tune_result.json ({e})") from None
-        return sel["params"] if sel else None
-
-    def kv(params: dict) -> list[str]:
-        return [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in params.items()]
-
-    rows: dict[int, list[str]] = {2: [], 5: [], 6: [], 7: []}
-    if tuned:
-        rows[2] = kv(load(tuned, 1) or {})
-        p2 = load(tuned, 2) or {}
-        rows[7] = kv(p2)
-        rows[5] = kv({k: v for k, v in p2.items() if not k.startswith("stage2.maxnorm.")})
-        rows[6] = kv({k: v for k, v in p2.items() if k != "stage2.weight_decay"})
-    for row, d in ((5, row5), (6, row6), (7, row7)):
-        if d:
-            params = load(d, 2)
-            if params is None:
-                raise SystemExit(f"[ablation] {d}/tune_result.json has no phase-2 result for row {row}")
-            rows[row] = kv(params)
-    return rows
 
 
 def posthoc_rows(argv: list[str], checkpoint: Path, method: str = "tau_norm") -> dict:
     """Post-hoc classifiers of a stage-1 model (bigltr.evaluate.tau_sweep: tau_norm, la or mla) over the TAUS grid,
-    tau picked by validation accuracy; for tau_norm also the L2-normalised classifier (tau 1)."""
+    tau picked by validation accuracy; for tau_norm also the L2-normalised classifier (tau 1). "wall_s": the sweep's
+    seconds (one process; the rows' tuning cost)."""
+    import time
+
     from bigltr.config import build_config
+    from bigltr.distributed import resolve_device
     from bigltr.evaluate import tau_sweep
 
-    out = tau_sweep(build_config(argv), checkpoint, TAUS, ("val", "test"), method=method)
+    cfg, t0 = build_config(argv), time.perf_counter()
+    out = tau_sweep(cfg, checkpoint, TAUS, ("val", "test"), method=method)
+    wall_s = time.perf_counter() - t0
     best_tau = max(TAUS, key=lambda t: out["val"][t]["all"])
     pick = lambda t: {s: out[s][t] for s in ("val", "test")}  # noqa: E731
     return {"l2": pick(1.0), "tau": pick(best_tau), "best_tau": best_tau,
-            "tau_curve_val": {t: out["val"][t]["all"] for t in TAUS}}
+            "tau_curve_val": {t: out["val"][t]["all"] for t in TAUS},
+            "wall_s": round(wall_s, 2), "world_size": 1, "device": resolve_device(cfg.device).type}
 
 
-def cached_posthoc(path: Path, argv: list[str], checkpoint: Path, method: str) -> dict:
-    """posthoc_rows, kept in `path` (an interrupted or repeated ablation does not sweep again)."""
+def cached_posthoc(path: Path, argv: list[str], checkpoint: Path, method: str, own: bool = False) -> dict:
+    """posthoc_rows, kept in `path` (an interrupted or repeated ablation does not sweep again, and still reports the
+    sweep's time); its "l2" and "tau" rows as Rows with their cost (posthoc_cost; `own`: the checkpoint's run is the
+    row's own training)."""
     if path.is_file():
-        return json.loads(path.read_text())
-    ph = posthoc_rows(argv, checkpoint, method)
-    path.write_text(json.dumps(ph, indent=1))
-    return ph
-
-
-def data_name(root: str) -> str:
-    """The data an ablation ran on: `_info.json`'s name, and the folder's when it differs (data.root may point
-    anywhere, whatever the recipe's name says)."""
-    folder = Path(root).resolve().name
-    try:
-        name = json.loads((Path(root) / "_info.json").read_text())["name"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return folder
-    return name if name == folder else f"{name} (in {folder}/)"
-
-
-def write_outputs(rows: list[tuple[str, dict]], out: Path, title: str, tuning: dict[int, str] | None = None) -> str:
-    """ablation.md / .csv / .png; `tuning`: row index -> what choosing its values on validation cost (a column)."""
-    def f(v):
-        return "-" if v is None else f"{v:.2f}"
-
-    tuning = tuning or {}
-    lines = [f"### {title}", "",
-             "| row | val Many | val Med | val Few | val All | test Many | test Med | test Few | test All |"
-             + (" tuning (on val) |" if tuning else ""),
-             "|---|---|---|---|---|---|---|---|---|" + ("---|" if tuning else "")]
-    with open(out / "ablation.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["row"] + [f"{s}_{g}" for s in ("val", "test") for g in GROUPS] + ["tuning"] * bool(tuning))
-        for i, (name, m) in enumerate(rows):
-            vals = [m[s][g] for s in ("val", "test") for g in GROUPS]
-            extra = [tuning.get(i, "")] if tuning else []
-            w.writerow([name] + ["" if v is None else v for v in vals] + extra)
-            lines.append(f"| {name} | " + " | ".join([f(v) for v in vals] + [e or "-" for e in extra]) + " |")
-    table = "\n".join(lines)
-    (out / "ablation.md").write_text(table + "\n")
-
-    from bigltr.plots import plot_ablation
-
-    plot_ablation([(name, m["test"]) for name, m in rows], out / "ablation.png", title, GROUPS)
-    return table
+        ph = json.loads(path.read_text())
+    else:
+        ph = posthoc_rows(argv, checkpoint, method)
+        path.write_text(json.dumps(ph, indent=1))
+    cost = posthoc_cost(ph, checkpoint, own)
+    return {**ph, **{k: Row(ph[k], cost) for k in ("l2", "tau") if k in ph}}
 
 
 def main(argv=None) -> list[tuple[str, dict]]:
@@ -272,7 +116,7 @@ def main(argv=None) -> list[tuple[str, dict]]:
     ap.add_argument("--online", action="store_true", help="stage 2 with online backbone features")
     ap.add_argument("--tuned", metavar="DIR", help="take rows 2 and 5-7 from a bigltr-tune output (tune_result.json)")
     ap.add_argument("--baselines", action="store_true",
-                    help="also rows 8-11: post-hoc LA, LA loss / balanced softmax, cRT, one-stage WB "
+                    help="also rows 8-12: post-hoc LA, LA loss / balanced softmax, cRT, one-stage WB, LWS "
                          "(docs/baselines.md)")
     ap.add_argument("--tuned-row5", metavar="DIR", help="row 5 from a phase-2 study tuned with MaxNorm off")
     ap.add_argument("--tuned-row6", metavar="DIR", help="row 6 from a phase-2 study tuned with stage-2 WD 0")
@@ -316,6 +160,9 @@ def main(argv=None) -> list[tuple[str, dict]]:
     tag = ", tuned" if args.tuned else ""
     if wd1 == 0 and not (args.tuned or args.baselines):
         raise SystemExit("[ablation] the recipe's stage1.weight_decay is 0: row 2 (CE + WD) needs a tuned value")
+    one_stage_na = one_stage_problem(overrides + tuned[2]) if args.baselines else None  # before any row trains
+    if one_stage_na:
+        print(f"[ablation] one-stage WB row: {one_stage_na}; skipped, the other rows run")
     # Runs the studies already hold (validation picked them; reusing them changes no number, it saves the CPU time)
     p1 = TuneFolder(args.tuned).selected(1) if args.tuned else None
     trial2 = study_trial(args.tuned, 1)
@@ -350,6 +197,8 @@ def main(argv=None) -> list[tuple[str, dict]]:
     tuning = {1: study_budget(args.tuned, 1), 3: f"tau: best of {len(TAUS)} on val",
               4: study_budget(args.tuned_row5, 2), 5: study_budget(args.tuned_row6, 2),
               6: study_budget(args.tuned_row7 or args.tuned, 2)} if args.tuned else None
+    studies = {1: study_cost(args.tuned, 1), 4: study_cost(args.tuned_row5, 2), 5: study_cost(args.tuned_row6, 2),
+               6: study_cost(args.tuned_row7 or args.tuned, 2)} if args.tuned else {}  # the cost columns' tune
     if args.baselines:
         tuning = tuning or {3: f"tau: best of {len(TAUS)} on val"}
         la = cached_posthoc(out / "posthoc_la.json", s1, ckpt, "la")
@@ -364,13 +213,21 @@ def main(argv=None) -> list[tuple[str, dict]]:
         wd_one = wd1 or 5e-3
         one_argv = s1 + ["stage1.classifier=etf", "stage1.feature_reg=0.01", f"stage1.weight_decay={wd_one:g}",
                          "stage=1"]
-        one_run, _ = run_or_reuse(train, out / "s1_one_stage_wb", "1", one_argv)
-        mla = cached_posthoc(out / "posthoc_mla.json", one_argv, RunDir(one_run).best(1), "mla")
-        rows.append((f"one-stage WB (ETF + feature reg 0.01 + WD {wd_one:g}, MLA tau={mla['best_tau']} on val)",
-                     mla["tau"]))
-        tuning[len(rows) - 1] = f"tau: best of {len(TAUS)} on val"
+        if one_stage_na:  # found before any row trained: a row without numbers, named with the reason
+            rows.append((f"one-stage WB: {one_stage_na}", Row({k: dict.fromkeys(GROUPS) for k in ("val", "test")},
+                                                              {"train_h": 0, "stage1_h": 0, "tune_h": 0})))
+        else:
+            one_run, _ = run_or_reuse(train, out / "s1_one_stage_wb", "1", one_argv)
+            mla = cached_posthoc(out / "posthoc_mla.json", one_argv, RunDir(one_run).best(1), "mla", own=True)
+            rows.append((f"one-stage WB (ETF + feature reg 0.01 + WD {wd_one:g}, MLA tau={mla['best_tau']} on val)",
+                         mla["tau"]))
+            tuning[len(rows) - 1] = f"tau: best of {len(TAUS)} on val"
+        rows.append(("LWS (scales on class-balanced sampling)",
+                     run_or_reuse(train, out / "s2_lws", "2", overrides + s2 + [
+                         f"stage1_checkpoint={ckpt}", "stage2.classifier=lws", "stage2.loss=ce",
+                         "stage2.sampler=class_balanced", "stage2.maxnorm.when=off", "stage2.weight_decay=0"])[1]))
     table = write_outputs(rows, out, f"Ablation on {data_name(cfg.data.root)}, recipe {cfg.recipe} (balanced top-1 %, "
-                                     f"best epoch on validation)", tuning)
+                                     f"best epoch on validation)", tuning, studies)
     print("\n" + table)
     return rows
 

@@ -3,9 +3,10 @@ and the trainer itself on resume): one reader of `RUN/results.json`, one rule fo
 reader of a growing `RUN/stageN/summary.csv`.
 
 `results.json` is written by bigltr.engine.run (atomically, after each stage): `{"classes", "class_counts",
-"groups", "world_size", "stage1": {...}, "stage2": {...}}`, a stage's entry holding its "val" and "test" metrics
-(`{"all", "many", "medium", "few", "per_class", ...}`). A stage has finished when its entry is there with a
-validation accuracy. "groups": `{"many_thr", "few_thr", "many", "medium", "few"}` (thresholds, classes per group).
+"groups", "world_size", "device" ("cpu"/"cuda"), "stage1": {...}, "stage2": {...}}`, a stage's entry holding its "val"
+and "test" metrics (`{"all", "many", "medium", "few", "per_class", ...}`) and its "wall_time_s". A stage has finished
+when its entry is there with a validation accuracy. "groups": `{"many_thr", "few_thr", "many", "medium", "few"}`
+(thresholds, classes per group).
 
 Per-class data stays small at 100,000 classes: one array per quantity, rounded, never an object per class:
 `"per_class": {"accuracy": [% rounded to 2 decimals, or null: no sample], "count": [evaluated samples]}`. Runs

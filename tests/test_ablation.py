@@ -46,14 +46,14 @@ def test_ablation_rows_and_resume(tiny_shards, tmp_path, capsys):
 
 
 def test_data_name(tmp_path):
-    from bigltr import ablation
+    from bigltr import ablation_table
 
     d = tmp_path / "my_copy"
     d.mkdir()
-    assert ablation.data_name(str(d)) == "my_copy"  # no _info.json: the folder
+    assert ablation_table.data_name(str(d)) == "my_copy"  # no _info.json: the folder
     (d / "_info.json").write_text(json.dumps({"name": "cifar100_lt"}))
-    assert ablation.data_name(str(d)) == "cifar100_lt (in my_copy/)"
-    assert ablation.data_name(str(d) + "/") == "cifar100_lt (in my_copy/)"
+    assert ablation_table.data_name(str(d)) == "cifar100_lt (in my_copy/)"
+    assert ablation_table.data_name(str(d) + "/") == "cifar100_lt (in my_copy/)"
 
 
 def test_tools_alias_and_console_script():
@@ -80,9 +80,11 @@ def test_ablation_baselines_rows(tiny_shards, tmp_path):
     rows = ablation.main(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage1.epochs=1",
                           "stage2.epochs=1", "stage1.weight_decay=0", "--baselines"])
     names = [n for n, _ in rows]
-    assert len(rows) == 11 and not (out / "s1_wd").exists() and rows[1][1] == rows[0][1]
+    assert len(rows) == 12 and not (out / "s1_wd").exists() and rows[1][1] == rows[0][1]
     assert names[7].startswith("+ post-hoc logit adjustment") and names[8].startswith("LA loss")
-    assert names[9].startswith("cRT") and names[10].startswith("one-stage WB")
+    assert names[9].startswith("cRT") and names[10].startswith("one-stage WB") and names[11].startswith("LWS")
+    lws = (out / "s2_lws" / "config.yaml").read_text()
+    assert "classifier: lws" in lws and "sampler: class_balanced" in lws and "when: 'off'" in lws
     for f in ("posthoc_la.json", "posthoc_mla.json"):
         ph = json.loads((out / f).read_text())
         assert ph["tau"]["val"]["all"] == max(ph["tau_curve_val"].values())  # chosen on val
@@ -92,3 +94,54 @@ def test_ablation_baselines_rows(tiny_shards, tmp_path):
     crt = (out / "s2_crt" / "config.yaml").read_text()
     assert "sampler: class_balanced" in crt and "classifier_init: reinit" in crt
     assert "| cRT (stage 2: reinit, CE, class-balanced sampling) |" in (out / "ablation.md").read_text()
+
+
+def test_ablation_cost_columns(tiny_shards, tmp_path, capsys):
+    """Each row's cost in CPU-hours, from the files the runs wrote: train (results.json wall_time_s x world_size),
+    the stage-1 run a post-hoc or stage-2 row starts from, tune (the tau sweep's wall_s), total; a rerun that reuses
+    every run reports the same costs."""
+    from bigltr import ablation
+
+    out = tmp_path / "abl"
+    argv = ["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage1.epochs=1", "stage2.epochs=1",
+            "stage1.weight_decay=0", "--baselines"]
+    rows = ablation.main(argv)
+    table = capsys.readouterr().out
+
+    def hours(run, stage):  # recomputed here from the run's files
+        res = json.loads((out / run / "results.json").read_text())
+        t = res[f"stage{stage}"]["wall_time_s"]
+        assert res["device"] == "cpu" and t["train_incl_val"] > 0 and "final_eval" in t
+        return (t["train_incl_val"] + t.get("feature_cache_build", 0) + t["final_eval"]) * res["world_size"] / 3600
+
+    def sweep(name):
+        ph = json.loads((out / name).read_text())
+        assert ph["wall_s"] > 0 and ph["device"] == "cpu"
+        return ph["wall_s"] / 3600
+
+    s1 = hours("s1_naive", "1")
+    # (train, stage 1, tune) per row; rows 1 and 2 are one run (the stage-1 WD is 0)
+    want = {"naive CE": (s1, 0, 0), "CE + WD": (s1, 0, 0), "+ L2-normalised": (0, s1, sweep("posthoc.json")),
+            "+ tau-norm": (0, s1, sweep("posthoc.json")), "+ stage 2 CB & WD (": (hours("s2_cb_wd", "2"), s1, 0),
+            "+ stage 2 CB & MaxNorm": (hours("s2_cb_maxnorm", "2"), s1, 0),
+            "+ stage 2 CB & WD & MaxNorm": (hours("s2_full", "2"), s1, 0),
+            "+ post-hoc logit": (0, s1, sweep("posthoc_la.json")),
+            "LA loss": (hours("s1_balanced_softmax", "1"), 0, 0), "cRT": (hours("s2_crt", "2"), s1, 0),
+            "one-stage WB": (hours("s1_one_stage_wb", "1"), 0, sweep("posthoc_mla.json"))}
+    with open(out / "ablation.csv") as f:
+        csv_rows = {r["row"]: r for r in csv.DictReader(f)}
+    assert len(csv_rows) == len(rows)
+    for prefix, (train, base, tune) in want.items():
+        (name,) = [n for n in csv_rows if n.startswith(prefix)]
+        r = csv_rows[name]
+        assert r["cost_unit"] == "CPU-h"
+        got = [float(r[k]) for k in ("train_h", "stage1_h", "tune_h", "total_h")]
+        assert got == pytest.approx([train, base, tune, train + base + tune], abs=2e-6), name
+    assert hours("s2_cb_wd", "2") > 0 and s1 > 0
+    md = (out / "ablation.md").read_text()
+    assert "| train CPU-h | stage 1 CPU-h | tune CPU-h | total CPU-h |" in md and "Cost in CPU-h" in md
+    assert md.strip() in table  # printed as written
+    # a rerun reuses every run and sweep: the same costs, read from the files
+    first = (out / "ablation.csv").read_text()
+    ablation.main(argv)
+    assert (out / "ablation.csv").read_text() == first

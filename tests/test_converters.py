@@ -456,7 +456,7 @@ def test_holdout_policy_at_inat_shape():
     """iNat 2018's class count with counts from 100 down to 2 (the rehearsal's scale): the default policy holds out
     ~7%, never from a class under 10 images, never more than 10% or 5 of a class (`min(5, n // 2)` took 15.4% of
     this profile and halved every 2- and 3-image class)."""
-    from bigltr.data.longtail import HoldoutPolicy, holdout_per_class
+    from bigltr.data.holdout import HoldoutPolicy, holdout_per_class
 
     C = 8142
     counts = np.array([int(round(100 * 0.02 ** (c / (C - 1)))) for c in range(C)])
@@ -599,7 +599,8 @@ def test_idx_goes_through_convert_and_writes_the_report(tiny_shards):
 
 
 def test_split_rules_share_one_draw():
-    from bigltr.data.longtail import draw_per_class, holdout_per_class, val_from_unused
+    from bigltr.data.holdout import holdout_per_class
+    from bigltr.data.longtail import draw_per_class, val_from_unused
 
     labels = np.array([0, 1, 0, 2, 1, 0, 0, 1, 2, 0, 1, 1])
     pools = [np.flatnonzero(labels == c) for c in range(3)]

@@ -310,6 +310,7 @@ def test_pipeline_choice_config_and_context(shards, tmp_path, monkeypatch):
     from bigltr.config import ConfigError, build_config
     from bigltr.data.dali import DaliShardLoader, resolve_pipeline
     from bigltr.distributed import Dist
+    from bigltr.data.info import read_info
     from bigltr.engine.context import RunContext
 
     assert build_config([]).data.pipeline == "torch"
@@ -317,7 +318,7 @@ def test_pipeline_choice_config_and_context(shards, tmp_path, monkeypatch):
     assert resolve_pipeline("auto", "cpu") == "torch" and resolve_pipeline("dali", "cpu") == "dali"
     cfg = build_config([f"data.root={shards}", "data.pipeline=dali", "data.num_workers=1",
                         f"data.dali_index_dir={tmp_path / 'idx'}", f"out={tmp_path / 'run'}"])
-    ctx = RunContext(cfg=cfg, device=torch.device("cpu"), info={}, out=tmp_path, dist=Dist("ddp"))
+    ctx = RunContext(cfg=cfg, device=torch.device("cpu"), info=read_info(shards), out=tmp_path, dist=Dist("ddp"))
     ld = ctx.loader("val", train=False, batch_size=16)
     assert isinstance(ld, DaliShardLoader) and ld.index_dir == str(tmp_path / "idx")
     assert _epoch(ld)[2] == _epoch(_torch(shards, "val", batch_size=16))[2]

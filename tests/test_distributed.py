@@ -257,3 +257,69 @@ def test_every_accelerate_config_loads_and_agrees_with_the_keys_it_documents():
         cfg = build_config(["recipe=tiny_test", *keys])
         check_launcher(cfg.dist.backend, cfg.dist.zero_stage, cfg.stage1.amp,
                        batch_plan(cfg.stage1, 2, "stage1").accum_steps, env=env)
+
+
+def test_class_balanced_cached_features_are_one_global_sequence_on_two_ranks(tmp_path, monkeypatch):
+    """cRT's class-balanced sampling (stage2.sampler=class_balanced, cached features) through the real trainer,
+    1 process and 2 gloo ranks (torchrun), on shards where each rank's own part lacks a tail class (78 images in
+    10 shards of 8; rank 0 reads shards 0, 2, ..., rank 1 shards 1, 3, ...). Every rank gathers every rank's cached
+    rows, so: the two ranks' draws interleaved (rank r takes positions r, r+2, ...) are the 1-process global
+    sequence draw for draw (key, view, label, features), hence each step's global batch is the 1-process batch;
+    ranks take disjoint positions; per epoch each class is drawn floor(T/C) or ceil(T/C) times over both ranks,
+    including the class a rank does not hold; a rank reloaded from its disk cache and gathered again (a restarted
+    run) yields the same batches after skipping k, as does the sampler's set_epoch(start); and the stage-2 weights
+    equal the 1-process ones."""
+    from conftest import build_tiny_shards
+    from dist_balanced_check import Recorder
+
+    from bigltr.train import main
+
+    shards = build_tiny_shards(tmp_path / "data", n_max=20, maxcount=8)
+    s1 = tmp_path / "s1"
+    common = ["recipe=tiny_test", f"data.root={shards}", "data.train_aug=none", "dist.timeout_s=120"]
+    assert main(common + [f"out={s1}", "stage=1", "stage1.epochs=1"]) == 0
+    stage2 = common + ["stage=2", f"stage1_checkpoint={s1 / 'stage1' / 'best.pt'}", "stage2.epochs=2",
+                       "stage2.batch_size=16", "stage2.features=cached", "stage2.sampler=class_balanced",
+                       "stage2.classifier_init=reinit", "stage2.loss=ce", "stage2.maxnorm.when=off",
+                       "stage2.weight_decay=0", "stage2.cache.views=center_flip", "stage2.cache.dtype=fp32",
+                       "stage2.cache.location=disk"]
+    rec = Recorder()
+    rec.install(monkeypatch.setattr)
+    one = tmp_path / "one"
+    assert main(stage2 + [f"out={one}"]) == 0
+    monkeypatch.undo()
+    two, seen = tmp_path / "two", tmp_path / "seen"
+    seen.mkdir()
+    r = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "tests/dist_balanced_check.py", str(seen), *stage2, f"out={two}", "dist.world_size=2"], {})
+    assert "gathered every rank's rows for class-balanced sampling: 2 view(s) x 78 samples" in r.stderr
+    ranks = [json.loads((seen / f"rank{i}.json").read_text()) for i in (0, 1)]
+
+    info = json.loads((shards / "_info.json").read_text())
+    n, classes = info["splits"]["train"]["num_samples"], info["num_classes"]
+    assert n == 78 and rec.local_labels is None  # one process gathers nothing
+    missing = [set(range(classes)) - set(rk["local_labels"]) for rk in ranks]
+    assert missing[0] and missing[1] and sum(len(rk["local_labels"]) for rk in ranks) == n  # each lacks a class
+    for epoch in ("0", "1"):
+        ref = [d for batch in rec.epochs[int(epoch)] for d in batch]  # the 1-process sequence of draws
+        batches = [rk["epochs"][epoch] for rk in ranks]
+        assert len(batches[0]) == len(batches[1]) == 4 and all(len(b) == 8 for rb in batches for b in rb)
+        inter = [batches[i % 2][k][(i % 16) // 2] for k in range(4) for i in range(k * 16, k * 16 + 16)]
+        assert len(ref) == len(inter) == 64 == 4 * 16  # 78 // 16 steps of the global batch 16
+        assert [d[:3] for d in inter] == [d[:3] for d in ref], epoch  # key, view, label: draw for draw
+        assert all(abs(a[3] - b[3]) <= 1e-4 * max(1.0, abs(b[3])) for a, b in zip(inter, ref))  # and features
+        for k in range(4):  # each step's global batch, as a multiset
+            assert sorted(d[0] for d in inter[k * 16:(k + 1) * 16]) == sorted(d[0] for d in ref[k * 16:(k + 1) * 16])
+        counts = torch.bincount(torch.tensor([d[2] for d in inter]), minlength=classes).tolist()
+        assert set(counts) <= {64 // classes, -(-64 // classes)} and sum(counts) == 64, counts
+        for i, rk in enumerate(batches):  # a rank draws the tail classes it does not hold
+            assert missing[i] & {d[2] for b in rk for d in b}
+        assert [d[0] for b in batches[0] for d in b] != [d[0] for b in batches[1] for d in b]
+    assert ranks[0]["epochs"]["0"] != ranks[0]["epochs"]["1"]  # a new draw each epoch
+    for rk in ranks:
+        assert rk["resume"] == {"reloaded_tail_equal": True, "batches_compared": 2, "sampler_start_equal": True,
+                                "all_gather_rows_bf16": True}
+    a, b = _weights(one, "stage2", "last.pt"), _weights(two, "stage2", "last.pt")
+    for k in ("classifier.weight", "classifier.bias"):
+        err = float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12))
+        assert err <= 1e-5, f"stage2 {k}: relative difference {err:.2e}"

@@ -12,6 +12,7 @@ import torch
 
 from bigltr.config import build_config
 from bigltr.engine.evaluation import Evaluator, evaluate
+from bigltr.engine.loop import data_losses
 from bigltr.engine.context import RunContext
 from bigltr.engine.feature_cache import EvalFeatures, FeatureCache
 from bigltr.engine.feature_store import entry_name
@@ -272,7 +273,7 @@ def _zero_png(shard, index):
 def test_cache_build_skips_a_corrupt_image_under_the_stage1_rule(tiny_shards, stage1_ckpt, tmp_path):
     """A corrupt training image within data.max_skip_fraction: stage 1 skips and counts it, and so does the
     stage-2 feature-cache build (it used to stop with "expected 159 training samples, read 158"); the cache holds
-    the 158 others, reports the skip through RunContext.data_losses (the rule stage 1 applies every epoch), keeps
+    the 158 others, reports the skip through bigltr.engine.loop.data_losses (the rule stage 1 applies every epoch), keeps
     the count when reused from disk, and a stricter data.max_skip_fraction stops the run with that one line."""
     from bigltr.data.errors import DataError
 
@@ -292,7 +293,7 @@ def test_cache_build_skips_a_corrupt_image_under_the_stage1_rule(tiny_shards, st
 
     cache = build(ctx)
     assert cache.features.shape == (2, 158, model.backbone.num_features) and cache.num_samples == 158
-    assert ctx.data_losses(cache) == {"skipped": 1, "lost": 0}
+    assert data_losses(ctx, cache) == {"skipped": 1, "lost": 0}
     # the rows are the other 158 samples, in the loader's order, with their labels
     loader = ctx.loader("train", train=False, batch_size=16)
     images, labels, keys = (torch.cat([b[0] for b in loader]), torch.cat([b[1] for b in loader]),
@@ -305,7 +306,7 @@ def test_cache_build_skips_a_corrupt_image_under_the_stage1_rule(tiny_shards, st
     strict = _ctx(root, tmp_path, FakeDist(), "data.max_skip_fraction=0.001")
     with pytest.raises(DataError, match=r"1 corrupt sample\(s\) skipped and 0 lost .* 1 of 159 > "
                                         r"data.max_skip_fraction=0.001"):
-        strict.data_losses(build(strict))
+        data_losses(strict, build(strict))
 
 
 class LabelledLoader(SlowLoader):

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from bigltr.data import read_info
-from bigltr.data.longtail import (class_order, counts_by_class, draw_pairs, holdout_and_longtail, longtail_counts,
-                                  pair_item_needs)
+from bigltr.data.longtail import class_order, counts_by_class, holdout_and_longtail, longtail_counts
+from bigltr.data.pairs import draw_pairs, pair_item_needs
 from bigltr.data.sources.cli import main as make_shards_main
 from bigltr.data.sources.idx import load_idx_pair
 from bigltr.data.synthetic import make_fake_idx

@@ -132,3 +132,31 @@ def test_class_balanced_feature_cache_order_is_balanced_and_resumable():
     assert torch.equal(ids, again)
     cache.set_epoch(2)
     assert not torch.equal(torch.cat([x.flatten() for x, _, _ in cache]), ids)  # a new draw each epoch
+
+
+def test_class_balanced_order_follows_the_sample_keys_not_the_rows():
+    """With sample keys, the class-balanced draws are a function of the samples, not of the order a loader read them
+    in (rank split, workers): the same samples in another row order give the same draws; keys already in row order
+    give the draws of a cache without keys (earlier releases). The shuffle stream still follows the rows."""
+    from bigltr.engine.feature_cache import FeatureCache
+
+    labels = torch.tensor([0] * 20 + [1] * 7 + [2] * 3 + [3] * 2)
+    keys = [f"s{i:03d}" for i in range(len(labels))]
+    perm = torch.randperm(len(labels), generator=torch.Generator().manual_seed(1))
+
+    def drawn(order, with_keys=True):
+        feats = torch.stack([torch.arange(len(labels), dtype=torch.float32)[order]] * 2).unsqueeze(-1)
+        feats[1] += 1000  # view 1 is told apart from view 0
+        c = FeatureCache(feats, labels[order], batch_size=4, seed=5,
+                         keys=[keys[i] for i in order.tolist()] if with_keys else None)
+        c.sampler = "class_balanced"
+        c.set_epoch(3)
+        return torch.cat([x.flatten() for x, _, _ in c]), torch.cat([y for _, y, _ in c])
+
+    ident = torch.arange(len(labels))
+    x0, y0 = drawn(ident)
+    x1, y1 = drawn(perm)
+    assert torch.equal(x0, x1) and torch.equal(y0, y1)  # features = sample ids: the same samples and views
+    assert torch.equal(x0, drawn(ident, with_keys=False)[0])
+    assert (x0 >= 1000).any() and (x0 < 1000).any()  # both views drawn
+    assert not torch.equal(drawn(perm, with_keys=False)[0], x0)  # without keys: the row order decides

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bigltr.data.rehearsal import SPECS, main as rehearsal_main, real_profile, train_overrides
+from bigltr.data.rehearsal import main as rehearsal_main, train_overrides
+from bigltr.data.rehearsal_profile import SPECS, real_profile
 from bigltr.data.sources.cli import main as make_shards_main
 
 ROOT = Path(__file__).resolve().parents[1]

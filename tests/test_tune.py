@@ -170,16 +170,74 @@ def test_two_workers_resume_and_phase2(tiny_shards, tmp_path, capfd, monkeypatch
     # what the tuning cost, per row, from the studies' summaries (3 phase-1 trials; rows 5 and 7: the 1 phase-2 trial)
     table = (tmp_path / "abl" / "ablation.md").read_text()
     assert " tuning (on val) |" in table and table.count("| 3 trials, ") == 1 and table.count("| 1 trial, ") == 2
+    # the cost columns (CPU-hours): row 2's tune is the phase-1 study's trials (their wall_s, from tune_trials.json),
+    # which hold row 2's run (its total counts it once); rows 5 and 7 the phase-2 study's, plus row 2's stage 1
+    with open(tmp_path / "abl" / "ablation.csv") as f:
+        cost = [{k: float(r[k]) for k in ("train_h", "stage1_h", "tune_h", "total_h")} for r in csv.DictReader(f)]
+    trials = json.loads((out / "tune_trials.json").read_text())["trials"]
+    p1_h = sum(t["wall_s"] for t in trials if t["study"] == "phase1") / 3600
+    p2_h = sum(t["wall_s"] for t in trials if t["study"] == name) / 3600
+    res1 = json.loads((p1_dir / "results.json").read_text())
+    s1_h = sum(res1["stage1"]["wall_time_s"][k] for k in ("train_incl_val", "final_eval")) * res1["world_size"] / 3600
+    assert cost[1] == pytest.approx({"train_h": s1_h, "stage1_h": 0, "tune_h": p1_h, "total_h": p1_h}, abs=2e-6)
+    assert p1_h > s1_h > 0 and cost[0]["tune_h"] == 0 and cost[0]["total_h"] == cost[0]["train_h"] > 0
+    for i in (4, 6):
+        assert cost[i]["stage1_h"] == pytest.approx(s1_h, abs=2e-6)
+        assert cost[i]["tune_h"] == pytest.approx(p2_h, abs=2e-6)
+    assert cost[6]["total_h"] == pytest.approx(s1_h + p2_h, abs=2e-6)  # row 7's run is the study's trial
+    assert cost[4]["total_h"] == pytest.approx(s1_h + p2_h + cost[4]["train_h"], abs=2e-6)  # row 5 trained here
+    assert "| train CPU-h | stage 1 CPU-h | tune CPU-h | total CPU-h |" in table
     # the trained stage-2 rows start from the reused row 2's checkpoint
     cb_wd = yaml.safe_load((tmp_path / "abl" / "s2_cb_wd" / "config.yaml").read_text())
     assert cb_wd["stage1_checkpoint"] == str(p1_dir / "stage1" / "best.pt")
     # a study of another schedule or data is never taken for this one
+    from bigltr.ablation_reuse import reuse_problem
+
     argv = ["recipe=tiny_test", f"data.root={tiny_shards}", f"stage1.weight_decay={wd}"]
-    assert ablation.reuse_problem(p1_dir, argv + ["stage1.epochs=2"], "1") is None
-    assert ablation.reuse_problem(p1_dir, argv + ["stage1.epochs=3"], "1") == \
+    assert reuse_problem(p1_dir, argv + ["stage1.epochs=2"], "1") is None
+    assert reuse_problem(p1_dir, argv + ["stage1.epochs=3"], "1") == \
         "it ran with stage1.epochs=2, this row needs 3"
-    assert ablation.reuse_problem(p1_dir, argv + ["stage1.epochs=2", f"data.root={tmp_path}"], "1").startswith(
+    assert reuse_problem(p1_dir, argv + ["stage1.epochs=2", f"data.root={tmp_path}"], "1").startswith(
         "it ran with data.root=")
+
+
+def test_baseline_knobs_are_tuned_on_val(tiny_shards, tmp_path):
+    """The baselines' knobs are searched like the weight decay (docs/tuning.md): a study over the LA loss's tau and
+    the feature regulariser of one-stage WB runs real trials, each trains with its values (config.yaml) and its
+    objective is its val accuracy."""
+    out = tmp_path / "la"
+    assert tune.main(["recipe=tiny_test", f"out={out}", f"data.root={tiny_shards}", "stage1.epochs=1",
+                      "stage1.loss=la_ce", "--trials", "2", "--poll", "0.5", "--space", "stage1.la_tau=float:0.5:2",
+                      "--space", "stage1.feature_reg=log:1e-4:1e-1"]) == 0
+    trials = _trials(out)
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 2
+    for t in trials:
+        d, values = Path(t.user_attrs["dir"]), t.user_attrs["overrides"]
+        s1 = yaml.safe_load((d / "config.yaml").read_text())["stage1"]
+        assert s1["loss"] == "la_ce" and s1["la_tau"] == values["stage1.la_tau"]
+        assert s1["feature_reg"] == values["stage1.feature_reg"]
+        assert 0.5 <= values["stage1.la_tau"] <= 2 and 1e-4 <= values["stage1.feature_reg"] <= 1e-1
+        assert t.value == json.loads((d / "results.json").read_text())["stage1"]["val"]["all"]
+    assert len({t.user_attrs["overrides"]["stage1.la_tau"] for t in trials}) == 2
+    cmd = json.loads((out / "tune_result.json").read_text())["command"]
+    assert "stage1.loss=la_ce" in cmd and "stage1.la_tau=" in cmd and "stage1.feature_reg=" in cmd
+
+
+def test_stage2_la_tau_is_a_phase2_knob(fake, tmp_path, monkeypatch):
+    """stage2.la_tau belongs to phase 2: each stage-2 trial gets its value (the stand-in trainer records its
+    arguments)."""
+    ckpt = tmp_path / "best.pt"
+    ckpt.write_bytes(b"x")
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setenv("FAKE_CALLS", str(calls))
+    out = tmp_path / "la2"
+    assert tune.main(fake + [f"out={out}", "--phase", "2", f"stage1_checkpoint={ckpt}", "stage2.loss=la_ce",
+                             "--trials", "2", "--space", "stage2.la_tau=float:0:2"]) == 0
+    got = _calls(calls)
+    assert len(got) == 2 and all(c["stage"] == "2" and c["stage2.loss"] == "la_ce" for c in got)
+    study = json.loads((out / "tune_result.json").read_text())["phase2"]["study"]
+    assert sorted(float(c["stage2.la_tau"]) for c in got) == sorted(
+        t.user_attrs["overrides"]["stage2.la_tau"] for t in _trials(out, study))
 
 
 def test_failing_trial_is_recorded_and_the_study_goes_on(tiny_shards, tmp_path, capfd):
@@ -360,6 +418,8 @@ def test_restarted_random_study_proposes_new_points(fake, tmp_path, monkeypatch)
     (["--space", "stage1.warmup_epochs=int:0:1:0.5"], "an int STEP must be an integer"),
     (["--sampler", "grid", "--space", "stage1.weight_decay=grid:0,1e-3", "--trials", "0"], "--trials must be >= 1"),
     (["--trials", "-1"], "--trials must be >= 1"),
+    (["--space", "eval.posthoc_tau=float:0:2"], "choose the post-hoc tau on val with one sweep"),
+    (["--space", "stage1.la_tau=float:0:2"], "stage1.la_tau only acts with stage1.loss=la_ce"),
 ])
 def test_bad_studies_fail_before_anything_runs(tiny_shards, tmp_path, capsys, extra, message):
     out = tmp_path / "typo"

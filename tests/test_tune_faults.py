@@ -15,6 +15,7 @@ import pytest
 from test_tune import _calls, _storage, _summary, _trials, fake  # noqa: F401 - fake is a fixture
 
 from bigltr import tune
+from bigltr.procs import pid_alive
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +49,7 @@ def test_killed_worker_takes_its_trainer_along(fake, tmp_path, monkeypatch):
     trainer = int((d / "pid").read_text())
     p.kill()
     p.wait()
-    _until(lambda: not tune._pid_alive(trainer), timeout=5, what="the trainer to die with its worker")
+    _until(lambda: not pid_alive(trainer), timeout=5, what="the trainer to die with its worker")
     assert not (d / "results.json").exists()
     monkeypatch.setenv("FAKE_EPOCHS", "1")  # the retry resumes after the epochs done: it ends at once
     assert tune.main(fake + [f"out={out}", "--trials", "1"]) == 0
@@ -68,10 +69,10 @@ def test_orphaned_trainer_is_stopped_or_its_result_recorded(fake, tmp_path, monk
     p.kill()
     p.wait()
     time.sleep(0.5)
-    assert tune._pid_alive(trainer)  # the premise: an orphan
+    assert pid_alive(trainer)  # the premise: an orphan
     monkeypatch.setenv("FAKE_EPOCHS", "1")
     assert tune.main(fake + [f"out={out}", "--trials", "1", "--grace", "5"]) == 0
-    assert not tune._pid_alive(trainer)
+    assert not pid_alive(trainer)
     assert f"phase1 trial 0: its trainer (process group {trainer}) outlived its worker: stopping it" in \
         capfd.readouterr().out
     t0, t1 = _trials(out)
@@ -90,7 +91,7 @@ def test_orphaned_trainer_is_stopped_or_its_result_recorded(fake, tmp_path, monk
     trainer = int((d / "pid").read_text())
     p.kill()
     p.wait()
-    _until(lambda: not tune._pid_alive(trainer), what="the orphan to finish")
+    _until(lambda: not pid_alive(trainer), what="the orphan to finish")
     assert (d / "results.json").is_file()
     assert tune.main(fake + [f"out={out}", "--trials", "2"]) == 0
     t0, t1 = _trials(out)
@@ -117,10 +118,10 @@ def test_one_of_two_workers_killed_the_study_still_finishes(fake, tmp_path):
         return len(by) == 2 and by[1].state.name == "COMPLETE" and "trainer_pid" in by[0].user_attrs
 
     _until(both_started, what="trial 1 done and trial 0 running")
-    _until(lambda: not tune._pid_alive(by[1].user_attrs["worker_pid"]), what="worker B to end")
+    _until(lambda: not pid_alive(by[1].user_attrs["worker_pid"]), what="worker B to end")
     worker_a, trainer = by[0].user_attrs["worker_pid"], by[0].user_attrs["trainer_pid"]
     os.kill(worker_a, signal.SIGKILL)
-    _until(lambda: not tune._pid_alive(trainer), timeout=10, what="trial 0's trainer to die with worker A")
+    _until(lambda: not pid_alive(trainer), timeout=10, what="trial 0's trainer to die with worker A")
     (out / "trials" / "phase1" / "0" / "finish").touch()  # the retry: one more epoch
     assert p.wait(timeout=120) == 0
     log = (tmp_path / "two.log").read_text()

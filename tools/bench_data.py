@@ -80,7 +80,7 @@ def pool_startup_s() -> float:
     """Seconds to start 2 converter worker processes and get a first result (what --workers 2 pays once)."""
     from concurrent.futures import ProcessPoolExecutor
 
-    from bigltr.data.convert import _mp_context
+    from bigltr.data.decode import _mp_context
 
     t0 = time.perf_counter()
     with ProcessPoolExecutor(max_workers=2, mp_context=_mp_context()) as ex:

@@ -274,7 +274,7 @@ class CudaGraphTimer:
                 for i in range(k):
                     op(i)
         except Exception as exc:  # noqa: BLE001 - any capture failure means: time it eagerly
-            del g
+            g = None  # free the failed graph (not `del`: g is returned below)
             torch.cuda.set_stream(cur)  # a failed capture_end leaves the capture stream current
             torch.cuda.synchronize()
             return None, f"capture failed ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
@@ -354,7 +354,7 @@ def bench_one(m, n, dtype, case, backends, timer, args, gen):
     src = work if cuda else [pristine]  # CUDA: k distinct sources too; their contents do not matter
     t_copy, copy_mode = timer(lambda i: dst[i].copy_(src[i]), k, None, f"copy {label}")
     copy_gbs = bytes_2x / t_copy / 1e9
-    del dst
+    dst = None  # free the copy targets; `del` would unbind a name the lambda above closes over
 
     impls = {}
     for b in backends:
@@ -390,7 +390,7 @@ def bench_one(m, n, dtype, case, backends, timer, args, gen):
         })
     rows.append({**base, "impl": "copy", "timing": copy_mode, "ms": t_copy * 1e3, "eff_gbs": copy_gbs,
                  "gbs_2x": copy_gbs, "pct_copy": 100.0, "x_renorm": None, "x_official": None, "maxdiff": None})
-    del pristine, work, src, expected
+    pristine = work = src = expected = None  # free before empty_cache (closures hold these names)
     if cuda:
         torch.cuda.empty_cache()
     return rows
@@ -431,7 +431,7 @@ def bench_sgd(m, n, dtype, backends, timer, args, gen):
 
         name = f"SGD.step + ours[{b}]"
         times[name] = timer(unfused, k, restore, f"{name} {label}")
-    del opts, params
+    opts = params = None  # (rebound, not deleted: the closure unfused() names opts)
     bufs = [torch.zeros_like(pristine) for _ in range(k)]
     for b in backends:
         if b == "triton" and device == "cpu" and m * n > INTERP_MAX_ELEMS:
@@ -448,7 +448,7 @@ def bench_sgd(m, n, dtype, backends, timer, args, gen):
         rows.append({"size": f"{m}x{n}", "dtype": str(dtype).removeprefix("torch."), "impl": name, "timing": mode,
                      "launches": k, "ms": t * 1e3, "eff_gbs": bytes_min / t / 1e9,
                      "x_unfused": base[0] / t if base else None})
-    del pristine, work, grads, bufs
+    pristine = work = grads = bufs = None  # free before empty_cache (closures hold these names)
     if cuda:
         torch.cuda.empty_cache()
     return rows

@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from bigltr.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -53,16 +55,16 @@ def measure(tree: Path, src: Path, out: Path, args) -> dict:
               "data.train_aug=none", "data.num_workers=1", "data.many_thr=100", "data.few_thr=20",
               f"stage1.epochs={args.epochs}", "stage2.epochs=2", "stage1.batch_size=64", "stage1.lr=0.05",
               "stage2.batch_size=256", "stage1.amp=none", "stage2.features=cached", "stage2.cache.views=center"]
-    run = out / "run"
-    _run(tree, ["-m", "bigltr.train", "recipe=inat2018", f"out={run}", "stage=all", *common], log)
-    res = json.loads((run / "results.json").read_text())
+    run = RunDir(out / "run")
+    _run(tree, ["-m", "bigltr.train", "recipe=inat2018", f"out={run.path}", "stage=all", *common], log)
+    res = json.loads(run.results.read_text())
     import csv
 
-    s1 = list(csv.DictReader(open(run / "stage1" / "summary.csv")))
-    s2 = list(csv.DictReader(open(run / "stage2" / "summary.csv")))
+    s1 = list(csv.DictReader(open(run.stage(1).summary)))
+    s2 = list(csv.DictReader(open(run.stage(2).summary)))
     w2 = res["stage2"]["wall_time_s"]
     trial_args = ["-m", "bigltr.train", "recipe=inat2018", f"out={out / 'trial'}", "stage=2",
-                  f"stage1_checkpoint={run / 'stage1' / 'best.pt'}", *common, "stage2.weight_decay=1e-3"]
+                  f"stage1_checkpoint={run.best(1)}", *common, "stage2.weight_decay=1e-3"]
     if args.trial_keys:
         trial_args += args.trial_keys
     trial_s = _run(tree, trial_args, log)

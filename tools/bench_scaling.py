@@ -24,6 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bigltr.rundir import RunDir
+
 ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = {"ddp": ["dist.backend=ddp"], "fsdp2": ["dist.backend=fsdp2"],
             **{f"zero{s}": ["dist.backend=deepspeed", f"dist.zero_stage={s}"] for s in (1, 2, 3)}}
@@ -73,7 +75,7 @@ def run(args, data: str, procs: int, backend_keys: list[str]) -> float:
     if r.returncode != 0:
         sys.exit(f"{data}, {procs} process(es), {' '.join(backend_keys)} failed:\n{r.stderr[-3000:]}")
     LOADS.append((data, procs, " ".join(backend_keys), before, load()))
-    return float(list(csv.DictReader(open(out / "stage1" / "summary.csv")))[-1]["img_per_s"])
+    return float(list(csv.DictReader(open(RunDir(out).stage(1).summary)))[-1]["img_per_s"])
 
 
 def main(argv=None):

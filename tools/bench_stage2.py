@@ -27,9 +27,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from bigltr.rundir import RunDir
+
 
 def train_seconds(run: Path) -> float:
-    rows = list(csv.DictReader(open(run / "stage2" / "summary.csv")))
+    rows = list(csv.DictReader(open(RunDir(run).stage(2).summary)))
     return sum(float(r["epoch_time_s"]) for r in rows)
 
 
@@ -70,7 +72,7 @@ def main(argv=None):
     ckpt = args.stage1_checkpoint
     if not ckpt:
         assert train(common + ["stage=1", f"out={out / 'stage1'}", f"stage1.epochs={args.stage1_epochs}"]) == 0
-        ckpt = str(out / "stage1" / "stage1" / "best.pt")
+        ckpt = str(RunDir(out / "stage1").best(1))  # the stage-1 run's out= is <out>/stage1
     s2 = common + ["stage=2", f"stage1_checkpoint={ckpt}", f"stage2.epochs={args.epochs}"]
     cached = ["stage2.features=cached", f"stage2.cache.views={args.views}", f"stage2.cache.num_aug={args.num_aug}",
               "stage2.cache.location=disk", f"stage2.cache.dir={out / 'cache'}"]
@@ -86,7 +88,7 @@ def main(argv=None):
         res[mode] = {"total_s": w["train_incl_val"], "loops_s": train_seconds(run), "val_s": w["per_epoch_val"],
                      "cache_s": w["feature_cache_build"], "final_s": w["final_eval"], "test": r["test"],
                      "epochs_s": [round(float(row["epoch_time_s"]), 1)
-                                  for row in csv.DictReader(open(run / "stage2" / "summary.csv"))]}
+                                  for row in csv.DictReader(open(RunDir(run).stage(2).summary))]}
     print(f"\nstage 2, {args.epochs} epochs, views={args.views}, data={data}")
     print("| mode | trial: loops + per-epoch val + cache build (s) | train loops (s) | per-epoch val (s) | "
           "cache build (s) | final val+test eval, apart (s) | test All | Many | Medium | Few |")

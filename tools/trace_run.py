@@ -1,6 +1,6 @@
 """How a reader following one run through the engine moves between files (docs/architecture.md, "one epoch, one
 owner"): runs a tiny stage=all job and lists, in the order the run first calls them, the bigltr.engine functions that
-see the run's config (an argument that is a config section, or carries one: RunContext, EpochEnd, ...); "stops" are the file changes along that list, "returns" the entries into a file already left.
+see the run's config (an argument that is a config section, or carries one: RunContext, StageLoop, ...); "stops" are the file changes along that list, "returns" the entries into a file already left.
 
     python tools/trace_run.py data.root=<shards> [key=value ...]      (e.g. the tests' tiny shards)
 
@@ -20,7 +20,7 @@ ENGINE = os.sep + os.path.join("bigltr", "engine") + os.sep
 
 def _holds_config(local_vars: dict) -> bool:
     """Whether a function sees the run's config: an argument that is a config section (a bigltr.config dataclass)
-    or that carries one (`.cfg`, `.ctx.cfg`: RunContext, EpochEnd, StageLoop, ...)."""
+    or that carries one (`.cfg`, `.ctx.cfg`: RunContext, StageLoop, Evaluator, ...)."""
     def is_config(v):
         return type(v).__module__.startswith("bigltr.config")
 
@@ -66,6 +66,9 @@ def main(argv: list[str]) -> int:
         if i + 1 < len(stops):
             left.add(f)
     per_file = {f: stops.count(f) for f in dict.fromkeys(stops)}
+    if os.environ.get("TRACE_VERBOSE"):
+        for f, name in order:
+            print(f"  {f}:{name}")
     print(" -> ".join(stops))
     print(f"exit status {rc}")
     print(f"{len(order)} engine functions in {len(per_file)} files; {len(stops)} stops, {returns} returns to a file "

@@ -171,6 +171,12 @@ class Stage2Config:
                 "moving, official code)")
     classifier_init: Literal["keep", "reinit"] = opt(
         "keep", "start stage 2 from stage 1's classifier (keep) or a freshly initialised one (reinit: cRT)")
+    # LWS (Kang et al., ICLR 2020): bigltr.objective.lws.LWSClassifier; checkpoints hold the folded nn.Linear.
+    classifier: Literal["linear", "lws"] = opt(
+        "linear", "linear (train the classifier's rows and bias); lws (learnable weight scaling, Kang et al.: stage "
+                  "1's classifier frozen, one scale s_y per class trained, logits s_y (w_y.x + b_y); weight decay "
+                  "pulls s to 0; needs classifier_init=keep and maxnorm.when=off; checkpoints hold the folded rows "
+                  "s_y w_y, s_y b_y; with sampler=class_balanced, loss=ce)")
     amp: Literal["none", "bf16", "fp16"] = opt("none", "autocast precision (fp16 needs CUDA; bf16 works on CPU)")
     # online is what the reference code does; cached needs bn_mode=eval (a fixed backbone).
     features: Literal["online", "cached"] = opt(

@@ -71,7 +71,17 @@ def validate(cfg: Config) -> None:
     need(cfg.stage2.cache.num_aug >= 1, "stage2.cache.num_aug", "must be >= 1")
     need(cfg.stage1.feature_reg >= 0, "stage1.feature_reg", "must be >= 0")
     need(not (cfg.stage2.sampler == "class_balanced" and cfg.stage2.features != "cached"), "stage2.sampler",
-         "class_balanced draws from the cached features: set stage2.features=cached")
+         f"class_balanced is not available with stage2.features={cfg.stage2.features}: the image stream reads each "
+         f"tar shard front to back and cannot draw a class uniformly; set stage2.features=cached (augmented views: "
+         f"stage2.cache.views=augment), see docs/baselines.md")
+    if cfg.stage2.classifier == "lws":  # LWS trains scales on stage 1's classifier (bigltr.objective.lws)
+        need(cfg.stage2.classifier_init == "keep", "stage2.classifier",
+             "lws scales stage 1's classifier: it needs stage2.classifier_init=keep (reinit would scale random rows)")
+        need(mn.when == "off", "stage2.classifier",
+             f"lws trains one scale per class, not the rows; MaxNorm (stage2.maxnorm.when={mn.when}) would project "
+             f"the folded rows s_y w_y, which is not LWS: set stage2.maxnorm.when=off")
+        need(cfg.dist.backend == "ddp", "stage2.classifier",
+             f"lws runs on one process or under dist.backend=ddp, not {cfg.dist.backend}")
     need(not (cfg.stage1.classifier == "etf" and cfg.stage != "1"), "stage1.classifier",
          "etf is one-stage weight balancing: run it with stage=1 (its stage 2 is eval.posthoc=mla)")
     need(not (cache_amp(cfg) == "fp16" and cfg.device == "cpu"), "stage2.cache.compute",

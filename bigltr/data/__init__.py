@@ -1,13 +1,14 @@
 """Data: the shard format (``_info.json`` + WebDataset tars), long-tail splits, writers and the streaming reader.
 
 The converters: source readers in ``bigltr.data.sources`` (command line ``bigltr-make-shards`` =
-``tools/make_shards.py``), every split rule in ``bigltr.data.longtail``, one conversion path
+``tools/make_shards.py``), the split rules in ``bigltr.data.longtail`` (``holdout``, ``pairs``), one conversion path
 ``bigltr.data.convert.convert``. ``ShardLoader`` / ``build_transform`` import torch; they are loaded lazily so
 that converters start without paying for ``import torch``.
 """
 from .errors import DataError, DataMissingError
+from .holdout import holdout_per_class
 from .info import INFO_NAME, check_trainable, read_info, validate_info, write_info
-from .longtail import holdout_and_longtail, holdout_per_class, longtail_counts, train_shuffle
+from .longtail import holdout_and_longtail, longtail_counts, train_shuffle
 from .writer import encode_image, prepare_output_dir, shard_name, write_dataset, write_split
 
 __all__ = [

@@ -155,8 +155,10 @@ class DaliShardLoader(EpochPlan):
             raise ValueError(f"in_chans must be 1 or 3, got {in_chans}")
         if len(mean) != in_chans or len(std) != in_chans:
             raise ValueError(f"mean and std need {in_chans} values, got {tuple(mean)}, {tuple(std)}")
-        if aug not in ("none", "cifar", "crop", "imagenet"):
-            raise ValueError(f"aug must be 'none', 'cifar', 'crop' or 'imagenet', got {aug!r}")
+        from bigltr.config import AUGS  # the one list of augmentation names (data.train_aug)
+
+        if aug not in AUGS:
+            raise ValueError(f"aug must be {', '.join(map(repr, AUGS[:-1]))} or {AUGS[-1]!r}, got {aug!r}")
         super().__init__(root, read_info(os.fspath(root)), split, batch_size=batch_size, train=train, **plan)
         self.aug, self.augment = aug, self.train if augment is None else bool(augment)
         from .transforms import image_hw

@@ -1,11 +1,13 @@
 """`Dist`: what the stages see of the distributed runtime.
 
-Rank, world size, device, the few collectives the engine uses (`all_reduce_`, `gather_objects`, `barrier`), and
-every backend-specific operation delegated to the backend object chosen once, when the `Dist` is made (`ddp.py`,
-`fsdp2.py`, `deepspeed.py`, behind `backend.Backend`). The engine never asks which backend runs.
+Rank, world size, device, the few collectives the engine uses (`all_reduce_`, `gather_objects`, `all_gather_rows`,
+`barrier`: torch.distributed's, the same under every backend), and every backend-specific operation delegated to the
+backend object chosen once, when the `Dist` is made (`ddp.py`, `fsdp2.py`, `deepspeed.py`, behind
+`backend.Backend`). The engine never asks which backend runs.
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Callable
 
@@ -148,6 +150,41 @@ class Dist:
             return [obj]
         out = [None] * self.world_size
         dist.all_gather_object(out, obj)
+        return out
+
+    def all_gather_rows(self, t: torch.Tensor, out: torch.Tensor | None = None, *,
+                        budget_bytes: int = 256 << 20) -> torch.Tensor:
+        """Every rank's `t` (`[n_r, ...]`: n_r may differ, the other dims must agree) concatenated along dim 0 in rank
+        order, on every rank (collective). Written into `out` (a contiguous `[sum n_r, ...]` tensor of t's dtype on
+        any device, e.g. a memory-mapped file) or a new CPU tensor. Sent as bytes (any dtype over gloo or NCCL;
+        NCCL through this rank's device) in rounds that receive at most `budget_bytes` per rank, so gathering a
+        large feature cache needs no second copy of it in flight."""
+        sizes = [int(s) for s in self.gather_objects(int(t.shape[0]))]
+        total, row_elems = sum(sizes), math.prod(t.shape[1:])
+        if out is None:
+            out = torch.empty((total, *t.shape[1:]), dtype=t.dtype)
+        if tuple(out.shape) != (total, *t.shape[1:]) or out.dtype != t.dtype or not out.is_contiguous():
+            raise ValueError(f"all_gather_rows: out must be a contiguous {t.dtype} tensor of shape "
+                             f"{(total, *t.shape[1:])}, got {out.dtype} {tuple(out.shape)}")
+        src = t.contiguous().reshape(t.shape[0], row_elems).view(torch.uint8)  # [n_r, row bytes]
+        dst = out.view(total, row_elems).view(torch.uint8)
+        if not self.distributed:
+            dst.copy_(src)
+            return out
+        comm = self.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        row_bytes = max(1, src.shape[1])
+        chunk = max(1, budget_bytes // (self.world_size * row_bytes))
+        offsets = [sum(sizes[:r]) for r in range(self.world_size)]
+        for off in range(0, max(sizes), chunk):
+            m = min(chunk, max(sizes) - off)
+            send = torch.zeros((m, src.shape[1]), dtype=torch.uint8, device=comm)
+            k = min(max(sizes[self.rank] - off, 0), m)
+            send[:k] = src[off:off + k]
+            recv = [torch.empty_like(send) for _ in range(self.world_size)]
+            dist.all_gather(recv, send)
+            for r, part in enumerate(recv):
+                k = min(max(sizes[r] - off, 0), m)
+                dst[offsets[r] + off:offsets[r] + off + k] = part[:k].to(dst.device)
         return out
 
     def barrier(self) -> None:

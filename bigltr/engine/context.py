@@ -1,14 +1,13 @@
 """What a stage needs to know about the run: config, device, dataset facts, output folder, loaders."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from bigltr.config import Config
-from bigltr.data.errors import DataError
-from bigltr.data.info import read_info, split_class_counts, split_entry
+from bigltr.data.info import read_info, split_class_counts
 from bigltr.data import check_trainable
 from bigltr.data.verify import check_label_counts
 from bigltr.data.dali import DaliShardLoader, resolve_pipeline
@@ -16,51 +15,44 @@ from bigltr.data.loader import ShardLoader
 from bigltr.data.transforms import build_transform
 from bigltr.distributed import Dist
 from bigltr.metrics import group_counts
+from bigltr.models import check_etf_fits
 
 
 @dataclass
 class RunContext:
+    """The run's facts, computed once when it is made (`create`, or the constructor with a read `info`): plain
+    fields, so that a stage reads them without calling back into this module."""
     cfg: Config
     device: torch.device
     info: dict
     out: Path
     dist: Dist
     stop: object = None  # bigltr.engine.stop.StopGuard, set by the run
+    # the split(s) trained on: "train" (protocol holdout), or the union the data lists as its official training
+    # set (protocol refit: "train+val" when val was held out of train, else "train")
+    train_split: str = field(init=False)
+    has_val: bool = field(init=False)  # a validation split that is not trained on (per-epoch validation, reported val)
+    class_counts: list[int] = field(init=False)  # training images per class of what is trained on (loss weights)
+    group_counts: list[int] = field(init=False)  # what defines Many / Medium / Few: the official training counts
+    num_classes: int = field(init=False)
+    is_main: bool = field(init=False)
 
-    @property
-    def train_split(self) -> str:
-        """The split(s) trained on: "train" (protocol holdout), or the union the data lists as its official training
-        set (protocol refit: "train+val" when val was held out of train, else "train")."""
+    def __post_init__(self):
+        self.is_main = self.dist.is_main
+        self.train_split = "train"
         if self.cfg.protocol == "refit":
-            return "+".join(self.info.get("official_train_splits") or ["train"])
-        return "train"
-
-    @property
-    def has_val(self) -> bool:
-        """Whether a validation split exists that is not trained on (per-epoch validation, reported val)."""
-        return "val" in self.info["splits"] and "val" not in self.train_split.split("+")
-
-    @property
-    def class_counts(self) -> list[int]:
-        """Training images per class of what is trained on (the class-balanced loss weights)."""
-        return split_class_counts(self.info, self.train_split)
-
-    @property
-    def group_counts(self) -> list[int]:
-        """The counts that define Many / Medium / Few (bigltr.metrics.group_counts: the official training counts)."""
-        return group_counts(self.info)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.info["class_counts"])
-
-    @property
-    def is_main(self) -> bool:
-        return self.dist.is_main
+            self.train_split = "+".join(self.info.get("official_train_splits") or ["train"])
+        splits = self.info.get("splits", {})
+        self.has_val = "val" in splits and "val" not in self.train_split.split("+")
+        self.class_counts = split_class_counts(self.info, self.train_split)
+        self.group_counts = group_counts(self.info)
+        self.num_classes = len(self.info["class_counts"])
 
     @classmethod
     def create(cls, cfg: Config, dist: Dist) -> "RunContext":
         info = read_info(cfg.data.root)
+        # a model that cannot hold the configured classifier stops here, before the shards are scanned or read
+        check_etf_fits(cfg, len(info["class_counts"]))
         check_trainable(info)  # every class needs a training image: found now, not after stage 1
         # the train shards' labels must match class_hist/class_counts (loss weights, groups): cached tar-header scan
         check_label_counts(cfg.data.root, info, index_dir=cfg.data.dali_index_dir or None)
@@ -91,19 +83,3 @@ class RunContext:
                            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
                            pin_memory=d.pin_memory and self.device.type == "cuda", rank=self.dist.rank,
                            world_size=self.dist.world_size, allow_partial=d.eval_partial and split != "train")
-
-    def data_losses(self, loader) -> dict:
-        """Training samples skipped as corrupt or lost to a shard that ended early in the last epoch, summed over
-        ranks. More than `data.max_skip_fraction` of the split stops the run (on every rank alike)."""
-        local = torch.tensor([int(getattr(loader, "epoch_skipped", 0)), int(getattr(loader, "epoch_lost", 0))],
-                             dtype=torch.long, device=self.device)
-        skipped, lost = (int(v) for v in self.dist.all_reduce_(local, "sum").tolist())
-        split = getattr(loader, "split", "train")
-        total = split_entry(self.info, split)["num_samples"]
-        limit = self.cfg.data.max_skip_fraction
-        if skipped + lost > limit * total:
-            raise DataError(f"{split} split of {self.cfg.data.root}: {skipped} corrupt sample(s) skipped and {lost} "
-                            f"lost to shards that ended early in one epoch, {skipped + lost} of {total} > "
-                            f"data.max_skip_fraction={limit}; check the shards with `tools/make_shards.py verify "
-                            f"{self.cfg.data.root}`")
-        return {"skipped": skipped, "lost": lost}

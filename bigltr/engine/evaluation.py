@@ -1,12 +1,13 @@
 """Evaluation, one place: the per-class counting pass, group metrics with the completeness check, the per-epoch
 validation, and the final evaluation of a stage's best weights (val and test, flip-TTA, a post-hoc classifier).
 
-Used by both stages (bigltr.engine.epoch_end) and by bigltr-eval (bigltr.evaluate). A loader may yield images or
+Used by both stages (bigltr.engine.loop.StageLoop) and by bigltr-eval (bigltr.evaluate). A loader may yield images or
 cached backbone features (bigltr.engine.feature_cache.EvalFeatures: stage 2 with a frozen backbone, whose backbone
 then does not run).
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 
@@ -19,6 +20,8 @@ from bigltr.metrics import summarize
 from bigltr.data.errors import DataError
 from bigltr.objective.posthoc import posthoc_classifier
 from bigltr.results import pack_per_class
+
+log = logging.getLogger("bigltr")
 
 
 @torch.no_grad()
@@ -139,6 +142,15 @@ class Evaluator:
         if not isinstance(val, dict) or ev.tta_flip or ev.posthoc != "none":
             return None
         return val if ckpt.get("val_key") == self.eval_key(amp) else None
+
+    def final_of_best(self, model, best: dict, batch_size: int, amp: str, features=None) -> tuple[dict, bool]:
+        """(`final` metrics of `model`, whether val was reused): `model` holds the weights of checkpoint `best`
+        (best.pt), whose stored val metrics are reported as they are when `reusable_val` allows it."""
+        val = self.reusable_val(best, amp)  # the same on every rank: they all read the same best.pt
+        if val is not None:
+            log.info(f"stage{best.get('stage')}: val metrics of epoch {best.get('epoch')} reused for best.pt (same "
+                     f"weights, same evaluation); only test is evaluated")
+        return self.final(model, batch_size, amp, features=features, val=val), val is not None
 
     def final(self, model, batch_size: int, amp: str, features=None, val: dict | None = None) -> dict:
         """Val and test metrics of `model` (and of its post-hoc normalised classifier when configured).

@@ -7,7 +7,10 @@ features of every training image for V views once:
 - "center_flip": that view and its horizontal flip (V = 2);
 - "augment": `num_aug` draws of the training transform (V = num_aug).
 Each epoch then visits every image once, in a (seed, epoch)-seeded order, with one of its V views drawn at
-random, in batches of `batch_size` (last partial batch dropped, like the training loader).
+random, in batches of `batch_size` (last partial batch dropped, like the training loader). With
+stage2.sampler=class_balanced (cRT, LWS) an epoch is instead one global class-balanced sequence over the samples in
+key order, the same on 1 process and on W ranks: each rank caches its own part, then `gather` gives every rank every
+rank's rows, and rank r takes positions r, r+W, ... (`balanced_order`; docs/baselines.md).
 
 The cache yields `(features [B, D], labels [B], None)` batches so the ordinary training loop runs unchanged with
 `forward = model.classifier`. Storage: host memory or a file on local disk (numpy memmap), in bf16/fp16/fp32,
@@ -36,18 +39,24 @@ from bigltr.engine.feature_store import (DTYPES, check_space, storage, entry_nam
 log = logging.getLogger("bigltr")
 
 class FeatureCache:
-    def __init__(self, features: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int):
+    def __init__(self, features: torch.Tensor, labels: torch.Tensor, *, batch_size: int, seed: int,
+                 keys: list[str] | None = None):
         self.features, self.labels = features, labels  # [V, N, D], [N]
+        self.keys = keys  # the samples' __key__ per row (None: unknown); class_balanced orders the samples by it
         self.batch_size, self.seed, self.epoch = batch_size, seed, 0
         self.num_samples = labels.shape[0]
         self.per_epoch = self.num_samples
         # training samples the cache lacks (corrupt images skipped, samples lost to short shards when it was built):
         # missing from every epoch, so stage 2 reports them and applies data.max_skip_fraction to them every epoch
-        # (RunContext.data_losses), the rule stage 1 applies to its loader
+        # (bigltr.engine.loop.data_losses), the rule stage 1 applies to its loader
         self.epoch_skipped = self.epoch_lost = 0
         # "shuffle": each sample once per epoch; "class_balanced" (cRT, LWS): a class uniformly, then one of its
-        # samples (bigltr.data.balanced), over this rank's part of the data
+        # samples (bigltr.data.balanced), over the rows held here: after `gather` (several ranks) every rank holds
+        # every rank's rows and takes its positions of the one global sequence
         self.sampler = "shuffle"
+        self.rank, self.world_size, self.balance_seed = 0, 1, seed
+        self._balanced = None  # (storage row of each sample in key order or None, the sampler over those samples)
+        self.location, self.directory = "memory", None  # where `gather` puts every rank's rows (disk: a private file)
 
     @property
     def num_views(self) -> int:
@@ -64,38 +73,113 @@ class FeatureCache:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.per_epoch // self.batch_size
+        return self.per_epoch // (self.world_size * self.batch_size)
 
     def to(self, device: torch.device) -> "FeatureCache":
         self.features, self.labels = self.features.to(device), self.labels.to(device)
         return self
 
     def __iter__(self):
+        if self.sampler == "class_balanced":
+            yield from self._balanced_batches()
+            return
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.num_samples, generator=g)
         views = torch.randint(self.num_views, (self.num_samples,), generator=g)
-        if self.sampler == "class_balanced":  # a function of (seed, epoch): a resumed epoch skips to the same draws
-            from bigltr.data.balanced import ClassBalancedSampler
-
-            order = ClassBalancedSampler(self.labels.cpu(), seed=self.seed, num_samples=self.per_epoch).indices(
-                self.epoch)
         device = self.features.device
         order, views = order.to(device), views.to(device)
         for b in range(len(self)):
             idx = order[b * self.batch_size:(b + 1) * self.batch_size]
             yield self.features[views[idx], idx], self.labels[idx], None
 
+    # ---------------------------------------------------------------------------------- class-balanced sampling
+    def balanced_order(self, epoch: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(storage rows, views) of this rank's class-balanced draws of `epoch` (default: the current one), the
+        `len(self) * batch_size` of them that its batches take, on the CPU.
+
+        The epoch's global sequence is ClassBalancedSampler(labels of the samples in key order, seed, N)
+        .global_indices(epoch) (N: the samples held; after `gather`, all ranks'), a function of (seed, epoch) and
+        the set of samples alone; each sample's view is drawn once per epoch from (seed, epoch), as the shuffle
+        stream draws it. Rank r takes positions r, r + W, ... of the first len(self) * W * batch_size draws, so
+        global step k is draws [k G, (k+1) G) (G = the global batch) on 1 process and on W alike, ranks are
+        disjoint, and a resumed epoch skips to the same draws. Keys unknown (a cache built without them): the
+        samples in row order."""
+        from bigltr.data.balanced import ClassBalancedSampler
+
+        if self._balanced is None:
+            rows = None
+            if self.keys is not None:
+                if len(self.keys) != self.num_samples:
+                    raise ValueError(f"feature cache: {len(self.keys)} keys for {self.num_samples} rows")
+                order = sorted(range(self.num_samples), key=self.keys.__getitem__)
+                if len(set(self.keys)) != len(self.keys):
+                    log.warning("feature cache: sample keys are not unique; the class-balanced order of equal keys "
+                                "follows the rows, so it may differ between world sizes")
+                if order != list(range(self.num_samples)):
+                    rows = torch.tensor(order, dtype=torch.long)
+            labels = self.labels.cpu() if rows is None else self.labels.cpu()[rows]
+            self._balanced = rows, ClassBalancedSampler(labels, seed=self.balance_seed, num_samples=self.per_epoch)
+        rows, sampler = self._balanced
+        e = self.epoch if epoch is None else int(epoch)
+        g = torch.Generator().manual_seed(self.balance_seed * 1_000_003 + e)
+        torch.randperm(self.num_samples, generator=g)  # the shuffle stream's draw: then the same views as it
+        views = torch.randint(self.num_views, (self.num_samples,), generator=g)
+        taken = len(self) * self.world_size * self.batch_size
+        pos = sampler.global_indices(e)[:taken][self.rank::self.world_size]  # samples, in key order
+        return (pos if rows is None else rows[pos]), views[pos]
+
+    def _balanced_batches(self):
+        rows, views = self.balanced_order()
+        device = self.features.device
+        rows, views = rows.to(device), views.to(device)
+        for b in range(len(self)):
+            batch = slice(b * self.batch_size, (b + 1) * self.batch_size)
+            idx = rows[batch]
+            yield self.features[views[batch], idx], self.labels[idx], None
+
+    def gather(self, dist, *, seed: int) -> None:
+        """Hold every rank's cached rows on every rank (collective), for class-balanced sampling over the whole
+        training set: rank order, the sample keys with them; `seed` must be the same on every rank (the run's).
+
+        Memory: the whole cache on every rank, V x N x D x (2 or 4 bytes) (iNaturalist 2018: 437,513 x 2048 in bf16
+        = 1.7 GiB per view), in memory or, with stage2.cache.location=disk, in a private file next to this rank's
+        cache (unlinked at once: it lives while mapped). Sent in rounds of at most 256 MiB per rank."""
+        if self.keys is None:
+            raise ValueError("feature cache: gathering needs the sample keys (a cache built by FeatureCache.build)")
+        parts = dist.gather_objects(self.keys)
+        total = sum(len(p) for p in parts)
+        shape = (self.num_views, total, self.features.shape[2])
+        nbytes = shape[0] * shape[1] * shape[2] * self.features.element_size()
+        location, directory = self.location, self.directory
+        check_space(nbytes, location, directory)
+        tmp = new_build_dir(directory, "gathered") if location == "disk" else None
+        try:
+            store, _ = storage(shape, self.features.dtype, location, tmp)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)  # the mapping stays valid; nothing is left behind
+        for v in range(self.num_views):
+            dist.all_gather_rows(self.features[v].cpu(), store[v])
+        labels = dist.all_gather_rows(self.labels.cpu())
+        self.features, self.labels, self.keys = store, labels, [k for p in parts for k in p]
+        self.num_samples = self.per_epoch = total
+        self.rank, self.world_size, self.balance_seed = dist.rank, dist.world_size, int(seed)
+        self._balanced = None
+        log.info(f"feature cache: gathered every rank's rows for class-balanced sampling: {self.num_views} view(s) x "
+                 f"{total} samples ({nbytes / 2**20:.1f} MiB per rank, {location})")
+
     @classmethod
     def load(cls, entry: Path, key: dict, *, batch_size: int, seed: int) -> "FeatureCache | None":
         """The complete disk cache in folder `entry` if it was written for the same key (checkpoint, data, views,
         dtype), else None."""
-        loaded = load_entry(entry, key)
+        loaded = load_entry(entry, key, with_index=True)
         if loaded is None:
             return None
-        feats, labels, _, meta = loaded
+        feats, labels, index, meta = loaded
         log.info(f"feature cache: reusing {entry} ({tuple(feats.shape)})")
-        out = cls(feats, labels, batch_size=batch_size, seed=seed)
+        out = cls(feats, labels, batch_size=batch_size, seed=seed, keys=list(index["keys"]))
         out.epoch_skipped, out.epoch_lost = int(meta.get("skipped", 0)), int(meta.get("lost", 0))
+        out.location, out.directory = "disk", entry.parent
         return out
 
     @classmethod
@@ -128,11 +212,13 @@ class FeatureCache:
         check_space(nbytes, location, directory)
         tmp = new_build_dir(directory, "train") if location == "disk" else None
         try:
-            store, labels, skipped, lost = cls._compute(backbone, make_loader, first, passes, flip,
-                                                        (num_views, n, feat_dim), torch_dtype, location, tmp, device,
-                                                        amp_ctx)
+            store, labels, keys, skipped, lost = cls._compute(backbone, make_loader, first, passes, flip,
+                                                              (num_views, n, feat_dim), torch_dtype, location, tmp,
+                                                              device, amp_ctx)
             if location == "disk":
                 np.save(tmp / "labels.npy", labels.numpy())
+                # the samples' keys (class-balanced sampling orders the samples by them; sizes: one block)
+                write_json_atomic(tmp / "index.json", {"split": "train", "keys": keys, "sizes": [len(keys)]})
                 num_classes = getattr(first, "info", {}).get("num_classes")
                 write_json_atomic(tmp / "meta.json", {"key": key, **meta_extra(store, labels, num_classes,
                                                                                  skipped=skipped, lost=lost)})  # last
@@ -147,13 +233,15 @@ class FeatureCache:
         log.info(f"feature cache: {num_views} view(s) x {store.shape[1]} images x {feat_dim} dims in {dtype} "
                  f"({nbytes / 2**20:.1f} MiB, {location}{f', {entry}' if entry else ''})"
                  + (f"; {skipped} corrupt sample(s) skipped, {lost} lost to short shards" if skipped or lost else ""))
-        out = cls(store, labels, batch_size=batch_size, seed=seed)
+        out = cls(store, labels, batch_size=batch_size, seed=seed, keys=keys)
         out.epoch_skipped, out.epoch_lost = skipped, lost
+        out.location, out.directory = location, directory
         return out
 
     @staticmethod
     def _compute(backbone, make_loader, first, passes, flip, shape, torch_dtype, location, tmp, device, amp_ctx):
-        """Run the backbone over the training split once per pass; (features [V, N', D], labels [N'], skipped, lost).
+        """Run the backbone over the training split once per pass; (features [V, N', D], labels [N'], keys [N'],
+        skipped, lost).
 
         N' < N when samples were skipped (corrupt) or lost (short shard): the loader counts them, and stage 2
         applies data.max_skip_fraction to those counts as stage 1 does. Every pass must read the same samples."""
@@ -194,7 +282,7 @@ class FeatureCache:
             labels = labels[:pos].clone()
         if mm is not None:
             mm.flush()
-        return store, labels, skipped, lost
+        return store, labels, keys0, skipped, lost
 
 
 class EvalFeatures:

@@ -191,6 +191,8 @@ def load_entry(entry: Path, key: dict, *, with_index: bool = False):
         return None
     try:
         meta = json.loads((entry / "meta.json").read_text())
+        if with_index and not (entry / "index.json").exists() and entry.is_dir():
+            raise ValueError("index.json (the sample keys) is missing: written by an older bigltr")
         index = json.loads((entry / "index.json").read_text()) if with_index else None
         arr = np.load(entry / "features.bin", mmap_mode="c", allow_pickle=False)
         labels = np.load(entry / "labels.npy", allow_pickle=False)

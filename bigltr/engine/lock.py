@@ -4,8 +4,9 @@ only with the config it was trained with: bigltr.engine.resume.)
 The lock is a file `<out>/.bigltr.lock` created with O_CREAT|O_EXCL (atomic on local disks and on NFS v3+, Lustre
 and GPFS, where `flock`/`fcntl` locks are not always available or survive a node's death) holding the owner's host,
 pid and Slurm job id; a thread refreshes its mtime every `HEARTBEAT_S`. A lock is stale, and taken over, when its
-owner is provably gone: same host and the pid is dead, the same Slurm job id as ours (a requeued job's earlier run
-has ended: Slurm runs one at a time), or no heartbeat for `STALE_S` (a node that died).
+owner is provably gone: same host and the pid is dead (bigltr.procs.pid_alive: a zombie is dead), the same Slurm job
+id as ours (a requeued job's earlier run has ended: Slurm runs one at a time), or no heartbeat for `STALE_S` (a node
+that died).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import time
 from pathlib import Path
 
 from bigltr.config import ConfigError
+from bigltr.procs import pid_alive
 from bigltr.rundir import RunDir
 
 log = logging.getLogger("bigltr")
@@ -28,16 +30,6 @@ STALE_S = 300.0
 
 class RunLocked(ConfigError):
     """Another run holds the run directory."""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 class RunLock:
@@ -100,7 +92,7 @@ class RunLock:
             return f"no heartbeat for {age:.0f} s"
         if not owner:
             return None
-        if owner.get("host") == self.me["host"] and isinstance(owner.get("pid"), int) and not _alive(owner["pid"]):
+        if owner.get("host") == self.me["host"] and isinstance(owner.get("pid"), int) and not pid_alive(owner["pid"]):
             return f"pid {owner['pid']} on this host has exited"
         if self.me["slurm_job"] and owner.get("slurm_job") == self.me["slurm_job"] and owner != self.me:
             return f"an earlier run of Slurm job {self.me['slurm_job']} (requeued)"

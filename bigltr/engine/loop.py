@@ -1,10 +1,18 @@
-"""The training loop of both stages: one StageLoop owns the epoch sequence, a stage file only builds its parts.
+"""The training loop of both stages: one StageLoop owns the epoch sequence and model selection; a stage file only
+builds its parts (StageParts).
 
 Per epoch: the loader's epoch, the stage's train mode, `train_epoch` (its step hook: the rank-agreed stop request,
 the non-finite-loss guard, the periodic resume checkpoint), the epoch-end stop check, the data-loss count, the
-stage's after-epoch hook (stage 2's per-epoch MaxNorm), validation, then `EpochEnd.record` (best-so-far selection,
-summary.csv, last.pt / best.pt, the epoch-end resume checkpoint). After the last epoch, `EpochEnd.finish` (best.pt
-on val and test). Resuming (`resume=auto`) restores the newest readable resume checkpoint before the first epoch.
+stage's after-epoch hook (stage 2's per-epoch MaxNorm), validation, then the record: the best-so-far decision on
+the balanced VALIDATION accuracy (never on test), the summary.csv row, the tracker scalars, last.pt / best.pt, the
+log line, the epoch-end resume checkpoint, and the stop on request. After the last epoch (`_finish`):
+weight_norms.json, best.pt reloaded on every rank and evaluated on test, and on val unless the val metrics best.pt
+stores (measured on those very weights at its epoch) are what that pass would give again (Evaluator.final). Resuming
+(`resume=auto`) restores the newest readable resume checkpoint before the first epoch.
+
+What differs between the stages comes in as data (StageParts): extra summary columns and the log text (stage 2's
+MaxNorm statistics), extra checkpoint fields (stage 2's maxnorm_radius), the val loader and a `features(split)`
+function (stage 2's cached backbone features). An EMA of the weights or another selection metric goes here.
 """
 from __future__ import annotations
 
@@ -16,14 +24,20 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from bigltr.checkpoint import load_run_checkpoint, save_checkpoint
 from bigltr.config import BatchPlan, ConfigError, to_dict
+from bigltr.data.errors import DataError
+from bigltr.data.info import split_entry
 from bigltr.engine.context import RunContext
-from bigltr.engine.device import autocast, progress
-from bigltr.engine.epoch_end import EpochEnd, Final
+from bigltr.engine.device import autocast, peak_memory_mib, progress
+from bigltr.engine.evaluation import Evaluator
+from bigltr.engine.records import CsvLog, Final, write_weight_norms
 from bigltr.engine.resume import StageState, resume_candidates
 from bigltr.engine.stop import Preempted, epoch_end_stop, step_hook
 from bigltr.engine.tracking import Tracking
-from bigltr.rundir import RunDir
+from bigltr.models import build_model
+from bigltr.objective.maxnorm import row_norms
+from bigltr.rundir import RunDir, StageDir
 
 log = logging.getLogger("bigltr")
 
@@ -68,17 +82,19 @@ class StageParts:
 
 class StageLoop:
     def __init__(self, ctx: RunContext, parts: StageParts, tracking: Tracking | None = None):
-        self.ctx, self.parts, self.tracking = ctx, parts, tracking
+        self.ctx, self.parts, self.tracking = ctx, parts, tracking or Tracking()
+        self.files = StageDir(RunDir(ctx.out).stage(parts.number).path)
+        self.evaluator = Evaluator(ctx)
+        self.eval_key = self.evaluator.eval_key(parts.amp)  # stored with each epoch's val result (best.pt)
 
     def run(self) -> tuple[Final, float]:
         """Train every remaining epoch, then evaluate best.pt: (the stage's Final, seconds of the epoch loop)."""
         ctx, p, cfg = self.ctx, self.parts, self.ctx.cfg
-        out = RunDir(ctx.out).stage(p.number).path
-        state = StageState(out, p.number, to_dict(cfg), dist=ctx.dist, model=p.model, trainer=p.trainer,
-                           scheduler=p.scheduler, stateful=p.stateful)
-        state.restore_newest(resume_candidates(out) if cfg.resume == "auto" else [])
-        ends = EpochEnd(ctx, state, out=out, epochs=p.epochs, amp=p.amp, tracking=self.tracking,
-                        checkpoint_extra=p.checkpoint_extra)
+        state = StageState(self.files.path, p.number, to_dict(cfg), dist=ctx.dist, model=p.model,
+                           trainer=p.trainer, scheduler=p.scheduler, stateful=p.stateful)
+        state.restore_newest(resume_candidates(self.files.path) if cfg.resume == "auto" else [])
+        self.state = state
+        self.summary = CsvLog(self.files.summary, resume=state.resumed) if ctx.is_main else None
         log.info(p.describe)
         name = f"stage{p.number}"
         t_start = time.perf_counter()
@@ -95,14 +111,88 @@ class StageLoop:
             if tr["stopped"]:
                 raise Preempted(f"stage {p.number} stopped at epoch {epoch + 1}, batch {tr['batches']}")
             stop_now = epoch_end_stop(ctx.stop, state, epoch)  # raises on a non-finite loss: nothing is written
-            tr.update(ctx.data_losses(p.train_loader))  # samples skipped (corrupt) or lost (short shard); may raise
+            tr.update(data_losses(ctx, p.train_loader))  # samples skipped (corrupt) or lost (short shard); may raise
             if p.after_epoch is not None:
                 p.after_epoch()
-            val, state_model = ends.validate(p.model, p.val_loader)
+            val, state_model = self.evaluator.validate(p.model, p.val_loader, p.amp)
             columns, text = p.report(tr, val, state_model)
-            ends.record(epoch, tr, val, state_model, stop_now=stop_now, columns=columns, text=text)
+            self._record(epoch, tr, val, state_model, columns=columns, text=text)
+            if stop_now:
+                raise Preempted(f"stage {p.number} stopped at the end of epoch {epoch + 1}")
         train_s = time.perf_counter() - t_start
-        return ends.finish(p.plan.per_process, features=p.features, norms_extra=p.norms_extra), train_s
+        return self._finish(), train_s
+
+    def is_best(self, epoch: int, val_all: float | None) -> bool:
+        """Whether epoch `epoch` (1-based) is the new best, and if so remember it: the highest balanced validation
+        accuracy so far; `val_all` None (protocol refit, no selection): every epoch is, so the last one is kept."""
+        best = self.state.best
+        if val_all is None or best is None or best[1] is None or val_all > best[1]:
+            self.state.best = (epoch, val_all)
+            return True
+        return False
+
+    def _record(self, epoch: int, tr: dict, val: dict | None, state_model: dict, *, columns: dict, text: str) -> None:
+        """Everything after validation of epoch `epoch` (0-based). `tr`: train_epoch's numbers (+ data losses);
+        `columns`: the stage's own summary.csv columns, after the shared ones; `text`: the log line after
+        "stageN epoch e/E". Collective (the resume checkpoint)."""
+        ctx, p, state = self.ctx, self.parts, self.state
+        state.norms_per_epoch.append(row_norms(state_model["classifier.weight"]).float().cpu())  # [C] per epoch
+        # holdout: the best val accuracy so far; refit: every epoch replaces best.pt, the last one is kept
+        is_best = self.is_best(epoch + 1, val["all"] if val is not None and ctx.cfg.protocol == "holdout" else None)
+        measured, val = val, val or {"all": None, "many": None, "medium": None, "few": None}
+        if ctx.is_main:
+            row = {"epoch": epoch + 1, "lr": p.trainer.optimizer.param_groups[0]["lr"], **tr,
+                   "val_all": val["all"], "val_many": val["many"], "val_medium": val["medium"], "val_few": val["few"],
+                   **columns}
+            self.summary.write(row)
+            self.tracking.log_epoch(p.number, row)
+            # weights only; optimizer, scheduler and data position live in the resume checkpoint (below)
+            # val: this epoch's validation of these weights, reused by `_finish` when they are selected
+            ckpt = {"stage": p.number, "epoch": epoch + 1, "model": state_model, "val_all": val["all"],
+                    "val": measured, "val_key": self.eval_key, **p.checkpoint_extra, "config": to_dict(ctx.cfg),
+                    **{k: ctx.info[k] for k in ("classes", "category_ids") if k in ctx.info}}  # bigltr-eval checks
+            save_checkpoint(ckpt, self.files.last)
+            if is_best:
+                save_checkpoint(ckpt, self.files.best)
+        log.info(f"stage{p.number} epoch {epoch + 1}/{p.epochs} {text}{' *best' if is_best else ''}")
+        state.checkpoint(epoch + 1, 0)
+
+    def _finish(self) -> Final:
+        """After the last epoch: weight_norms.json (per-epoch row norms, + the stage's `norms_extra`), then best.pt
+        reloaded on every rank and evaluated on val and test (`features(split)`: cached backbone features, stage 2)."""
+        ctx, cfg, p, state = self.ctx, self.ctx.cfg, self.parts, self.state
+        if ctx.is_main:
+            write_weight_norms(self.files.path, state.norms_per_epoch, ctx.class_counts, p.norms_extra)
+        ctx.dist.barrier()  # best.pt is complete before any rank reads it
+        final = build_model(cfg.model.name, ctx.num_classes, in_chans=cfg.data.in_chans).to(ctx.device)
+        best = load_run_checkpoint(self.files.best, strict=False)
+        final.load_state_dict(best["model"])
+        t = time.perf_counter()
+        metrics, val_reused = self.evaluator.final_of_best(final, best, p.plan.per_process, p.amp, features=p.features)
+        eval_s = time.perf_counter() - t
+        result = Final(metrics=metrics, best_epoch=state.best[0], peak_memory_mib=round(peak_memory_mib(ctx.device), 1),
+                       weight_norms=[round(n, 6) for n in row_norms(final.classifier.weight).tolist()], eval_s=eval_s,
+                       val_s=self.evaluator.val_s, val_reused=val_reused)
+        if ctx.is_main:
+            self.tracking.log_final(p.number, metrics, result.best_epoch, step=p.epochs)
+        return result
+
+
+def data_losses(ctx: RunContext, loader) -> dict:
+    """Training samples skipped as corrupt or lost to a shard that ended early in the last epoch, summed over
+    ranks. More than `data.max_skip_fraction` of the split stops the run (on every rank alike)."""
+    local = torch.tensor([int(getattr(loader, "epoch_skipped", 0)), int(getattr(loader, "epoch_lost", 0))],
+                         dtype=torch.long, device=ctx.device)
+    skipped, lost = (int(v) for v in ctx.dist.all_reduce_(local, "sum").tolist())
+    split = getattr(loader, "split", "train")
+    total = split_entry(ctx.info, split)["num_samples"]
+    limit = ctx.cfg.data.max_skip_fraction
+    if skipped + lost > limit * total:
+        raise DataError(f"{split} split of {ctx.cfg.data.root}: {skipped} corrupt sample(s) skipped and {lost} "
+                        f"lost to shards that ended early in one epoch, {skipped + lost} of {total} > "
+                        f"data.max_skip_fraction={limit}; check the shards with `tools/make_shards.py verify "
+                        f"{ctx.cfg.data.root}`")
+    return {"skipped": skipped, "lost": lost}
 
 
 def train_epoch(*, trainer, loader, loss_fn: nn.Module, scheduler, device: torch.device, amp: str,

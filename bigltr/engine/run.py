@@ -72,6 +72,7 @@ def _run_locked(cfg: Config, ctx: RunContext, out: Path) -> dict:
     else:
         results.pop("group_counts", None)
     results["world_size"] = dist.world_size
+    results["device"] = dist.device.type  # "cpu" / "cuda": what the stages' wall_time_s are hours of
     log.info(f"run {out}: stage {cfg.stage}, device {dist.device}, {dist.describe()}, data {cfg.data.root} "
              f"({ctx.num_classes} classes)")
 

@@ -10,7 +10,7 @@ import torch
 from bigltr.config import batch_plan
 from bigltr.engine.context import RunContext
 from bigltr.engine.device import grad_scaler
-from bigltr.engine.epoch_end import val_text
+from bigltr.engine.records import val_text
 from bigltr.engine.loop import StageLoop, StageParts, steps_per_epoch
 from bigltr.engine.optim import build_sgd, cosine_schedule, param_groups
 from bigltr.engine.tracking import Tracking
@@ -63,6 +63,8 @@ def run_stage1(ctx: RunContext, tracking: Tracking | None = None) -> dict:
                  f"(local), {train_loader.num_samples} train images/rank x {dist.world_size} rank(s), {steps} "
                  f"steps/epoch of {plan.describe()}, wd={s1.weight_decay} ({s1.wd_scope})")
     final, train_s = StageLoop(ctx, parts, tracking).run()
-    return {**final.metrics, "best_epoch": final.best_epoch, "wall_time_s": {"train_incl_val": round(train_s, 2)},
+    return {**final.metrics, "best_epoch": final.best_epoch,
+            "wall_time_s": {"train_incl_val": round(train_s, 2), "per_epoch_val": round(final.val_s, 2),
+                            "final_eval": round(final.eval_s, 2)},
             "peak_memory_mib": final.peak_memory_mib, "weight_norms": final.weight_norms,
             "batch": plan.record(), "val_reused": final.val_reused}

@@ -19,14 +19,15 @@ from bigltr.checkpoint import NotRunCheckpointError, load_run_checkpoint
 from bigltr.config import ConfigError, batch_plan, cache_amp
 from bigltr.engine.context import RunContext
 from bigltr.engine.device import autocast, grad_scaler
-from bigltr.engine.epoch_end import val_text
+from bigltr.engine.records import val_text
 from bigltr.engine.feature_cache import EvalFeatures, FeatureCache
-from bigltr.engine.loop import StageLoop, StageParts, steps_per_epoch
+from bigltr.engine.loop import StageLoop, StageParts, data_losses, steps_per_epoch
 from bigltr.engine.optim import build_sgd, cosine_schedule
 from bigltr.engine.tracking import Tracking
 from bigltr.models import build_model
 from bigltr.objective.fused_sgd import SGDMaxNorm
 from bigltr.objective.losses import build_loss
+from bigltr.objective.lws import LWSClassifier
 from bigltr.objective.maxnorm import MaxNorm, resolve_radius
 from bigltr.rundir import RunDir
 
@@ -72,6 +73,9 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
     stage1_weight = model.classifier.weight.detach().clone()
     if s2.classifier_init == "reinit":
         model.classifier.reset_parameters()
+    lws = s2.classifier == "lws"
+    if lws:  # LWS: stage 1's rows frozen, one scale per class trains; its state_dict is the folded nn.Linear
+        model.classifier = LWSClassifier(model.classifier)
     model.backbone.requires_grad_(False)
 
     mn = s2.maxnorm
@@ -94,8 +98,10 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
             key={**cache_key(cfg, stage1_checkpoint), "split": ctx.train_split})
         # every rank must take the same number of steps: visit at most the smallest rank's sample count
         train_loader.limit(int(dist.all_reduce_(torch.tensor(train_loader.num_samples), "min")))
-        ctx.data_losses(train_loader)  # images the build skipped: over data.max_skip_fraction stops before training
+        data_losses(ctx, train_loader)  # images the build skipped: over data.max_skip_fraction stops before training
         train_loader.sampler = s2.sampler
+        if s2.sampler == "class_balanced" and dist.distributed:  # one global balanced sequence: every rank's rows
+            train_loader.gather(dist, seed=cfg.seed)
         if device.type == "cuda" and c.location == "memory":
             train_loader.to(device)  # features then never cross the host link again
         built = {}
@@ -126,8 +132,9 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
             return SGDMaxNorm([{"params": [clf.weight], "radius": radius, "tau": mn.tau, "projection": mn.projection},
                                {"params": [clf.bias]}],
                               lr=s2.lr, momentum=s2.momentum, weight_decay=s2.weight_decay, wd_p=s2.wd_p)
-        return build_sgd([{"params": list(clf.parameters()), "weight_decay": s2.weight_decay}], s2.lr, s2.momentum,
-                         s2.wd_p)
+        # (lws: the scales only, decayed towards 0 as in Kang et al.'s code)
+        return build_sgd([{"params": [p for p in clf.parameters() if p.requires_grad],
+                           "weight_decay": s2.weight_decay}], s2.lr, s2.momentum, s2.wd_p)
 
     # DDP(classifier), the FSDP2 row-sharded classifier, or a DeepSpeed engine over the classifier
     trainer = dist.prepare(clf, make_optimizer, what="classifier", scaler=grad_scaler(device, s2.amp),
@@ -166,12 +173,14 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
         loss_fn=loss_fn, train_loader=train_loader, val_loader=val_loader, plan=plan, epochs=s2.epochs, amp=s2.amp,
         report=report, train_mode=train_mode,
         # on the local rows (FSDP2), or on the fp32 master and the weights (DeepSpeed)
-        after_step=lambda: maxnorm.after_step(clf.weight, dist.row_projector),
-        after_epoch=lambda: maxnorm.after_epoch(clf.weight, dist.row_projector),
-        stateful={"maxnorm": maxnorm}, checkpoint_extra={"maxnorm_radius": radius}, features=eval_features,
+        after_step=None if lws else lambda: maxnorm.after_step(clf.weight, dist.row_projector),
+        after_epoch=None if lws else lambda: maxnorm.after_epoch(clf.weight, dist.row_projector),
+        stateful={"maxnorm": maxnorm, **({"lws": clf.scale_state()} if lws else {})},  # lws: the scales, exactly
+        checkpoint_extra={"maxnorm_radius": radius}, features=eval_features,
         norms_extra={"radius": radius},
         describe=f"stage 2: loss {s2.loss}, wd {s2.weight_decay}, MaxNorm {mn.when} radius {radius:.4f} "
-                 f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}, {steps} "
+                 f"({mn.radius_mode} {mn.radius}), BN {s2.bn_mode}, classifier {s2.classifier_init}"
+                 f"{' (LWS: per-class scales only)' if lws else ''}, {steps} "
                  f"steps/epoch of {plan.describe()}")
     final, train_s = StageLoop(ctx, parts, tracking).run()
     return {**final.metrics, "best_epoch": final.best_epoch, "maxnorm_radius": radius, "features": s2.features,

@@ -48,3 +48,29 @@ def build_checkpoint_model(ckpt: dict, cfg: Config, path) -> LTModel:
         raise BadInputError(f"{path}: the weights do not fit model.name={cfg.model.name} with data.in_chans="
                             f"{cfg.data.in_chans} and {num_classes} classes: {str(e).splitlines()[0]}") from None
     return model.eval()
+
+
+def feature_dim(name: str, in_chans: int = 3) -> int:
+    """The pooled feature dimension of timm backbone `name` (what the classifier sees), read from the model built
+    on the meta device: no weights are allocated or initialised (milliseconds, any model size)."""
+    if not timm.is_model(name):
+        build_model(name, 1, in_chans=in_chans)  # the ConfigError naming the closest model names
+    with torch.device("meta"):
+        return int(timm.create_model(name, pretrained=False, num_classes=0, in_chans=in_chans).num_features)
+
+
+def check_etf_fits(cfg: Config, num_classes: int) -> None:
+    """ConfigError unless `cfg`'s stage-1 classifier can be built for `num_classes` classes: `stage1.classifier=etf`
+    (one-stage weight balancing) needs a simplex ETF, i.e. a feature dimension >= num_classes - 1. Cheap (the model
+    on the meta device); the trainer calls it before any data is read, bigltr-ablation before any row trains. A
+    config without the ETF passes."""
+    if cfg.stage1.classifier != "etf":
+        return
+    dim = feature_dim(cfg.model.name, cfg.data.in_chans)
+    if dim >= num_classes - 1:
+        return
+    raise ConfigError(
+        f"config key 'stage1.classifier=etf': a simplex-ETF classifier of {num_classes} classes needs a feature "
+        f"dimension >= {num_classes - 1} (num_classes - 1), but model.name={cfg.model.name} has {dim}-dim features; "
+        f"use a backbone with a wider feature (>= {num_classes - 1}, e.g. model.name=resnet34_cifar: 512) or another "
+        f"classifier (stage1.classifier=linear)")

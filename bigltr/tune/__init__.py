@@ -6,7 +6,7 @@ folder (TuneFolder: the reader of a tune folder), study (Tune, storage, journal 
 trial (a trial's process, PDEATHSIG, pruning watch, results), recovery (stale and orphaned trials, retry), report
 (summary, tune_trials.json, tune_result.json, plots), worker (trials, phases, workers, exit status), cli (argparse,
 make_tune, main). This package re-exports the public names of the former single module bigltr/tune.py (__all__;
-report() is bigltr.tune.report.report) and _pid_alive, which the tests use.
+report() is bigltr.tune.report.report). Whether a pid is alive: bigltr.procs.pid_alive.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from bigltr.tune.report import final_command, plot_study, studies, summary_rows,
 from bigltr.tune.space import Param, default_space, parse_param
 from bigltr.tune.study import (GridSampler, Tune, best_trial, check_journal, counted, enqueue_grid, make_pruner,
                                make_sampler, open_study, phase2_name, phase_study, study_trials, trial_dir)
-from bigltr.tune.trial import PR_SET_PDEATHSIG, _pid_alive, die_with_parent, run_trial, stderr_tail, trial_results
+from bigltr.tune.trial import PR_SET_PDEATHSIG, die_with_parent, run_trial, stderr_tail, trial_results
 from bigltr.tune.worker import STOP_SIGNALS, one_trial, run_study, run_worker, same_as_complete, study_finished, \
     work_phase
 
@@ -37,7 +37,6 @@ __all__ = [
     "make_sampler", "open_study", "phase2_name", "phase_study", "study_trials", "trial_dir", "PR_SET_PDEATHSIG",
     "die_with_parent", "run_trial", "stderr_tail", "trial_results", "STOP_SIGNALS", "one_trial", "run_study",
     "run_worker", "same_as_complete", "study_finished", "work_phase", "read_epochs",
-    "_pid_alive",  # tests/test_tune_faults.py
 ]
 _MODULES = (base, space, folder, study, trial, recovery, report, worker, cli)
 # `report` is the module (the single module's function report() is bigltr.tune.report.report): a package attribute

@@ -127,6 +127,9 @@ def make_tune(args) -> Tune:
                 raise TuneError(f"'{q.key}' is searched (--space {q.spec()}): do not also set it as key=value")
             if args.sampler == "grid" and q.kind != "grid":
                 raise TuneError(f"--sampler grid needs every key as grid:A,B,... (got --space {q.spec()})")
+            inert = inert_knob(q.key, cfg, {p.key for p in spaces[ph]})
+            if inert:
+                raise TuneError(f"--space {q.spec()}: {inert}")
     for flag, v in (("--trials", args.trials), ("--trials2", args.trials2)):
         if v is not None and v < 1:  # one rule for every sampler (a grid's default is its size: leave --trials out)
             raise TuneError(f"{flag} must be >= 1 (got {v})" + (
@@ -149,6 +152,21 @@ def make_tune(args) -> Tune:
     if not args.report:
         validate(tune, cfg)
     return tune
+
+
+def inert_knob(key: str, cfg, searched: set[str]) -> str | None:
+    """Why searching `key` cannot move the objective (a trial's val accuracy), None when it can: a post-hoc tau is
+    applied after training and not in the objective (it is chosen by a sweep of one checkpoint), the LA tau only
+    counts with loss=la_ce."""
+    if key.startswith("eval.posthoc"):
+        return ("the objective is the stage's val accuracy without the post-hoc rule, and every trial would train "
+                "again for it: choose the post-hoc tau on val with one sweep of the checkpoint "
+                "(bigltr.evaluate.tau_sweep; bigltr-ablation --baselines does it), docs/tuning.md")
+    stage, _, name = key.partition(".")
+    if name == "la_tau" and stage in ("stage1", "stage2") and f"{stage}.loss" not in searched \
+            and getattr(cfg, stage).loss != "la_ce":
+        return f"{key} only acts with {stage}.loss=la_ce (this study has {stage}.loss={getattr(cfg, stage).loss})"
+    return None
 
 
 def validate(tune: Tune, cfg) -> None:

@@ -13,11 +13,12 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
+from bigltr.procs import pid_alive
 from bigltr.results import read_epochs
 from bigltr.rundir import RunDir
 from bigltr.tune.base import GROUPS, HOST, log
 from bigltr.tune.study import Tune
-from bigltr.tune.trial import _group_alive, _pid_alive, _start_time, trial_results
+from bigltr.tune.trial import _group_alive, _start_time, trial_results
 
 
 def retire(tune: Tune, study: optuna.Study, t, reason: str, clean: bool = False) -> bool:
@@ -105,7 +106,7 @@ def fail_stale(study: optuna.Study, tune: Tune, phase: int) -> None:
         beat = ua.get("heartbeat", t.datetime_start.timestamp() if t.datetime_start else now)
         here = ua.get("worker_host") == HOST
         # this process runs no trial while it checks, so its own pid on a trial is a previous, reused one
-        if here and "worker_pid" in ua and (ua["worker_pid"] == os.getpid() or not _pid_alive(ua["worker_pid"])):
+        if here and "worker_pid" in ua and (ua["worker_pid"] == os.getpid() or not pid_alive(ua["worker_pid"])):
             reason = f"worker {HOST}:{ua['worker_pid']} is gone"
         elif now - beat > tune.args.stale_after:
             reason = f"no heartbeat from worker {ua.get('worker_host')}:{ua.get('worker_pid')} for {now - beat:.0f} s"

@@ -1,7 +1,7 @@
 """One trial's process: started in its own process group with PR_SET_PDEATHSIG (it dies with its worker, even by
 SIGKILL), its summary.csv read while it runs (each epoch's val_all reported to Optuna; stopped when pruned), stopped
-with SIGTERM, then SIGKILL after --grace. Also the process probes recovery needs (alive, zombie, start time, process
-group: /proc) and the reading of a trial folder's results.json (trial_results)."""
+with SIGTERM, then SIGKILL after --grace. Also the process probes recovery needs (start time, process group: /proc;
+whether one pid is alive: bigltr.procs.pid_alive) and the reading of a trial folder's results.json (trial_results)."""
 from __future__ import annotations
 
 import os
@@ -16,6 +16,7 @@ from pathlib import Path
 import optuna
 
 from bigltr.config import ConfigError
+from bigltr.procs import proc_stat
 from bigltr.results import finished_stage, read_epochs, read_results
 from bigltr.rundir import RunDir
 from bigltr.tune.base import GROUPS, ROOT
@@ -24,28 +25,9 @@ from bigltr.tune.study import Tune
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _stat(pid) -> list[str] | None:
-    """/proc/<pid>/stat after the command name: [state, ppid, pgrp, ...] (field N of proc(5) is item N - 3)."""
-    try:
-        return Path(f"/proc/{int(pid)}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError, TypeError, ValueError):
-        return None
-
-
-def _pid_alive(pid) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, TypeError, ValueError):
-        return True
-    st = _stat(pid)  # an unreaped (zombie) process is dead too
-    return st is None or st[0] != "Z"
-
-
 def _start_time(pid) -> int | None:
     """A process's start time (clock ticks after boot): with the pid, it names one process (pids are reused)."""
-    st = _stat(pid)
+    st = proc_stat(pid)
     return int(st[19]) if st else None
 
 
@@ -61,7 +43,7 @@ def _group_alive(pgid: int) -> bool:
         return True
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
-            st = _stat(d.name)
+            st = proc_stat(d.name)
             if st and st[2] == str(pgid) and st[0] != "Z":
                 return True
     return False

@@ -33,7 +33,7 @@ class SourceData(NamedTuple):
     # idx: _info.json in idx's own layout ("source" with image_format and maxcount; no encode options, skipped
     # counts or official training counts: convert(record_encode=False)), byte-identical across conversions
     idx_info_layout: bool = False
-    holdout: Optional[object] = None  # a bigltr.data.longtail.Holdout: val drawn out of train after the decode check
+    holdout: Optional[object] = None  # a bigltr.data.holdout.Holdout: val drawn out of train after the decode check
 
 
 def require_dir(path: str, flag: str = "--src") -> str:

@@ -70,10 +70,10 @@ def add_convert_args(p: argparse.ArgumentParser, *, val_help: str, val_default_t
                      holdout: bool = True):
     """Options of the converters that decode images in parallel (imagefolder, list, inat, cifar), then the output
     options (``keep``: image files whose bytes may be stored as they are; ``holdout``: the options of the
-    validation hold-out out of train, bigltr.data.longtail.HoldoutPolicy)."""
+    validation hold-out out of train, bigltr.data.holdout.HoldoutPolicy)."""
     p.add_argument("--val-per-class", type=int, default=None, help=f"{val_help} (default {val_default_text})")
     if holdout:
-        from ..longtail import HOLDOUT_DEFAULTS
+        from ..holdout import HOLDOUT_DEFAULTS
 
         p.add_argument("--val-max-fraction", type=float, default=None, metavar="F",
                        help=f"hold out at most floor(F * n_c) images of a class of n_c (default "
@@ -178,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> dict:
     """Read the source of ``args.command`` and convert it (:func:`bigltr.data.convert.convert`)."""
-    from ..convert import EncodeOptions, convert
+    from ..convert import convert
+    from ..decode import EncodeOptions
 
     params = inspect.signature(args.source.load).parameters  # load()'s keywords are named like the options
     data = args.source.load(**{k: getattr(args, k) for k in params})

@@ -8,9 +8,9 @@ from typing import Optional
 import numpy as np
 
 from ..convert import Item
-from ..longtail import (CLASS_ORDER_RULE, IDX_SPLIT_RULE, LONGTAIL_FORMULA, PAIRS_SPLIT_RULE, class_order,
-                        counts_by_class, draw_pairs, holdout_and_longtail, longtail_counts, pairs_holdout,
-                        train_order_rule, train_shuffle, warn)
+from ..longtail import (CLASS_ORDER_RULE, IDX_SPLIT_RULE, LONGTAIL_FORMULA, class_order, counts_by_class,
+                        holdout_and_longtail, longtail_counts, train_order_rule, train_shuffle, warn)
+from ..pairs import PAIRS_SPLIT_RULE, draw_pairs, pairs_holdout
 from ..writer import sha256_file
 from . import SourceData, array_items, require_dir
 
@@ -166,7 +166,7 @@ def load_pairs(src: str, *, dataset: str = "fashion-mnist", classes: Optional[st
     side by side (two 28x28 images -> 28x56). Train: ``n_c`` pairs per the long-tail profile (default CIFAR-100-LT:
     n_max 500, IF 100 over 100 classes, 10,847 pairs); val: ``val_per_class`` (20) pairs per class of training
     items held out first; test: ``test_per_class`` (100) pairs per class of official test items. Rules:
-    :data:`bigltr.data.longtail.PAIRS_SPLIT_RULE`."""
+    :data:`bigltr.data.pairs.PAIRS_SPLIT_RULE`."""
     n_max = PAIRS_DEFAULTS["n_max"] if n_max is None else n_max
     val_per_class = PAIRS_DEFAULTS["val_per_class"] if val_per_class is None else int(val_per_class)
     test_per_class = PAIRS_DEFAULTS["test_per_class"] if test_per_class is None else int(test_per_class)

@@ -4,8 +4,9 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from ..convert import IMG_EXTENSIONS, Item
-from ..longtail import split_items
+from ..convert import Item
+from ..decode import IMG_EXTENSIONS
+from ..holdout import split_items
 from . import SourceData, require_dir
 
 HELP = "ROOT/{train,val,test}/<class>/<image> folder trees"

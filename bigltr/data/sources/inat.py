@@ -6,7 +6,7 @@ import os
 from typing import Optional
 
 from ..convert import Item
-from ..longtail import split_items
+from ..holdout import split_items
 from ..writer import sha256_file
 from . import SourceData, require_dir
 
