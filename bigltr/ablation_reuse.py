@@ -115,7 +115,7 @@ def reuse_problem(run: Path, argv: list[str], stage: str) -> str | None:
     count, nor (for stage 1) stage1_checkpoint."""
     import yaml
 
-    from bigltr.config import build_config, config_diff, flatten, to_dict
+    from bigltr.config import Config, build_config, config_diff, flatten, to_dict
     from bigltr.rundir import RunDir
 
     try:
@@ -123,7 +123,8 @@ def reuse_problem(run: Path, argv: list[str], stage: str) -> str | None:
     except (OSError, yaml.YAMLError, AttributeError) as e:
         return f"its config.yaml is unreadable ({e})"
     ignore = REUSE_IGNORED + (("stage2.", "stage1_checkpoint") if stage == "1" else ("stage1.",))
-    diffs = config_diff(saved, to_dict(build_config(argv)), ignore, same=_same_setting)
+    # a key the saved config lacks (a run of an older bigltr) counts as its default, as resume=auto reads it
+    diffs = config_diff(saved, to_dict(build_config(argv)), ignore, defaults=to_dict(Config()), same=_same_setting)
     if diffs:
         key, have, want = diffs[0]
         return f"it ran with {key}={have!r}, this row needs {want!r}"

@@ -56,6 +56,29 @@ def test_data_name(tmp_path):
     assert ablation_table.data_name(str(d) + "/") == "cifar100_lt (in my_copy/)"
 
 
+def test_reuse_reads_a_key_an_older_config_lacks_as_its_default(tmp_path):
+    """A run written by an older bigltr has no config.yaml entry for a key added since (stage2.classifier): the
+    ablation's reuse reads it as the default, as resume=auto does, instead of refusing the folder as another run;
+    a saved value that differs from the row's is still named."""
+    import yaml
+
+    from bigltr.ablation_reuse import reuse_problem
+    from bigltr.config import build_config, to_dict
+
+    argv = ["recipe=tiny_test", f"data.root={tmp_path}", "stage2.epochs=1"]
+    run = tmp_path / "s2_cb_wd"
+    run.mkdir()
+    saved = to_dict(build_config(argv))
+    del saved["stage2"]["classifier"]  # not in the older version
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert reuse_problem(run, argv, "2") is None
+    assert reuse_problem(run, argv + ["stage2.classifier=lws", "stage2.maxnorm.when=off"], "2") == \
+        "it ran with stage2.classifier='linear', this row needs 'lws'"
+    saved["stage2"]["epochs"] = 3
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert reuse_problem(run, argv, "2") == "it ran with stage2.epochs=3, this row needs 1"
+
+
 def test_tools_alias_and_console_script():
     """tools/ablation.py and the bigltr-ablation script run bigltr.ablation (no sys.path edits needed)."""
     import subprocess
@@ -71,14 +94,19 @@ def test_tools_alias_and_console_script():
         assert p.returncode == 0 and "Table 1 rows" in p.stdout, p.stderr
 
 
-def test_ablation_baselines_rows(tiny_shards, tmp_path):
-    """--baselines adds post-hoc LA, the LA loss (balanced softmax), cRT and one-stage WB on the same data and
-    schedule, each tau chosen on validation; a recipe whose tuned stage-1 WD is 0 runs (row 2 is row 1's run)."""
+def test_ablation_baselines_rows_and_costs(tiny_shards, tmp_path, capsys):
+    """--baselines adds post-hoc LA, the LA loss (balanced softmax), cRT, one-stage WB and LWS on the same data and
+    schedule, each tau chosen on validation; a recipe whose tuned stage-1 WD is 0 runs (row 2 is row 1's run).
+    Each row's cost in CPU-hours, from the files the runs wrote: train (results.json wall_time_s x world_size), the
+    stage-1 run a post-hoc or stage-2 row starts from, tune (the tau sweep's wall_s), total; a rerun that reuses
+    every run reports the same costs."""
     from bigltr import ablation
 
     out = tmp_path / "abl"
-    rows = ablation.main(["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage1.epochs=1",
-                          "stage2.epochs=1", "stage1.weight_decay=0", "--baselines"])
+    argv = ["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage1.epochs=1", "stage2.epochs=1",
+            "stage1.weight_decay=0", "--baselines"]
+    rows = ablation.main(argv)
+    table = capsys.readouterr().out
     names = [n for n, _ in rows]
     assert len(rows) == 12 and not (out / "s1_wd").exists() and rows[1][1] == rows[0][1]
     assert names[7].startswith("+ post-hoc logit adjustment") and names[8].startswith("LA loss")
@@ -94,19 +122,6 @@ def test_ablation_baselines_rows(tiny_shards, tmp_path):
     crt = (out / "s2_crt" / "config.yaml").read_text()
     assert "sampler: class_balanced" in crt and "classifier_init: reinit" in crt
     assert "| cRT (stage 2: reinit, CE, class-balanced sampling) |" in (out / "ablation.md").read_text()
-
-
-def test_ablation_cost_columns(tiny_shards, tmp_path, capsys):
-    """Each row's cost in CPU-hours, from the files the runs wrote: train (results.json wall_time_s x world_size),
-    the stage-1 run a post-hoc or stage-2 row starts from, tune (the tau sweep's wall_s), total; a rerun that reuses
-    every run reports the same costs."""
-    from bigltr import ablation
-
-    out = tmp_path / "abl"
-    argv = ["recipe=tiny_test", f"data.root={tiny_shards}", f"out={out}", "stage1.epochs=1", "stage2.epochs=1",
-            "stage1.weight_decay=0", "--baselines"]
-    rows = ablation.main(argv)
-    table = capsys.readouterr().out
 
     def hours(run, stage):  # recomputed here from the run's files
         res = json.loads((out / run / "results.json").read_text())
@@ -127,7 +142,8 @@ def test_ablation_cost_columns(tiny_shards, tmp_path, capsys):
             "+ stage 2 CB & WD & MaxNorm": (hours("s2_full", "2"), s1, 0),
             "+ post-hoc logit": (0, s1, sweep("posthoc_la.json")),
             "LA loss": (hours("s1_balanced_softmax", "1"), 0, 0), "cRT": (hours("s2_crt", "2"), s1, 0),
-            "one-stage WB": (hours("s1_one_stage_wb", "1"), 0, sweep("posthoc_mla.json"))}
+            "one-stage WB": (hours("s1_one_stage_wb", "1"), 0, sweep("posthoc_mla.json")),
+            "LWS": (hours("s2_lws", "2"), s1, 0)}
     with open(out / "ablation.csv") as f:
         csv_rows = {r["row"]: r for r in csv.DictReader(f)}
     assert len(csv_rows) == len(rows)
