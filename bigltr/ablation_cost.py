@@ -41,8 +41,12 @@ def stage_hours(run: Path, stage: str) -> tuple[float | None, str | None]:
 
 
 def _run_of(checkpoint) -> Path | None:
-    """The run folder that holds `checkpoint` (RUN/stage1/best.pt: the nearest folder above with a results.json)."""
-    return next((p for p in Path(checkpoint).parents if (p / "results.json").is_file()), None) if checkpoint else None
+    """The run folder of `checkpoint` (RunDir.of_checkpoint: RUN/stage1/best.pt -> RUN) when it holds a results.json;
+    None otherwise (a checkpoint copied out of its run has no cost on record)."""
+    from bigltr.rundir import RunDir
+
+    run = RunDir.of_checkpoint(checkpoint) if checkpoint else None
+    return run.path if run is not None and run.results.is_file() else None
 
 
 def run_cost(run: Path, stage: str) -> dict:

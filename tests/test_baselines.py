@@ -11,7 +11,7 @@ from bigltr.data.balanced import ClassBalancedSampler
 from bigltr.objective.etf import (ETFClassifier, OneStageWBLoss, class_mean_cosines, etf_gram,
                                   feature_norm_penalty, simplex_etf)
 from bigltr.objective.losses import BalancedSoftmaxCE, LogitAdjustedCE, build_loss
-from bigltr.objective.lws import LearnableWeightScaling
+from bigltr.objective.lws import LWSClassifier
 from bigltr.objective.posthoc import posthoc_classifier
 
 COUNTS = [500, 120, 37, 9, 2]
@@ -335,7 +335,7 @@ def test_sampler_rejects_bad_inputs():
 def test_lws_scales_the_whole_logit_including_bias():
     lin = _linear(8)
     before = {k: v.clone() for k, v in lin.state_dict().items()}
-    lws = LearnableWeightScaling(lin)
+    lws = LWSClassifier(lin)
     x = torch.randn(5, 6)
     assert torch.allclose(lws(x), lin(x))  # s = 1 at init
     with torch.no_grad():
@@ -349,13 +349,13 @@ def test_lws_scales_the_whole_logit_including_bias():
     for k, v in lin.state_dict().items():
         assert torch.equal(v, before[k])
     with pytest.raises(TypeError):
-        LearnableWeightScaling(ETFClassifier(6, 5))
+        LWSClassifier(ETFClassifier(6, 5))
 
 
 def test_lws_training_moves_only_the_scales_with_balanced_sampling():
     torch.manual_seed(0)
-    lws = LearnableWeightScaling(_linear(9))
-    w0 = lws.linear.weight.clone()
+    lws = LWSClassifier(_linear(9))
+    w0 = lws.base_weight.clone()
     labels = torch.tensor([0] * 50 + [1] * 20 + [2] * 8 + [3] * 3 + [4] * 2)
     feats = torch.randn(len(labels), 6)
     sampler = ClassBalancedSampler(labels, seed=0)
@@ -365,5 +365,5 @@ def test_lws_training_moves_only_the_scales_with_balanced_sampling():
     opt.zero_grad()
     loss.backward()
     opt.step()
-    assert torch.equal(lws.linear.weight, w0) and lws.linear.weight.grad is None
+    assert torch.equal(lws.base_weight, w0) and lws.base_weight.grad is None
     assert not torch.equal(lws.scales.detach(), torch.ones(5))

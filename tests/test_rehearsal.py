@@ -3,7 +3,8 @@ iNaturalist 2018's real class count, CI-sized.
 
 One chain, through the real entry points: generate an iNat-shaped source tree (8,142 classes, non-contiguous
 category ids, 2-image classes, odd files), convert it with `bigltr-make-shards inat`, stage 1 for one epoch in this
-process, stage 2 on 2 gloo ranks in one torchrun launch. A second, seconds-long test checks the OLTR layouts
+process, stage 2 on 2 gloo ranks in one torchrun launch, then LWS on class-balanced sampling of the cached features
+on 2 ranks (the cRT/LWS path at 8,142 classes). A second, seconds-long test checks the OLTR layouts
 (ImageNet-LT, Places-LT) through `bigltr-make-shards list` and the real profiles.
 """
 from __future__ import annotations
@@ -129,8 +130,30 @@ def test_inat_rehearsal_8142_classes_converts_and_trains_both_stages_on_2_ranks(
     assert (run / "stage2" / "best.pt").is_file() and (run / "table.md").is_file()
     # learnable: the Many classes (6-30 images) are learned far above chance (1/8142 = 0.012%) in one epoch
     assert res["stage1"]["test"]["many"] > 1.0, res["stage1"]["test"]
+
+    # 5. the cRT/LWS path at this shape: LWS scales on class-balanced sampling of the cached features, 2 gloo ranks
+    # (each rank gathers every rank's rows once: one global sequence over 8,142 classes, most of them 2-image)
+    lws_run = tmp_path / "run_lws"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "bigltr.train", "recipe=inat2018", f"data.root={shards}", f"out={lws_run}", "stage=2",
+                        "dist.world_size=2", f"stage1_checkpoint={run / 'stage1' / 'best.pt'}", *OVERRIDES,
+                        "stage2.classifier=lws", "stage2.loss=ce", "stage2.sampler=class_balanced",
+                        "stage2.maxnorm.when=off", "stage2.weight_decay=0", "stage2.lr=1.0"],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"STDOUT\n{r.stdout[-3000:]}\nSTDERR\n{r.stderr[-5000:]}"
+    assert "stage2 epoch 1/1" in r.stderr
+    import torch
+
+    w1 = torch.load(run / "stage1" / "best.pt", weights_only=True)["model"]["classifier.weight"].double()
+    w2 = torch.load(lws_run / "stage2" / "best.pt", weights_only=True)["model"]["classifier.weight"].double()
+    assert w2.shape == w1.shape == (C, w1.shape[1])
+    s = (w2 * w1).sum(1) / (w1 * w1).sum(1)  # LWS: each folded row is its stage-1 row times one scale
+    torch.testing.assert_close(w2, s[:, None] * w1, rtol=1e-5, atol=1e-7)
+    assert (s - 1).abs().max() > 1e-4  # the scales trained
+    t_lws = time.perf_counter() - t0 - t_gen - t_conv - t_s1 - t_s2
     print(f"\nrehearsal timings: generate {t_gen:.1f} s, convert {t_conv:.1f} s, stage 1 {t_s1:.1f} s, "
-          f"stage 2 (2 ranks) {t_s2:.1f} s; stage 1 test many {res['stage1']['test']['many']:.2f}%")
+          f"stage 2 (2 ranks) {t_s2:.1f} s, LWS class-balanced (2 ranks) {t_lws:.1f} s; "
+          f"stage 1 test many {res['stage1']['test']['many']:.2f}%")
 
 
 def test_oltr_rehearsals_convert_with_the_list_converter(tmp_path):
