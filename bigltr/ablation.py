@@ -43,6 +43,7 @@ started from row 2's checkpoint. Then only the missing rows and the post-hoc row
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import sys
 from pathlib import Path
@@ -51,6 +52,8 @@ from bigltr.ablation_cost import Row, posthoc_cost, study_cost
 from bigltr.ablation_reuse import run_or_reuse, study_budget, study_trial, tuned_overrides
 from bigltr.ablation_table import GROUPS, data_name, write_outputs
 
+# --baselines rows that --skip can leave out, by the name of their run folder / sweep
+SKIPPABLE = ("posthoc_la", "balanced_softmax", "crt", "one_stage_wb", "lws")
 TAUS = [round(0.1 * i, 1) for i in range(0, 21)]  # tau-norm grid searched on validation (0 = plain classifier)
 
 
@@ -118,6 +121,9 @@ def main(argv=None) -> list[tuple[str, dict]]:
     ap.add_argument("--baselines", action="store_true",
                     help="also rows 8-12: post-hoc LA, LA loss / balanced softmax, cRT, one-stage WB, LWS "
                          "(docs/baselines.md)")
+    ap.add_argument("--skip", metavar="ROW[,ROW]", default="",
+                    help=f"with --baselines, leave these baseline rows out (not trained, not in the table): "
+                         f"{', '.join(SKIPPABLE)}")
     ap.add_argument("--tuned-row5", metavar="DIR", help="row 5 from a phase-2 study tuned with MaxNorm off")
     ap.add_argument("--tuned-row6", metavar="DIR", help="row 6 from a phase-2 study tuned with stage-2 WD 0")
     ap.add_argument("--tuned-row7", metavar="DIR", help="row 7 from a phase-2 study of its own (stage-2 WD and radius)")
@@ -125,6 +131,13 @@ def main(argv=None) -> list[tuple[str, dict]]:
                     help="only assemble the table from finished runs (studies' trials, earlier rows); a missing row "
                          "is an error naming it (the post-hoc rows 3-4 are still computed)")
     args, rest = ap.parse_known_args(argv)
+    skip = {r.strip() for r in args.skip.split(",") if r.strip()}
+    for r in sorted(skip - set(SKIPPABLE)):
+        close = difflib.get_close_matches(r, SKIPPABLE, n=1)
+        ap.error(f"--skip: unknown row {r!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                 + f"; rows: {', '.join(SKIPPABLE)}")
+    if skip and not args.baselines:
+        ap.error("--skip names --baselines rows: add --baselines")
     from bigltr.config import split_override  # the key=value parser every bigltr command uses
     from bigltr.config import ConfigError
 
@@ -160,7 +173,8 @@ def main(argv=None) -> list[tuple[str, dict]]:
     tag = ", tuned" if args.tuned else ""
     if wd1 == 0 and not (args.tuned or args.baselines):
         raise SystemExit("[ablation] the recipe's stage1.weight_decay is 0: row 2 (CE + WD) needs a tuned value")
-    one_stage_na = one_stage_problem(overrides + tuned[2]) if args.baselines else None  # before any row trains
+    one_stage_na = (one_stage_problem(overrides + tuned[2]) if args.baselines and "one_stage_wb" not in skip
+                    else None)  # before any row trains
     if one_stage_na:
         print(f"[ablation] one-stage WB row: {one_stage_na}; skipped, the other rows run")
     # Runs the studies already hold (validation picked them; reusing them changes no number, it saves the CPU time)
@@ -201,33 +215,43 @@ def main(argv=None) -> list[tuple[str, dict]]:
                6: study_cost(args.tuned_row7 or args.tuned, 2)} if args.tuned else {}  # the cost columns' tune
     if args.baselines:
         tuning = tuning or {3: f"tau: best of {len(TAUS)} on val"}
-        la = cached_posthoc(out / "posthoc_la.json", s1, ckpt, "la")
-        rows.append((f"+ post-hoc logit adjustment (tau={la['best_tau']}, on val)", la["tau"]))
-        tuning[len(rows) - 1] = f"tau: best of {len(TAUS)} on val"
-        rows.append(("LA loss = balanced softmax (stage 1)",
-                     run_or_reuse(train, out / "s1_balanced_softmax", "1", s1 + ["stage1.loss=balanced_softmax"])[1]))
-        rows.append(("cRT (stage 2: reinit, CE, class-balanced sampling)",
-                     run_or_reuse(train, out / "s2_crt", "2", overrides + s2 + [
-                         f"stage1_checkpoint={ckpt}", "stage2.classifier_init=reinit", "stage2.loss=ce",
-                         "stage2.sampler=class_balanced", "stage2.maxnorm.when=off", "stage2.weight_decay=0"])[1]))
-        wd_one = wd1 or 5e-3
-        one_argv = s1 + ["stage1.classifier=etf", "stage1.feature_reg=0.01", f"stage1.weight_decay={wd_one:g}",
-                         "stage=1"]
-        if one_stage_na:  # found before any row trained: a row without numbers, named with the reason
+        if skip:
+            print(f"[ablation] --skip: rows {', '.join(sorted(skip))} left out")
+        if "posthoc_la" not in skip:
+            la = cached_posthoc(out / "posthoc_la.json", s1, ckpt, "la")
+            rows.append((f"+ post-hoc logit adjustment (tau={la['best_tau']}, on val)", la["tau"]))
+            tuning[len(rows) - 1] = f"tau: best of {len(TAUS)} on val"
+        if "balanced_softmax" not in skip:
+            rows.append(("LA loss = balanced softmax (stage 1)",
+                         run_or_reuse(train, out / "s1_balanced_softmax", "1",
+                                      s1 + ["stage1.loss=balanced_softmax"])[1]))
+        if "crt" not in skip:
+            rows.append(("cRT (stage 2: reinit, CE, class-balanced sampling)",
+                         run_or_reuse(train, out / "s2_crt", "2", overrides + s2 + [
+                             f"stage1_checkpoint={ckpt}", "stage2.classifier_init=reinit", "stage2.loss=ce",
+                             "stage2.sampler=class_balanced", "stage2.maxnorm.when=off", "stage2.weight_decay=0"])[1]))
+        if "one_stage_wb" in skip:
+            pass  # left out by the user: no row
+        elif one_stage_na:  # found before any row trained: a row without numbers, named with the reason
             rows.append((f"one-stage WB: {one_stage_na}", Row({k: dict.fromkeys(GROUPS) for k in ("val", "test")},
                                                               {"train_h": 0, "stage1_h": 0, "tune_h": 0})))
         else:
+            wd_one = wd1 or 5e-3
+            one_argv = s1 + ["stage1.classifier=etf", "stage1.feature_reg=0.01", f"stage1.weight_decay={wd_one:g}",
+                             "stage=1"]
             one_run, _ = run_or_reuse(train, out / "s1_one_stage_wb", "1", one_argv)
             mla = cached_posthoc(out / "posthoc_mla.json", one_argv, RunDir(one_run).best(1), "mla", own=True)
             rows.append((f"one-stage WB (ETF + feature reg 0.01 + WD {wd_one:g}, MLA tau={mla['best_tau']} on val)",
                          mla["tau"]))
             tuning[len(rows) - 1] = f"tau: best of {len(TAUS)} on val"
-        rows.append(("LWS (scales on class-balanced sampling)",
-                     run_or_reuse(train, out / "s2_lws", "2", overrides + s2 + [
-                         f"stage1_checkpoint={ckpt}", "stage2.classifier=lws", "stage2.loss=ce",
-                         "stage2.sampler=class_balanced", "stage2.maxnorm.when=off", "stage2.weight_decay=0"])[1]))
+        if "lws" not in skip:
+            rows.append(("LWS (scales on class-balanced sampling)",
+                         run_or_reuse(train, out / "s2_lws", "2", overrides + s2 + [
+                             f"stage1_checkpoint={ckpt}", "stage2.classifier=lws", "stage2.loss=ce",
+                             "stage2.sampler=class_balanced", "stage2.maxnorm.when=off", "stage2.weight_decay=0"])[1]))
+    left_out = f"; rows left out (--skip): {', '.join(sorted(skip))}" if skip else ""
     table = write_outputs(rows, out, f"Ablation on {data_name(cfg.data.root)}, recipe {cfg.recipe} (balanced top-1 %, "
-                                     f"best epoch on validation)", tuning, studies)
+                                     f"best epoch on validation{left_out})", tuning, studies)
     print("\n" + table)
     return rows
 

@@ -161,3 +161,14 @@ def test_ablation_baselines_rows_and_costs(tiny_shards, tmp_path, capsys):
     first = (out / "ablation.csv").read_text()
     ablation.main(argv)
     assert (out / "ablation.csv").read_text() == first
+    # --skip leaves baseline rows out (a rerun that trains nothing: --no-train finds every other row finished)
+    (out / "s2_lws").rename(tmp_path / "lws_moved")  # a skipped row's run is not needed
+    rows = ablation.main(argv + ["--skip", "lws,one_stage_wb", "--no-train"])
+    assert [n for n, _ in rows] == names[:10]
+    assert "rows left out (--skip): lws, one_stage_wb" in (out / "ablation.md").read_text()
+    with pytest.raises(SystemExit):
+        ablation.main(argv + ["--skip", "one_stage"])
+    assert "unknown row 'one_stage' (did you mean 'one_stage_wb'?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        ablation.main(argv[:-1] + ["--skip", "lws"])
+    assert "add --baselines" in capsys.readouterr().err
