@@ -217,6 +217,9 @@ def main(argv=None) -> list[tuple[str, dict]]:
         tuning = tuning or {3: f"tau: best of {len(TAUS)} on val"}
         if skip:
             print(f"[ablation] --skip: rows {', '.join(sorted(skip))} left out")
+        # cRT and LWS: stage 2 with CE on class-balanced sampling, no WD, no MaxNorm (they differ in the classifier)
+        balanced2 = overrides + s2 + [f"stage1_checkpoint={ckpt}", "stage2.loss=ce", "stage2.sampler=class_balanced",
+                                      "stage2.maxnorm.when=off", "stage2.weight_decay=0"]
         if "posthoc_la" not in skip:
             la = cached_posthoc(out / "posthoc_la.json", s1, ckpt, "la")
             rows.append((f"+ post-hoc logit adjustment (tau={la['best_tau']}, on val)", la["tau"]))
@@ -227,9 +230,7 @@ def main(argv=None) -> list[tuple[str, dict]]:
                                       s1 + ["stage1.loss=balanced_softmax"])[1]))
         if "crt" not in skip:
             rows.append(("cRT (stage 2: reinit, CE, class-balanced sampling)",
-                         run_or_reuse(train, out / "s2_crt", "2", overrides + s2 + [
-                             f"stage1_checkpoint={ckpt}", "stage2.classifier_init=reinit", "stage2.loss=ce",
-                             "stage2.sampler=class_balanced", "stage2.maxnorm.when=off", "stage2.weight_decay=0"])[1]))
+                         run_or_reuse(train, out / "s2_crt", "2", balanced2 + ["stage2.classifier_init=reinit"])[1]))
         if "one_stage_wb" in skip:
             pass  # left out by the user: no row
         elif one_stage_na:  # found before any row trained: a row without numbers, named with the reason
@@ -246,9 +247,7 @@ def main(argv=None) -> list[tuple[str, dict]]:
             tuning[len(rows) - 1] = f"tau: best of {len(TAUS)} on val"
         if "lws" not in skip:
             rows.append(("LWS (scales on class-balanced sampling)",
-                         run_or_reuse(train, out / "s2_lws", "2", overrides + s2 + [
-                             f"stage1_checkpoint={ckpt}", "stage2.classifier=lws", "stage2.loss=ce",
-                             "stage2.sampler=class_balanced", "stage2.maxnorm.when=off", "stage2.weight_decay=0"])[1]))
+                         run_or_reuse(train, out / "s2_lws", "2", balanced2 + ["stage2.classifier=lws"])[1]))
     left_out = f"; rows left out (--skip): {', '.join(sorted(skip))}" if skip else ""
     table = write_outputs(rows, out, f"Ablation on {data_name(cfg.data.root)}, recipe {cfg.recipe} (balanced top-1 %, "
                                      f"best epoch on validation{left_out})", tuning, studies)
