@@ -94,20 +94,26 @@ def _scales(run, tag):
     return torch.load(cands[0] / "rank" / "rank0.pt", weights_only=True)["stateful"]["lws"]["scales"]
 
 
-def test_lws_stage2_saves_the_folded_linear_and_resumes_exactly(tiny_shards, tmp_path):
+@pytest.mark.parametrize("features", ["cached", "online"])
+def test_lws_stage2_saves_the_folded_linear_and_resumes_exactly(tiny_shards, tmp_path, features):
     """stage2.classifier=lws through the trainer: only the scales train; best.pt / last.pt hold the ordinary keys,
     classifier rows = s_y x stage-1 rows (float64 check), the backbone untouched; stopped mid-epoch 2 and resumed
-    (resume=auto), the run ends with the scales and weights of the straight run, bit for bit."""
+    (resume=auto), the run ends with the scales and weights of the straight run, bit for bit. online: class-balanced
+    draws of augmented images (BalancedShardLoader), re-read after the resume to the same pixels."""
     import logging
 
     from bigltr.train import main
 
-    common = ["recipe=tiny_test", f"data.root={tiny_shards}", "data.train_aug=none", "stage1.epochs=1",
-              "stage1.batch_size=16", "stage2.batch_size=8", "stage2.epochs=2", "preempt_check_every=1"]
+    common = ["recipe=tiny_test", f"data.root={tiny_shards}", "stage1.epochs=1", "data.train_aug=none",
+              "stage1.batch_size=16", "stage2.batch_size=8", "stage2.epochs=2", "preempt_check_every=1",
+              f"data.dali_index_dir={tmp_path / 'index'}"]
     one = tmp_path / "s1"
     assert main(common + [f"out={one}", "stage=1"]) == 0
     s1 = torch.load(one / "stage1" / "best.pt", weights_only=True)["model"]
     s2_args = common + LWS_KEYS + ["stage=2", f"stage1_checkpoint={one / 'stage1' / 'best.pt'}"]
+    if features == "online":
+        s2_args = [a for a in s2_args if a != "stage2.features=cached"] + ["stage2.features=online",
+                                                                          "data.train_aug=cifar"]
 
     straight = tmp_path / "straight"
     assert main(s2_args + [f"out={straight}"]) == 0

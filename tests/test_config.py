@@ -45,9 +45,9 @@ def test_overrides_are_typed_and_applied():
     ("dist.backend=deepspeed dist.zero_stage=4", "'dist.zero_stage': must be 1, 2 or 3"),
     ("dist.backend=deepspeed stage2.maxnorm.fused=true", "'stage2.maxnorm.fused': cannot run under dist.backend"),
     ("dist.backend=deepspeed stage1.amp=fp16", "'stage1.amp': fp16 needs a GradScaler"),
-    ("stage2.sampler=class_balanced stage2.features=online",
-     "'stage2.sampler': class_balanced is not available with stage2.features=online: the image stream reads each "
-     "tar shard front to back and cannot draw a class uniformly; set stage2.features=cached"),
+    ("stage2.sampler=class_balanced stage2.features=online data.pipeline=dali",
+     "'data.pipeline': dali reads each tar shard front to back and cannot draw single images; class-balanced "
+     "sampling of the image stream"),
 ])
 def test_bad_input_names_the_key(arg, expect):
     argv = arg.split() if arg.startswith("recipe=") else ["recipe=fmnist_lt", *arg.split()]

@@ -404,3 +404,86 @@ def test_swapped_class_counts_stop_the_trainer_at_start(root, tmp_path, capsys, 
     assert not (tmp_path / "run" / "stage1").exists()  # stopped before training
     _edit_info(root, lambda info: _swap_classes(info, 0, 3, hist=hist))  # swapped back: passes
     check_label_counts(root, read_info(root), index_dir=str(tmp_path / "idx"))
+
+
+# ----------------------------------------------------------------------------------------------- 6: class-balanced stream
+def _balanced(root, tmp, **kw):
+    from bigltr.data import build_transform
+    from bigltr.data.balanced_stream import BalancedShardLoader
+
+    tf = build_transform(img_size=28, in_chans=1, mean=(0.5,), std=(0.5,), train=True, aug="cifar")
+    kw.setdefault("num_workers", 0)
+    return BalancedShardLoader(root, "train", batch_size=16, transform=tf, index_dir=str(tmp / "index"), **kw)
+
+
+def test_balanced_stream_never_draws_bad_samples_and_counts_them_every_epoch(root, tmp_path, caplog):
+    """A corrupt image, a sample without .cls and a truncated shard: found at start-up (index + decode check), never
+    drawn, counted every epoch on rank 0 only (every rank indexes every shard), so data.max_skip_fraction applies."""
+    shard = root / "train-000000.tar"
+    members = _members(shard)
+    png = [i for i, (m, _) in enumerate(members) if m.name.endswith(".png")][3]
+    m, data = members[png]
+    members[png] = (m, data[:8] + bytes(len(data) - 8))  # PNG signature, then zeros
+    bad = _key(m.name)
+    cls = [i for i, (m, _) in enumerate(members) if m.name.endswith(".cls")][7]
+    unlabelled = _key(members[cls][0].name)
+    del members[cls]
+    _rewrite(shard, members)
+    _edit_info(root, _drop_sizes)
+    cut = root / "train-000001.tar"
+    surv = _cut(cut, _member_offset(cut, 61, into_data=300))
+    lost = 64 - len(surv["raw"])
+    skipped = 2 + len(surv["raw"] - surv["good"])
+    with caplog.at_level(logging.WARNING, logger="bigltr.data.balanced_stream"):
+        lds = [_balanced(root, tmp_path, rank=r, world_size=2, seed=1) for r in (0, 1)]
+    msgs = [r.getMessage() for r in caplog.records]
+    assert any(f"train-000000.tar: sample {bad}: .png does not decode (" in s for s in msgs), msgs
+    assert any(f"train-000000.tar: sample {unlabelled}: no .cls label" in s for s in msgs), msgs
+    assert any("train-000001.tar holds" in s and f"{lost} sample(s) missing from every epoch" in s for s in msgs)
+    usable = (_keys_of(root, "train", skip=("train-000001.tar",)) | surv["good"]) - {bad, unlabelled}
+    assert set(lds[0].sample_keys) == usable and len(usable) == 159 - skipped - lost
+    for epoch in (0, 1):
+        drawn = set()
+        for ld in lds:
+            ld.set_epoch(epoch)
+            drawn |= set(_epoch_keys(ld))
+        assert drawn <= usable and not {bad, unlabelled} & drawn
+        assert [ld.epoch_skipped for ld in lds] == [skipped, 0] and [ld.epoch_lost for ld in lds] == [lost, 0]
+    assert lds[0].skipped == 2 * skipped and lds[0].lost_shards == ["train-000001.tar"] and lds[1].lost_shards == []
+
+
+def test_balanced_stream_bad_label_stops_at_start(root, tmp_path):
+    key = _set_label(root, "train-000002.tar", 4, b"12")
+    with pytest.raises(DataError) as e:
+        _balanced(root, tmp_path)
+    assert f"train-000002.tar: sample {key}: label 12 outside [0, 10)" in str(e.value)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_balanced_stream_image_damaged_after_start_is_skipped_and_counted(root, tmp_path, workers, caplog):
+    """The shard changes while the run reads it: a drawn image no longer decodes (skipped, logged, counted; its
+    batch is one smaller per draw of it); every shard gone: the first batch is a DataError, not a hang."""
+    ld = _balanced(root, tmp_path, num_workers=workers, seed=5)
+    _, samples = ld.draws(0)
+    victim = ld.sample_keys[samples[0]]
+    hits = int(sum(ld.sample_keys[s] == victim for s in samples))
+    shard = next(root / f for f in _info(root)["splits"]["train"]["filenames"]
+                 if any(_key(m.name) == victim for m, _ in _members(root / f)))
+    with tarfile.open(shard) as tf:
+        m = next(m for m in tf.getmembers() if m.name == f"{victim}.png")
+    with open(shard, "r+b") as f:  # same size, image bytes zeroed after the PNG signature
+        f.seek(m.offset_data + 8)
+        f.write(bytes(m.size - 8))
+    with caplog.at_level(logging.WARNING, logger="bigltr.data.balanced_stream"):
+        batches = list(ld)
+    keys = [k for _, _, ks in batches for k in ks]
+    assert victim not in keys and len(keys) == len(samples) - hits and ld.epoch_skipped == hits >= 1
+    assert len(batches) == len(ld) and batches[0][0].shape[0] == 16 - sum(ld.sample_keys[s] == victim
+                                                                          for s in samples[:16])
+    if workers == 0:
+        assert any(f"sample {victim}: " in r.getMessage() and "skipping a bad sample" in r.getMessage()
+                   for r in caplog.records)
+    for f in _info(root)["splits"]["train"]["filenames"]:
+        (root / f).unlink()
+    with pytest.raises(DataError, match=r"none of the 16 images of batch 0 could be read, e\.g\. .*No such file"):
+        list(ld)

@@ -268,7 +268,8 @@ def test_class_balanced_cached_features_are_one_global_sequence_on_two_ranks(tmp
     ranks take disjoint positions; per epoch each class is drawn floor(T/C) or ceil(T/C) times over both ranks,
     including the class a rank does not hold; a rank reloaded from its disk cache and gathered again (a restarted
     run) yields the same batches after skipping k, as does the sampler's set_epoch(start); and the stage-2 weights
-    equal the 1-process ones."""
+    equal the 1-process ones. Then the image stream (stage2.features=online) on 2 ranks gives the weights of the
+    cached centre view on 1 process."""
     from conftest import build_tiny_shards
     from dist_balanced_check import Recorder
 
@@ -323,3 +324,19 @@ def test_class_balanced_cached_features_are_one_global_sequence_on_two_ranks(tmp
     for k in ("classifier.weight", "classifier.bias"):
         err = float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12))
         assert err <= 1e-5, f"stage2 {k}: relative difference {err:.2e}"
+
+    # The image stream (stage2.features=online, BalancedShardLoader) on 2 ranks with a worker each draws the same
+    # global sequence as the cached features on 1 process: without augmentation and with the centre view only, the
+    # stage-2 weights agree (the backbone runs per batch instead of once per sample)
+    center = [a.replace("views=center_flip", "views=center") for a in stage2]
+    cached = tmp_path / "cached"
+    assert main(center + [f"out={cached}"]) == 0
+    online = tmp_path / "online"
+    r = _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                 "-m", "bigltr.train", *center, "stage2.features=online", "data.num_workers=1",
+                 f"data.dali_index_dir={tmp_path / 'index'}", f"out={online}", "dist.world_size=2"], {})
+    assert "class-balanced image stream over split 'train'" in r.stderr and "78 usable samples of 10 classes" in r.stderr
+    a, b = _weights(cached, "stage2", "last.pt"), _weights(online, "stage2", "last.pt")
+    for k in ("classifier.weight", "classifier.bias"):
+        err = float((a[k] - b[k]).abs().max() / a[k].abs().max().clamp_min(1e-12))
+        assert err <= 1e-5, f"online stage2 {k}: relative difference {err:.2e}"

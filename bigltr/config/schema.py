@@ -69,7 +69,8 @@ class DataConfig:
         "torch", "reader: torch (webdataset + PIL + torchvision in DataLoader workers); dali (NVIDIA DALI reads the "
                  "same shards, decodes and augments on the GPU, or on CPU threads without one); auto (dali when "
                  "DALI is importable and the device is CUDA, else torch)")
-    dali_index_dir: str = opt("", "data.pipeline=dali: cache of shard indexes (empty: ~/.cache/bigltr/dali_index)")
+    dali_index_dir: str = opt("", "cache of shard indexes (data.pipeline=dali, the start-up label check, class-balanced "
+                                  "sampling of the image stream; empty: ~/.cache/bigltr/dali_index)")
 
 
 @dataclass

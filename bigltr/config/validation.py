@@ -70,10 +70,11 @@ def validate(cfg: Config) -> None:
     need(not (mn.fused and mn.when != "step"), "stage2.maxnorm.fused", "needs stage2.maxnorm.when=step")
     need(cfg.stage2.cache.num_aug >= 1, "stage2.cache.num_aug", "must be >= 1")
     need(cfg.stage1.feature_reg >= 0, "stage1.feature_reg", "must be >= 0")
-    need(not (cfg.stage2.sampler == "class_balanced" and cfg.stage2.features != "cached"), "stage2.sampler",
-         f"class_balanced is not available with stage2.features={cfg.stage2.features}: the image stream reads each "
-         f"tar shard front to back and cannot draw a class uniformly; set stage2.features=cached (augmented views: "
-         f"stage2.cache.views=augment), see docs/baselines.md")
+    need(not (cfg.stage2.sampler == "class_balanced" and cfg.stage2.features == "online"
+              and cfg.data.pipeline == "dali"), "data.pipeline",
+         "dali reads each tar shard front to back and cannot draw single images; class-balanced sampling of the "
+         "image stream (stage2.sampler=class_balanced, stage2.features=online) reads with the torch reader: set "
+         "data.pipeline=torch or auto (or stage2.features=cached), see docs/baselines.md")
     if cfg.stage2.classifier == "lws":  # LWS trains scales on stage 1's classifier (bigltr.objective.lws)
         need(cfg.stage2.classifier_init == "keep", "stage2.classifier",
              "lws scales stage 1's classifier: it needs stage2.classifier_init=keep (reinit would scale random rows)")

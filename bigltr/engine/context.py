@@ -10,6 +10,7 @@ from bigltr.config import Config
 from bigltr.data.info import read_info, split_class_counts
 from bigltr.data import check_trainable
 from bigltr.data.verify import check_label_counts
+from bigltr.data.balanced_stream import BalancedShardLoader
 from bigltr.data.dali import DaliShardLoader, resolve_pipeline
 from bigltr.data.loader import ShardLoader
 from bigltr.data.transforms import build_transform
@@ -66,10 +67,19 @@ class RunContext:
                                     f"convert with a validation hold-out (--val-per-class)")
         return cls(cfg=cfg, device=dist.device, info=info, out=Path(cfg.out), dist=dist)
 
-    def loader(self, split: str, *, train: bool, batch_size: int, augment: bool | None = None) -> ShardLoader:
-        """train: shuffled, drop_last; augment (default = train): the training transform."""
+    def loader(self, split: str, *, train: bool, batch_size: int, augment: bool | None = None,
+               balanced: bool = False) -> ShardLoader:
+        """train: shuffled, drop_last; augment (default = train): the training transform. balanced: class-balanced
+        draws of single images (BalancedShardLoader, the torch reader: DALI reads shards front to back only)."""
         d = self.cfg.data
         augment = train if augment is None else augment
+        if balanced:
+            tf = build_transform(img_size=d.img_size, in_chans=d.in_chans, mean=tuple(d.mean), std=tuple(d.std),
+                                 train=augment, aug=d.train_aug if augment else "none")
+            return BalancedShardLoader(d.root, split, batch_size=batch_size, transform=tf, seed=self.cfg.seed,
+                                       num_workers=d.num_workers, rank=self.dist.rank, world_size=self.dist.world_size,
+                                       index_dir=d.dali_index_dir or None,
+                                       pin_memory=d.pin_memory and self.device.type == "cuda")
         if resolve_pipeline(d.pipeline, self.device.type) == "dali":  # same shards, order rules and transforms
             return DaliShardLoader(d.root, split, batch_size=batch_size, train=train, img_size=d.img_size,
                                    in_chans=d.in_chans, mean=tuple(d.mean), std=tuple(d.std),

@@ -120,7 +120,9 @@ def run_stage2(ctx: RunContext, stage1_checkpoint: str, tracking: Tracking | Non
         val_loader = eval_features("val") if ctx.has_val else None
         cache_s = time.perf_counter() - t_start
     else:
-        train_loader = ctx.loader(ctx.train_split, train=True, batch_size=plan.per_process)
+        # class_balanced: single images drawn by offset from the shards (BalancedShardLoader), one global sequence
+        train_loader = ctx.loader(ctx.train_split, train=True, batch_size=plan.per_process,
+                                  balanced=s2.sampler == "class_balanced")
         val_loader = ctx.loader("val", train=False, batch_size=plan.per_process) if ctx.has_val else None
         eval_features = None  # the final evaluation reads the images
     steps = steps_per_epoch(train_loader, plan, "stage2", s2.batch_size)
