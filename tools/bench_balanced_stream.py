@@ -4,17 +4,19 @@
 
 1. the shard index the balanced stream needs: built cold (tar-header pass + one PIL decode of every image, into a
    fresh index folder) and loaded warm (the cached JSON), in seconds;
-2. images/s of one training epoch through each reader (decode + augment + collate, no model), and the ratio
-   balanced / sequential.
+2. images/s of a training epoch through each reader (decode + augment + collate, no model), the readers
+   alternating epoch by epoch (``--epochs`` each, the median reported, so that a load change hits both), and the
+   ratio balanced / sequential.
 
-    python tools/bench_balanced_stream.py --root data/fmnist_lt --workers 2 --epochs 2
-    python tools/bench_balanced_stream.py --generate 2048 --workers 2        # 500x375 JPEGs, imagenet aug at 224
+    python tools/bench_balanced_stream.py --root data/fmnist_lt --workers 2 --epochs 5
+    python tools/bench_balanced_stream.py --generate 2048 --workers 2 --epochs 3      # 500x375 JPEGs, imagenet aug at 224
 
 Needs the package installed (``pip install -e .`` or ``make venv`` in the repository root).
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,12 +32,11 @@ def _generated(root: Path, count: int) -> Path:
     return bench_dali.make_shards_500x375(root, count)
 
 
-def _epochs(loader, epochs: int) -> tuple[float, int]:
+def _epoch(loader, epoch: int) -> tuple[float, int]:
     n, t0 = 0, time.perf_counter()
-    for e in range(epochs):
-        loader.set_epoch(e)
-        for _x, y, _k in loader:
-            n += len(y)
+    loader.set_epoch(epoch)
+    for _x, y, _k in loader:
+        n += len(y)
     return n / (time.perf_counter() - t0), n
 
 
@@ -75,15 +76,16 @@ def main(argv=None) -> int:
         warm = time.perf_counter() - t0
         sequential = ShardLoader(root, args.split, batch_size=args.batch_size, transform=tf, train=True,
                                  num_workers=args.workers)
-        seq_ips, seq_n = _epochs(sequential, args.epochs)
-        bal_ips, bal_n = _epochs(balanced, args.epochs)
+        runs = [(_epoch(sequential, e), _epoch(balanced, e)) for e in range(args.epochs)]
+        seq_ips, seq_n = statistics.median(r[0][0] for r in runs), runs[0][0][1]
+        bal_ips, bal_n = statistics.median(r[1][0] for r in runs), runs[0][1][1]
     print(f"shards: {root if not args.generate else f'{args.generate} generated 500x375 JPEGs'}, split "
           f"'{args.split}' ({balanced.expected_samples} samples, {balanced.sampler.num_classes} classes), "
           f"aug {aug} at {size}, batch {args.batch_size}, {args.workers} worker(s), {args.epochs} epoch(s)")
     print(f"index (balanced stream only): cold {cold:.2f} s (header pass + one decode of every image), "
           f"warm {warm:.2f} s")
-    print(f"sequential ShardLoader:       {seq_ips:8.1f} img/s ({seq_n} images)")
-    print(f"balanced BalancedShardLoader: {bal_ips:8.1f} img/s ({bal_n} images)")
+    print(f"sequential ShardLoader:       {seq_ips:8.1f} img/s (median of {args.epochs} epochs of {seq_n} images)")
+    print(f"balanced BalancedShardLoader: {bal_ips:8.1f} img/s (median of {args.epochs} epochs of {bal_n} images)")
     print(f"ratio balanced / sequential:  {bal_ips / seq_ips:.2f}")
     return 0
 

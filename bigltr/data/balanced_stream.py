@@ -123,7 +123,12 @@ def _collate(items: list) -> tuple:
     errors = [it for it in items if isinstance(it, str)]
     if not good:
         return None, None, [], errors
-    return (torch.stack([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.long),
+    xs = [g[0] for g in good]
+    out = None
+    if get_worker_info() is not None:  # as torch's default_collate: stack straight into shared memory, no extra copy
+        numel = sum(x.numel() for x in xs)
+        out = xs[0].new(xs[0]._typed_storage()._new_shared(numel, device=xs[0].device)).resize_(len(xs), *xs[0].shape)
+    return (torch.stack(xs, out=out), torch.tensor([g[1] for g in good], dtype=torch.long),
             [g[2] for g in good], errors)
 
 
