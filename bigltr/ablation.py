@@ -21,7 +21,8 @@ With --baselines, the standard long-tailed baselines follow on the same data, ba
                                  CE on class-balanced sampling (Kang et al.)
 Row 11 needs a feature dimension >= classes - 1 (a simplex ETF): with a narrower backbone it is reported as "not
 applicable" (checked before any row trains) and the other rows run.
-Stage 2 uses cached backbone features (one disk cache shared by rows 5-7) unless --online is given. A run whose
+Stage 2 uses cached backbone features (one disk cache shared by rows 5-7) unless --online is given (then every
+stage-2 row runs the frozen backbone on the augmented images; cRT and LWS draw them class-balanced). A run whose
 results.json is already complete is reused (an interrupted ablation resumes). Writes ablation.md, ablation.csv and
 ablation.png in `out`.
 
@@ -116,7 +117,9 @@ def main(argv=None) -> list[tuple[str, dict]]:
     """Runs (or reuses) the seven rows; returns them as (row name, {"val": metrics, "test": metrics})."""
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--online", action="store_true", help="stage 2 with online backbone features")
+    ap.add_argument("--online", action="store_true",
+                    help="stage 2 with online backbone features (augmented images every epoch; cRT / LWS: "
+                         "class-balanced draws of single images)")
     ap.add_argument("--tuned", metavar="DIR", help="take rows 2 and 5-7 from a bigltr-tune output (tune_result.json)")
     ap.add_argument("--baselines", action="store_true",
                     help="also rows 8-12: post-hoc LA, LA loss / balanced softmax, cRT, one-stage WB, LWS "

@@ -151,8 +151,38 @@ def test_inat_rehearsal_8142_classes_converts_and_trains_both_stages_on_2_ranks(
     torch.testing.assert_close(w2, s[:, None] * w1, rtol=1e-5, atol=1e-7)
     assert (s - 1).abs().max() > 1e-4  # the scales trained
     t_lws = time.perf_counter() - t0 - t_gen - t_conv - t_s1 - t_s2
+
+    # 6. class-balanced draws of the images themselves (stage2.features=online: BalancedShardLoader) at this shape,
+    # rank 0 and 1 of 2 (the loader needs no process group): one epoch of the train split over both ranks draws
+    # every one of the 8,142 classes floor(T/C) or ceil(T/C) times, the ranks' draws interleaved are the 1-process
+    # sequence, and the first batches each rank yields are those draws, read from the tars
+    import itertools
+
+    from bigltr.data.balanced_stream import BalancedShardLoader
+    from bigltr.data.transforms import build_transform
+
+    tf = build_transform(img_size=8, in_chans=3, mean=(0.5,) * 3, std=(0.5,) * 3, train=True, aug="cifar")
+    kw = {"batch_size": 256, "transform": tf, "seed": 4, "num_workers": 0, "index_dir": str(tmp_path / "index")}
+    ranks = [BalancedShardLoader(shards, "train", rank=r, world_size=2, **kw) for r in (0, 1)]
+    one = BalancedShardLoader(shards, "train", **kw)
+    assert one.num_samples == info["splits"]["train"]["num_samples"] and one.sampler.num_classes == C
+    keys, labels = one.sample_keys, one.sample_labels
+    draws = [ld.draws(0)[1] for ld in ranks]
+    assert len(draws[0]) == len(draws[1]) == len(ranks[0]) * 256
+    inter = np.stack(draws, 1).reshape(-1)
+    t = len(inter)
+    assert (inter == one.sampler.global_indices(0).numpy()[:t]).all()
+    counts = np.bincount(labels[inter], minlength=C)
+    assert counts.min() >= t // C and counts.max() <= -(-t // C) and (counts > 0).all()
+    for ld, d in zip(ranks, draws):
+        batches = list(itertools.islice(iter(ld), 2))
+        assert [k for _, _, ks in batches for k in ks] == [keys[i] for i in d[:512]]
+        assert all(members[keys[i]][0] == "train" for i in d[:512])
+        assert torch.cat([ys for _, ys, _ in batches]).tolist() == labels[d[:512]].tolist()
+    t_bal = time.perf_counter() - t0 - t_gen - t_conv - t_s1 - t_s2 - t_lws
     print(f"\nrehearsal timings: generate {t_gen:.1f} s, convert {t_conv:.1f} s, stage 1 {t_s1:.1f} s, "
-          f"stage 2 (2 ranks) {t_s2:.1f} s, LWS class-balanced (2 ranks) {t_lws:.1f} s; "
+          f"stage 2 (2 ranks) {t_s2:.1f} s, LWS class-balanced (2 ranks) {t_lws:.1f} s, balanced image stream "
+          f"(index, an epoch's {t} draws, 2 batches read per rank) {t_bal:.1f} s; "
           f"stage 1 test many {res['stage1']['test']['many']:.2f}%")
 
 

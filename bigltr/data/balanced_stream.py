@@ -52,7 +52,7 @@ from .balanced import ClassBalancedSampler
 from .errors import DataError
 from .info import read_info
 from .labels import parse_label
-from .loader import _PROGRAMMING_ERRORS, _decode_image, _describe, _global_rng, _set_global_rng
+from .loader import _PROGRAMMING_ERRORS, _decode_image, _describe, _global_rng, _set_global_rng, stack_batch
 from .plan import IMAGE_KEYS, EpochPlan, Short, sub_seed
 from .shard_index import default_index_dir, load_shard_index
 
@@ -123,12 +123,7 @@ def _collate(items: list) -> tuple:
     errors = [it for it in items if isinstance(it, str)]
     if not good:
         return None, None, [], errors
-    xs = [g[0] for g in good]
-    out = None
-    if get_worker_info() is not None:  # as torch's default_collate: stack straight into shared memory, no extra copy
-        numel = sum(x.numel() for x in xs)
-        out = xs[0].new(xs[0]._typed_storage()._new_shared(numel, device=xs[0].device)).resize_(len(xs), *xs[0].shape)
-    return (torch.stack(xs, out=out), torch.tensor([g[1] for g in good], dtype=torch.long),
+    return (stack_batch([g[0] for g in good]), torch.tensor([g[1] for g in good], dtype=torch.long),
             [g[2] for g in good], errors)
 
 
