@@ -416,9 +416,13 @@ def _balanced(root, tmp, **kw):
     return BalancedShardLoader(root, "train", batch_size=16, transform=tf, index_dir=str(tmp / "index"), **kw)
 
 
-def test_balanced_stream_never_draws_bad_samples_and_counts_them_every_epoch(root, tmp_path, caplog):
-    """A corrupt image, a sample without .cls and a truncated shard: found at start-up (index + decode check), never
-    drawn, counted every epoch on rank 0 only (every rank indexes every shard), so data.max_skip_fraction applies."""
+@pytest.mark.parametrize("decode_check", [True, False])
+def test_balanced_stream_never_draws_bad_samples_and_counts_them_every_epoch(root, tmp_path, caplog, decode_check):
+    """A corrupt image, a sample without .cls and a truncated shard. The sample without .cls and the truncated shard's
+    loss are found at start-up from the tar headers, never drawn, and counted every epoch on rank 0 only (every rank
+    indexes every shard), so data.max_skip_fraction applies. The corrupt image: with decode_check found at start-up
+    likewise; without (the default: converters decode every image before writing it) drawn, skipped where it is
+    read and counted once per draw, on the rank that drew it."""
     shard = root / "train-000000.tar"
     members = _members(shard)
     png = [i for i, (m, _) in enumerate(members) if m.name.endswith(".png")][3]
@@ -433,23 +437,36 @@ def test_balanced_stream_never_draws_bad_samples_and_counts_them_every_epoch(roo
     cut = root / "train-000001.tar"
     surv = _cut(cut, _member_offset(cut, 61, into_data=300))
     lost = 64 - len(surv["raw"])
-    skipped = 2 + len(surv["raw"] - surv["good"])
+    static = 1 + len(surv["raw"] - surv["good"]) + decode_check  # never drawn
     with caplog.at_level(logging.WARNING, logger="bigltr.data.balanced_stream"):
-        lds = [_balanced(root, tmp_path, rank=r, world_size=2, seed=1) for r in (0, 1)]
+        lds = [_balanced(root, tmp_path, rank=r, world_size=2, seed=1, decode_check=decode_check) for r in (0, 1)]
     msgs = [r.getMessage() for r in caplog.records]
-    assert any(f"train-000000.tar: sample {bad}: .png does not decode (" in s for s in msgs), msgs
+    assert any(f"train-000000.tar: sample {bad}: .png does not decode (" in s for s in msgs) == decode_check, msgs
     assert any(f"train-000000.tar: sample {unlabelled}: no .cls label" in s for s in msgs), msgs
     assert any("train-000001.tar holds" in s and f"{lost} sample(s) missing from every epoch" in s for s in msgs)
-    usable = (_keys_of(root, "train", skip=("train-000001.tar",)) | surv["good"]) - {bad, unlabelled}
-    assert set(lds[0].sample_keys) == usable and len(usable) == 159 - skipped - lost
+    usable = (_keys_of(root, "train", skip=("train-000001.tar",)) | surv["good"]) - {unlabelled}
+    if decode_check:
+        usable -= {bad}
+    assert set(lds[0].sample_keys) == usable and len(usable) == 159 - static - lost
+    total_skipped = times_drawn = 0
     for epoch in (0, 1):
-        drawn = set()
+        drawn, hits = set(), []
         for ld in lds:
             ld.set_epoch(epoch)
-            drawn |= set(_epoch_keys(ld))
+            hits.append(sum(ld.sample_keys[j] == bad for j in ld.draws()[1]))
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="bigltr.data.balanced_stream"):
+                drawn |= set(_epoch_keys(ld))
+            if hits[-1] and not decode_check:
+                assert any(f"sample {bad}: UnidentifiedImageError" in r.getMessage() for r in caplog.records)
         assert drawn <= usable and not {bad, unlabelled} & drawn
-        assert [ld.epoch_skipped for ld in lds] == [skipped, 0] and [ld.epoch_lost for ld in lds] == [lost, 0]
-    assert lds[0].skipped == 2 * skipped and lds[0].lost_shards == ["train-000001.tar"] and lds[1].lost_shards == []
+        read_fails = [0, 0] if decode_check else hits
+        assert [ld.epoch_skipped for ld in lds] == [static + read_fails[0], read_fails[1]]
+        assert [ld.epoch_lost for ld in lds] == [lost, 0]
+        total_skipped += static + read_fails[0]
+        times_drawn += sum(hits)
+    assert decode_check or times_drawn > 0  # the corrupt image was drawn (and skipped) in some epoch
+    assert lds[0].skipped == total_skipped and lds[0].lost_shards == ["train-000001.tar"] and lds[1].lost_shards == []
 
 
 def test_balanced_stream_bad_label_stops_at_start(root, tmp_path):

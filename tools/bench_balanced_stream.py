@@ -2,8 +2,8 @@
 """Class-balanced image stream (BalancedShardLoader: single images read by offset) against the sequential reader
 (ShardLoader: whole shards front to back) on the same shards, transform, batch size and workers, in one run:
 
-1. the shard index the balanced stream needs: built cold (tar-header pass + one PIL decode of every image, into a
-   fresh index folder) and loaded warm (the cached JSON), in seconds;
+1. the shard index the balanced stream needs: built cold (tar-header pass, plus one PIL decode of every image with
+   ``--decode-check``, into a fresh index folder) and loaded warm (the cached JSON), in seconds;
 2. images/s of a training epoch through each reader (decode + augment + collate, no model), the readers
    alternating epoch by epoch (``--epochs`` each, the median reported, so that a load change hits both), and the
    ratio balanced / sequential.
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--img-size", type=int, default=28, help="data.img_size (without --generate)")
     ap.add_argument("--in-chans", type=int, default=1, help="data.in_chans (without --generate)")
+    ap.add_argument("--decode-check", action="store_true", help="index with BalancedShardLoader(decode_check=True)")
     ap.add_argument("--aug", default=None, help="data.train_aug (default: cifar, or imagenet with --generate)")
     args = ap.parse_args(argv)
 
@@ -67,12 +68,12 @@ def main(argv=None) -> int:
                              aug=aug)
         index = Path(tmp) / "index"
         t0 = time.perf_counter()
-        balanced = BalancedShardLoader(root, args.split, batch_size=args.batch_size, transform=tf,
-                                       num_workers=args.workers, index_dir=str(index))
+        kw = {"batch_size": args.batch_size, "transform": tf, "num_workers": args.workers, "index_dir": str(index),
+              "decode_check": args.decode_check}
+        balanced = BalancedShardLoader(root, args.split, **kw)
         cold = time.perf_counter() - t0
         t0 = time.perf_counter()
-        balanced = BalancedShardLoader(root, args.split, batch_size=args.batch_size, transform=tf,
-                                       num_workers=args.workers, index_dir=str(index))
+        balanced = BalancedShardLoader(root, args.split, **kw)
         warm = time.perf_counter() - t0
         sequential = ShardLoader(root, args.split, batch_size=args.batch_size, transform=tf, train=True,
                                  num_workers=args.workers)
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
     print(f"shards: {root if not args.generate else f'{args.generate} generated 500x375 JPEGs'}, split "
           f"'{args.split}' ({balanced.expected_samples} samples, {balanced.sampler.num_classes} classes), "
           f"aug {aug} at {size}, batch {args.batch_size}, {args.workers} worker(s), {args.epochs} epoch(s)")
-    print(f"index (balanced stream only): cold {cold:.2f} s (header pass + one decode of every image), "
-          f"warm {warm:.2f} s")
+    print(f"index (balanced stream only): cold {cold:.2f} s (header pass"
+          f"{' + one decode of every image' if args.decode_check else ''}), warm {warm:.2f} s")
     print(f"sequential ShardLoader:       {seq_ips:8.1f} img/s (median of {args.epochs} epochs of {seq_n} images)")
     print(f"balanced BalancedShardLoader: {bal_ips:8.1f} img/s (median of {args.epochs} epochs of {bal_n} images)")
     print(f"ratio balanced / sequential:  {bal_ips / seq_ips:.2f}")

@@ -5,13 +5,13 @@ Why a reader of its own: ``ShardLoader`` (and DALI) read each tar shard front to
 buffer, but class-balanced sampling (Kang et al., ICLR 2020: a class uniformly, then one of its images) needs any
 single image at any time: at iNaturalist's shape a 2-image class is drawn about T/C = 54 times an epoch while most
 head images are never read. Tar members can be read by offset, and the cached shard index (``shard_index``: one
-header pass per shard file, its images decoded once with PIL) gives each sample's key, label, offset and size, so
-this reader seeks to each drawn image and decodes only that. webdataset has no random access (its readers are
+header pass per shard file, the one the trainer's start-up label check already made) gives each sample's key,
+label, offset and size, so this reader seeks to each drawn image and decodes only that. webdataset has no random access (its readers are
 sequential pipelines); torch's map-style ``Dataset`` + ``DataLoader`` workers do the reading here.
 
 One epoch, the same on 1 process and on W ranks (as the cached-feature path, ``FeatureCache.balanced_order``):
 
-* The usable training samples (image present, ``.cls`` present, image decodes) are put in ``__key__`` order and the
+* The usable training samples (image and ``.cls`` present) are put in ``__key__`` order and the
   epoch's global sequence is ``ClassBalancedSampler(their labels, seed, num_samples=N).global_indices(epoch)``
   (``bigltr.data.balanced``): each class drawn floor(T/C) or ceil(T/C) times, T = N rounded up to a multiple of W.
   So the stream draws the same samples as the cached-feature path with the same seed, draw for draw.
@@ -24,14 +24,20 @@ One epoch, the same on 1 process and on W ranks (as the cached-feature path, ``F
 
 Faults (docs/data.md, "Failure behaviour"), nothing lost silently:
 
-* a sample without image or ``.cls``, or whose image PIL cannot decode (found by the index's decode check, once per
-  shard file): never drawn; counted in ``epoch_skipped`` every epoch (rank 0, since every rank indexes every shard),
-  so ``data.max_skip_fraction`` applies as in stage 1; the first reasons are logged at start-up;
+* a sample without image or ``.cls`` (and, with ``decode_check=True`` or when the index already holds a decode
+  check, one whose image PIL cannot decode): never drawn; counted in ``epoch_skipped`` every epoch (rank 0, since
+  every rank indexes every shard), so ``data.max_skip_fraction`` applies as in stage 1; the first reasons are logged
+  at start-up;
 * a bad label (not an integer, outside ``[0, num_classes)``): DataError at start-up naming shard and key;
 * a shard holding fewer samples than ``_info.json`` records (truncated): its missing samples are counted in
   ``epoch_lost`` every epoch (rank 0) and logged at start-up; an unreadable or missing shard file is a DataError;
-* an image that fails when drawn (the file changed after start-up): skipped, logged, counted in ``epoch_skipped``;
-  the batch is smaller by one; a batch of which no image could be read is a DataError.
+* an image that fails when drawn (it does not decode, or the file changed after start-up): skipped, logged,
+  counted in ``epoch_skipped`` once per draw; the batch is smaller by one; a batch of which no image could be read
+  is a DataError.
+
+No decode check by default: the converters decode every image before writing it and ``_info.json`` records each
+shard's size, so a sound shard has no undecodable image, and decoding all of iNaturalist's 437k images on every rank
+at start-up (the DALI reader's safeguard against its decoders crashing) would cost minutes per rank the first time.
 
 Memory: per sample a label, a shard number, an offset and a size (the keys only until they are sorted): about
 40 MB at iNaturalist's 437k images, on every rank.
@@ -134,20 +140,21 @@ class BalancedShardLoader(EpochPlan):
     ``len()`` = its batches, ``set_epoch``, the fault counters); ``sampler`` is the ``ClassBalancedSampler`` over the
     usable samples in key order, ``sample_keys`` / ``sample_labels`` those samples. ``index_dir``: the shard-index
     cache (``data.dali_index_dir``; default ``~/.cache/bigltr/dali_index``), shared with the DALI reader and the
-    start-up label check.
+    start-up label check. ``decode_check``: decode every image once at start-up (cached with the index) so that
+    undecodable ones are never drawn (module docstring).
     """
 
     short_verb = "holds"
 
     def __init__(self, root: str | os.PathLike, split: str, *, batch_size: int, transform: Callable, seed: int = 0,
                  num_workers: int = 2, rank: int = 0, world_size: int = 1, index_dir: Optional[str] = None,
-                 pin_memory: bool = False, instances: str = "replacement"):
+                 pin_memory: bool = False, instances: str = "replacement", decode_check: bool = False):
         super().__init__(root, read_info(os.fspath(root)), split, batch_size=batch_size, train=True, seed=seed,
                          num_workers=num_workers, rank=rank, world_size=world_size, drop_last=True)
         self.transform = transform
         self.pin_memory = bool(pin_memory)
         self.index_dir = os.fspath(index_dir) if index_dir else default_index_dir()
-        self._index()
+        self._index(decode_check)
         self.sampler = ClassBalancedSampler(self.sample_labels, seed=self.seed, rank=self.rank,
                                             world_size=self.world_size, instances=instances)
         self.num_samples = self.sampler.per_rank
@@ -162,7 +169,7 @@ class BalancedShardLoader(EpochPlan):
     def _divide(self) -> None:
         """The sequential readers' division of shards among ranks does not apply: set from the index (``__init__``)."""
 
-    def _index(self) -> None:
+    def _index(self, decode_check: bool) -> None:
         num_classes = int(self.info["num_classes"])
         keys: list[str] = []
         labels: list[int] = []
@@ -174,7 +181,7 @@ class BalancedShardLoader(EpochPlan):
         threads = max(1, self.num_workers)
         for i, path in enumerate(self._files):
             try:
-                idx = load_shard_index(path, self.index_dir, decode_check=True, threads=threads)
+                idx = load_shard_index(path, self.index_dir, decode_check=decode_check, threads=threads)
             except OSError as e:
                 raise DataError(f"{path}: cannot read the shard ({_describe(e)}); re-copy it or re-run "
                                 f"tools/make_shards.py") from None
