@@ -20,7 +20,7 @@ One epoch, the same on 1 process and on W ranks (as the cached-feature path, ``F
   global batch of step k.
 * Each draw's augmentation is seeded by (seed, epoch, its position in the global sequence): the same pixels on any
   world size, any ``num_workers``, and when an epoch is re-read after a resume. The process's global RNGs are never
-  touched (``num_workers=0`` swaps its own state in around each transform).
+  touched (``num_workers=0`` swaps a state of its own in around each batch, as ``ShardLoader`` does).
 
 Faults (docs/data.md, "Failure behaviour"), nothing lost silently:
 
@@ -52,15 +52,14 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 
 from .balanced import ClassBalancedSampler
 from .errors import DataError
 from .info import read_info
-from .labels import parse_label
-from .loader import _PROGRAMMING_ERRORS, _decode_image, _describe, _global_rng, _set_global_rng, stack_batch
-from .plan import IMAGE_KEYS, EpochPlan, Short, sub_seed
-from .shard_index import default_index_dir, load_shard_index
+from .loader import _PROGRAMMING_ERRORS, _decode_image, _describe, _global_rng, _private_rng, stack_batch
+from .plan import EpochPlan, Short, sub_seed
+from .shard_index import default_index_dir, load_shard_index, sample_label
 
 __all__ = ["BalancedShardLoader"]
 
@@ -101,20 +100,17 @@ class _Draws(Dataset):
             raise
         except Exception as e:  # OSError (file gone), PIL's many error types for bad bytes
             return f"{where}: {_describe(e)}"
+        # seeds the process's RNGs: a worker's own, or (num_workers=0) the private state __iter__ swaps in
         seed = sub_seed(self.seed, self.epoch, int(self.positions[k]))
-        outer = _global_rng() if get_worker_info() is None else None  # in-process: keep the trainer's RNGs
+        torch.random.default_generator.manual_seed(seed)  # CPU generator only (torch.manual_seed seeds CUDA too)
+        random.seed(seed)
+        np.random.seed(seed & 0xFFFFFFFF)
         try:
-            torch.random.default_generator.manual_seed(seed)  # CPU generator only (torch.manual_seed seeds CUDA too)
-            random.seed(seed)
-            np.random.seed(seed & 0xFFFFFFFF)
             x = self.transform(img)
         except _PROGRAMMING_ERRORS:
             raise
         except Exception as e:  # a transform failing on this image's data (e.g. an odd mode): skip it like a decode error
             return f"{where}: {_describe(e)}"
-        finally:
-            if outer is not None:
-                _set_global_rng(outer)
         return x, int(self.labels[k]), self.keys[k]
 
     def close(self) -> None:
@@ -188,15 +184,12 @@ class BalancedShardLoader(EpochPlan):
             rows, bad = idx["samples"], idx["bad"] or {}
             if len(rows) < self._lengths[i]:
                 self._short[path] = (len(rows), self._lengths[i], idx["error"])
-            for j, (key, text, ext, off, n, _member) in enumerate(rows):
-                where = f"{path}: sample {key}"
-                if ext is None or text is None:
-                    reasons.append(f"{where}: " + ("no .cls label" if text is None else
-                                                   f"no image ({', '.join('.' + e for e in IMAGE_KEYS)})"))
-                    continue
-                label = parse_label(text, where, num_classes)  # a bad label stops the run, as in the other readers
-                if str(j) in bad:
-                    reasons.append(f"{where}: .{ext} does not decode ({bad[str(j)]})")
+            for j, row in enumerate(rows):
+                key, _text, _ext, off, n, _member = row
+                # a bad label stops the run, as in the other readers
+                label, why = sample_label(row, j, bad, f"{path}: sample {key}", num_classes)
+                if why is not None:
+                    reasons.append(why)
                     continue
                 keys.append(key)
                 labels.append(label)
@@ -250,9 +243,12 @@ class BalancedShardLoader(EpochPlan):
         # training step's, which resume checkpoints carry); the draws are seeded per position anyway
         loader = DataLoader(ds, batch_sampler=batches, num_workers=min(self.num_workers, max(1, self._len)),
                             collate_fn=_collate, pin_memory=self.pin_memory, generator=torch.Generator().manual_seed(0))
+        batches_it = iter(loader)
+        if loader.num_workers == 0:  # the draws seed the RNGs in this process: give them a state of their own
+            batches_it = _private_rng(batches_it, _global_rng())
         failed = 0
         try:
-            for b, (x, y, keys, errors) in enumerate(loader):
+            for b, (x, y, keys, errors) in enumerate(batches_it):
                 for text in errors:
                     failed += 1
                     if failed <= 5:

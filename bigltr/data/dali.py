@@ -60,9 +60,8 @@ import torch
 from .dali_transforms import augment_graph
 from .errors import DataError
 from .info import read_info
-from .labels import parse_label
 from .plan import IMAGE_KEYS, EpochPlan, Short, sub_seed
-from .shard_index import default_index_dir, load_shard_index
+from .shard_index import default_index_dir, load_shard_index, sample_label
 
 __all__ = ["DaliShardLoader", "dali_available", "resolve_pipeline", "DALI_INSTALL_HINT"]
 
@@ -209,18 +208,11 @@ class DaliShardLoader(EpochPlan):
             if self.train:
                 pos = [pos[j] for j in np.random.default_rng([self.seed, self.epoch, r, i]).permutation(len(pos))]
             for j in pos:
-                key, text, ext, off, size, member = rows[j]
-                where = f"{path}: sample {key}"
-                label = None
-                if ext is not None and text is not None:
-                    label = parse_label(text, where, num_classes)  # a bad label stops the run, as in ShardLoader
-                    if str(j) in bad:
-                        label = None
-                        self._why[(i, key)] = f"{where}: .{ext} does not decode ({bad[str(j)]})"
-                elif text is None:
-                    self._why[(i, key)] = f"{where}: no .cls label"
-                else:
-                    self._why[(i, key)] = f"{where}: no image ({', '.join('.' + e for e in IMAGE_KEYS)})"
+                key, _text, ext, off, size, member = rows[j]
+                # a bad label stops the run, as in ShardLoader
+                label, why = sample_label(rows[j], j, bad, f"{path}: sample {key}", num_classes)
+                if why is not None:
+                    self._why[(i, key)] = why
                 order.append((i, key, label, ext, off, size, member))
         return order, short
 

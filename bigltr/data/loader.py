@@ -167,7 +167,8 @@ def _buffer_shuffle(src: Iterator, bufsize: int, rng: random.Random) -> Iterator
 def stack_batch(xs: list[torch.Tensor]) -> torch.Tensor:
     """``torch.stack(xs)``; in a DataLoader worker straight into shared memory, as torch's ``default_collate`` does:
     a batch stacked into ordinary memory is copied once more into shared memory when the worker sends it (measured
-    in tools/bench_balanced_stream.py: 8-15% of the img/s of 224 px ImageNet-style batches with one worker)."""
+    with tools/bench_balanced_stream.py: ShardLoader +11-21% img/s on 224 px ImageNet-style batches with one
+    worker; docs/performance.md)."""
     if get_worker_info() is None:
         return torch.stack(xs)
     x0 = xs[0]

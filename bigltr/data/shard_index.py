@@ -20,9 +20,10 @@ from typing import Optional
 
 from bigltr.atomic import write_text_atomic
 
+from .labels import parse_label
 from .plan import IMAGE_KEYS
 
-__all__ = ["default_index_dir", "check_images", "load_shard_index"]
+__all__ = ["default_index_dir", "check_images", "load_shard_index", "sample_label"]
 
 _log = logging.getLogger(__name__)
 
@@ -79,6 +80,21 @@ def _scan_shard(path: str) -> dict:
         error = f"{type(e).__name__}: {e}"
     close(cur)
     return {"samples": samples, "error": error}
+
+
+def sample_label(row: list, j: int, bad: dict, where: str, num_classes: int) -> tuple[Optional[int], Optional[str]]:
+    """The label of sample ``j`` of a shard index (``row`` = its ``samples[j]``, ``bad`` = the index's decode
+    failures or ``{}``), as both index readers (DaliShardLoader, BalancedShardLoader) judge it: ``(label, None)`` when
+    usable, ``(None, why)`` when it has no image, no ``.cls`` or an image that does not decode (ShardLoader's wording,
+    ``where`` = "<shard>: sample <key>"). A bad label is a DataError (``parse_label``), as in every reader."""
+    _key, text, ext = row[0], row[1], row[2]
+    if ext is None or text is None:
+        return None, f"{where}: " + ("no .cls label" if text is None else
+                                     f"no image ({', '.join('.' + e for e in IMAGE_KEYS)})")
+    label = parse_label(text, where, num_classes)
+    if str(j) in bad:
+        return None, f"{where}: .{ext} does not decode ({bad[str(j)]})"
+    return label, None
 
 
 def _index_path(index_dir: str, shard: str) -> str:

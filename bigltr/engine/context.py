@@ -73,14 +73,7 @@ class RunContext:
         draws of single images (BalancedShardLoader, the torch reader: DALI reads shards front to back only)."""
         d = self.cfg.data
         augment = train if augment is None else augment
-        if balanced:
-            tf = build_transform(img_size=d.img_size, in_chans=d.in_chans, mean=tuple(d.mean), std=tuple(d.std),
-                                 train=augment, aug=d.train_aug if augment else "none")
-            return BalancedShardLoader(d.root, split, batch_size=batch_size, transform=tf, seed=self.cfg.seed,
-                                       num_workers=d.num_workers, rank=self.dist.rank, world_size=self.dist.world_size,
-                                       index_dir=d.dali_index_dir or None,
-                                       pin_memory=d.pin_memory and self.device.type == "cuda")
-        if resolve_pipeline(d.pipeline, self.device.type) == "dali":  # same shards, order rules and transforms
+        if not balanced and resolve_pipeline(d.pipeline, self.device.type) == "dali":  # same shards, order, transforms
             return DaliShardLoader(d.root, split, batch_size=batch_size, train=train, img_size=d.img_size,
                                    in_chans=d.in_chans, mean=tuple(d.mean), std=tuple(d.std),
                                    aug=d.train_aug if augment else "none", augment=augment, seed=self.cfg.seed,
@@ -89,6 +82,11 @@ class RunContext:
                                    device=self.device, index_dir=d.dali_index_dir or None)
         tf = build_transform(img_size=d.img_size, in_chans=d.in_chans, mean=tuple(d.mean), std=tuple(d.std),
                              train=augment, aug=d.train_aug if augment else "none")
+        if balanced:
+            return BalancedShardLoader(d.root, split, batch_size=batch_size, transform=tf, seed=self.cfg.seed,
+                                       num_workers=d.num_workers, rank=self.dist.rank, world_size=self.dist.world_size,
+                                       index_dir=d.dali_index_dir or None,
+                                       pin_memory=d.pin_memory and self.device.type == "cuda")
         return ShardLoader(d.root, split, batch_size=batch_size, transform=tf, train=train, seed=self.cfg.seed,
                            num_workers=d.num_workers, shuffle_buffer=d.shuffle_buffer,
                            pin_memory=d.pin_memory and self.device.type == "cuda", rank=self.dist.rank,
